@@ -1,0 +1,103 @@
+"""The textgen training checkpoint: one file, plain tensors and primitives only.
+
+A checkpoint is a dict saved with ``torch.save`` and read with ``torch.load(weights_only=True)``, so loading a
+file never runs code from it (a pickle payload is refused by the restricted unpickler). Layout (version 1):
+
+    format          "textgen-checkpoint"
+    version         1
+    arch            "lstm" | "gru" | "gpt2"
+    model_config    dict of the architecture's hyper-parameters
+    tokenizer       tokenizers JSON string (Tokenizer.to_str())
+    special_tokens  {"eos": int, "unk": int | None, "bos": int | None}
+    model           state_dict of the nn.Module
+    generation      default sampler settings (GenerationConfig names)
+    train           optional: {"step", "optimizer", "scheduler", "rng", "data_position", "config",
+                     "best_val_loss", ...} — everything needed to resume exactly
+    metrics         optional: last evaluation {"step", "val_loss", ...}
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FORMAT = "textgen-checkpoint"
+CHECKPOINT_VERSION = 1
+ARCHES = ("lstm", "gru", "gpt2")
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be used; the message is one line meant for the user."""
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], write: Any) -> None:
+    """Call ``write(file_object)`` on a temp file beside ``path``, fsync it, then rename it over ``path``.
+
+    A crash or Ctrl-C at any moment leaves either the old file or the new one, never a torn file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Validate the header fields and write the checkpoint atomically."""
+    data = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}
+    for key in ("arch", "model_config", "tokenizer", "special_tokens", "model"):
+        if key not in data:
+            raise ValueError(f"checkpoint payload lacks {key!r}")
+    atomic_write_bytes(path, lambda handle: torch.save(data, handle))
+
+
+def load_checkpoint(path: str | os.PathLike[str], expect_arch: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Load and validate a textgen checkpoint. Raises CheckpointError with a one-line reason."""
+    file = Path(path)
+    if not file.exists():
+        raise CheckpointError(f"checkpoint not found: {file}")
+    if file.is_dir():
+        raise CheckpointError(f"{file} is a directory, not a checkpoint file")
+    if file.stat().st_size == 0:
+        raise CheckpointError(f"{file} is empty")
+    data = _restricted_load(file)
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{file} is not a textgen checkpoint (no '{CHECKPOINT_FORMAT}' header)")
+    version = data.get("version")
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION or version < 1:
+        raise CheckpointError(
+            f"{file} has checkpoint format version {version!r}; this textgen reads versions 1..{CHECKPOINT_VERSION}"
+        )
+    arch = data.get("arch")
+    if arch not in ARCHES:
+        raise CheckpointError(f"{file} has unknown architecture {arch!r} (known: {', '.join(ARCHES)})")
+    if expect_arch is not None and arch not in expect_arch:
+        raise CheckpointError(f"{file} holds a {arch} model, expected {' or '.join(expect_arch)}")
+    for key, kind in (("model_config", dict), ("tokenizer", str), ("special_tokens", dict), ("model", dict)):
+        if not isinstance(data.get(key), kind):
+            raise CheckpointError(f"{file} is damaged: field {key!r} is missing or of the wrong type")
+    return data
+
+
+def _restricted_load(file: Path) -> Any:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only=True refuses any global it does not know: this is where pickle payloads end up.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        raise CheckpointError(f"{file} was refused: it holds objects that are not plain tensors ({first})") from exc
+    except (zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{file} is not a readable checkpoint (truncated or not ours): {reason}") from exc
