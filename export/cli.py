@@ -1,0 +1,83 @@
+"""`textgen-export` / `python -m export`: turn a checkpoint or Hugging Face GPT-2 directory into one .onnx file.
+
+User errors (unusable checkpoint, unusable HF directory, failed verification) print one `error: ...` line on
+stderr and exit with code 2; there is never a traceback for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="textgen-export",
+        description="Export a textgen checkpoint (or a Hugging Face GPT-2 directory) to one verified ONNX file.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file from textgen-train, or an HF GPT-2 dir")
+    parser.add_argument("--output", help="where to write the .onnx file (default: beside the checkpoint)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; 14..20)")
+    parser.add_argument(
+        "--tolerance", type=float, default=1e-4, help="largest allowed ONNX-vs-PyTorch logit difference (1e-4)"
+    )
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from export.onnx_export import ExportError
+    from models.checkpoint import CheckpointError
+
+    errors: list[type[BaseException]] = [CheckpointError, ExportError]
+    try:
+        from models.hf_gpt2 import HFImportError
+    except ImportError:  # no HF importer in this installation; directories are then refused with ExportError
+        pass
+    else:
+        errors.append(HFImportError)
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not Path(args.checkpoint).exists():  # answer at once, before paying for importing torch
+        print(f"error: checkpoint not found: {args.checkpoint}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    try:
+        from export.onnx_export import export_checkpoint
+
+        result = export_checkpoint(args.checkpoint, args.output, opset=args.opset, tolerance=args.tolerance)
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _user_errors() as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(f"wrote {result.path} ({_human_size(result.bytes)}, {result.arch})")
+    print(f"verified with onnxruntime {result.provider}: max abs logit diff {result.max_abs_diff:.3g}")
+    return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _human_size(size: int) -> str:
+    if size < 1024:
+        return f"{size} bytes"
+    value = size / 1024
+    for unit in ("KB", "MB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Post-export surgery and checks on the ONNX ModelProto.
+
+* `check_signature`: the graph has exactly the inputs/outputs of the contract, and every axis declared dynamic
+  really is symbolic (an exporter that froze an axis produces a file that fails on the first other size).
+* `dedupe_initializers`: a tied embedding / LM head must be stored once. The TorchScript exporter's constant
+  folding turns ``h @ wte.T`` into a second, transposed copy of the embedding (652 MB instead of 497 MB for GPT-2
+  small). We keep the transposed copy (the big per-token MatMul reads it directly) and rewrite the embedding
+  lookups to gather columns from it, which costs one small Transpose of the gathered rows per step.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+
+from export.adapters import GraphSignature
+
+
+class GraphCheckError(Exception):
+    """The exported graph does not match the model-file contract."""
+
+
+def check_signature(model: onnx.ModelProto, signature: GraphSignature) -> None:
+    graph = model.graph
+    initializer_names = {init.name for init in graph.initializer}
+    inputs = [value for value in graph.input if value.name not in initializer_names]
+    _check_names("inputs", [v.name for v in inputs], signature.input_names)
+    _check_names("outputs", [v.name for v in graph.output], signature.output_names)
+    for value in [*inputs, *graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        for axis, symbol in signature.dynamic_axes.get(value.name, {}).items():
+            if axis >= len(dims) or not dims[axis].dim_param:
+                frozen = dims[axis].dim_value if axis < len(dims) else "missing"
+                raise GraphCheckError(
+                    f"exported graph froze axis {axis} ({symbol}) of {value.name!r} to {frozen}; it must be dynamic"
+                )
+
+
+def _check_names(kind: str, actual: list[str], expected: list[str]) -> None:
+    if actual != expected:
+        raise GraphCheckError(f"exported graph {kind} are {actual}, expected {expected}")
+
+
+def dedupe_initializers(model: onnx.ModelProto) -> int:
+    """Store each weight once: merge exact duplicates, and rewrite 2-D transposed twins. Returns bytes saved."""
+    saved = _merge_exact_duplicates(model)
+    for keep, drop in _transposed_pairs(model):
+        saved += _replace_with_transpose_of(model, keep, drop)
+    return saved
+
+
+def _merge_exact_duplicates(model: onnx.ModelProto) -> int:
+    groups: dict[tuple, list[onnx.TensorProto]] = defaultdict(list)
+    for init in model.graph.initializer:
+        if init.raw_data and len(init.raw_data) >= 1024:  # small constants are not worth the rewrite
+            groups[(init.data_type, tuple(init.dims), len(init.raw_data))].append(init)
+    rename: dict[str, str] = {}
+    for tensors in groups.values():
+        for index, tensor in enumerate(tensors):
+            if tensor.name in rename:
+                continue
+            for other in tensors[index + 1 :]:
+                if other.name not in rename and other.raw_data == tensor.raw_data:
+                    rename[other.name] = tensor.name
+    if not rename:
+        return 0
+    saved = sum(len(init.raw_data) for init in model.graph.initializer if init.name in rename)
+    for node in model.graph.node:
+        for position, name in enumerate(node.input):
+            if name in rename:
+                node.input[position] = rename[name]
+    _remove_initializers(model, set(rename))
+    return saved
+
+
+def _transposed_pairs(model: onnx.ModelProto) -> list[tuple[onnx.TensorProto, onnx.TensorProto]]:
+    """(keep, drop) pairs of 2-D initializers where drop == keep.T; keep is the one a MatMul/Gemm reads."""
+    candidates = [
+        init for init in model.graph.initializer if len(init.dims) == 2 and init.dims[0] != init.dims[1]
+        and init.raw_data and len(init.raw_data) >= 1024
+    ]
+    by_shape: dict[tuple, list[onnx.TensorProto]] = defaultdict(list)
+    for init in candidates:
+        by_shape[(init.data_type, tuple(init.dims))].append(init)
+    consumers = _consumers(model)
+    pairs = []
+    used: set[str] = set()
+    for first in candidates:
+        for second in by_shape.get((first.data_type, (first.dims[1], first.dims[0])), []):
+            if {first.name, second.name} & used:
+                continue
+            if np.array_equal(numpy_helper.to_array(first).T, numpy_helper.to_array(second)):
+                keep, drop = (second, first) if _only_gathered(first.name, consumers) else (first, second)
+                pairs.append((keep, drop))
+                used.update((first.name, second.name))
+    return pairs
+
+
+def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    result: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in model.graph.node:
+        for name in node.input:
+            result[name].append(node)
+    return result
+
+
+def _only_gathered(name: str, consumers: dict[str, list[onnx.NodeProto]]) -> bool:
+    """True when ``name`` is only ever the table of an embedding lookup (so its twin should be kept)."""
+    nodes = consumers.get(name, [])
+    return bool(nodes) and all(node.op_type == "Gather" and node.input[0] == name for node in nodes)
+
+
+def _gather_axis(node: onnx.NodeProto) -> int:
+    for attribute in node.attribute:
+        if attribute.name == "axis":
+            return attribute.i
+    return 0
+
+
+def _replace_with_transpose_of(model: onnx.ModelProto, keep: onnx.TensorProto, drop: onnx.TensorProto) -> int:
+    """Make every reader of ``drop`` (== keep.T) read ``keep`` instead, then delete ``drop``."""
+    ranks = _value_ranks(model)
+    graph = model.graph
+    new_nodes: list[onnx.NodeProto] = []
+    transposed_name: str | None = None
+    for node in graph.node:
+        if drop.name not in node.input:
+            new_nodes.append(node)
+            continue
+        indices_rank = ranks.get(node.input[1]) if node.op_type == "Gather" and len(node.input) > 1 else None
+        if (
+            node.op_type == "Gather"
+            and node.input[0] == drop.name
+            and drop.name not in node.input[1:]
+            and _gather_axis(node) == 0
+            and indices_rank is not None
+        ):
+            new_nodes.extend(_column_gather(node, keep.name, indices_rank))
+            continue
+        if transposed_name is None:  # any other reader: one Transpose of the kept weight (ORT folds it at load)
+            transposed_name = f"{drop.name}__from_{keep.name}"
+            new_nodes.append(helper.make_node("Transpose", [keep.name], [transposed_name], perm=[1, 0]))
+        node.input[:] = [transposed_name if name == drop.name else name for name in node.input]
+        new_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    _remove_initializers(model, {drop.name})
+    return len(drop.raw_data)
+
+
+def _column_gather(node: onnx.NodeProto, keep_name: str, indices_rank: int) -> list[onnx.NodeProto]:
+    """rows = W[ids] with W = keep.T, as Transpose(Gather(keep, ids, axis=1)): [E, *ids] -> [*ids, E]."""
+    columns = f"{node.output[0]}__columns"
+    gather = helper.make_node("Gather", [keep_name, node.input[1]], [columns], axis=1, name=f"{node.name}__columns")
+    perm = [*range(1, indices_rank + 1), 0]
+    transpose = helper.make_node("Transpose", [columns], [node.output[0]], perm=perm, name=f"{node.name}__rows")
+    return [gather, transpose]
+
+
+def _value_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = shape_inference.infer_shapes(model)
+    ranks: dict[str, int] = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        tensor_type = value.type.tensor_type
+        if tensor_type.HasField("shape"):
+            ranks[value.name] = len(tensor_type.shape.dim)
+    return ranks
+
+
+def _remove_initializers(model: onnx.ModelProto, names: set[str]) -> None:
+    kept = [init for init in model.graph.initializer if init.name not in names]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    kept_inputs = [value for value in model.graph.input if value.name not in names]
+    del model.graph.input[:]
+    model.graph.input.extend(kept_inputs)
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of all stored weights (raw or typed fields)."""
+    total = 0
+    for init in model.graph.initializer:
+        if init.raw_data:
+            total += len(init.raw_data)
+        else:
+            total += numpy_helper.to_array(init).nbytes
+    return total

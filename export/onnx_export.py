@@ -1,0 +1,325 @@
+"""Checkpoint (or Hugging Face GPT-2 directory) -> one verified, self-contained textgen .onnx file.
+
+Pipeline: load the source -> trace a flat-signature adapter with the TorchScript exporter (it gives fully dynamic
+LSTM/GPT-2 graphs, past length 0 included; the dynamo exporter froze dims here, see ../shared/NOTES.md) -> check
+the graph's names and symbolic axes -> store tied weights once -> write the docs/model-file.md metadata ->
+`onnx.checker` -> run the serialized bytes in onnxruntime against PyTorch -> only then write the file atomically.
+
+Generation defaults stored in the file are DEFAULT_GENERATION (llama.cpp's sampler defaults, which suit small
+models better than Hugging Face's temperature 1.0) overridden key by key by the checkpoint's "generation" dict.
+
+Verification tolerance: the check fails when max |logit_onnx - logit_torch| > tolerance * max(1, peak |logit|).
+For the small-logit models textgen trains this is a plain absolute tolerance; for models with logits near
+-100 (pretrained GPT-2) it scales with float32's resolution at that magnitude instead of failing on rounding.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, is_dataclass
+from importlib import metadata as package_metadata
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+
+from export.adapters import (
+    GPT2ExportAdapter,
+    GraphSignature,
+    RNNExportAdapter,
+    gpt2_signature,
+    rnn_signature,
+)
+from export.graph import GraphCheckError, check_signature, dedupe_initializers
+from export.verify import Verification, VerificationError, verify_gpt2, verify_rnn
+from models.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint
+from models.registry import model_from_checkpoint
+from repl.modelfile import ModelInfo, SpecialTokens, encode_metadata
+
+DEFAULT_OPSET = 17  # LSTM/GRU ops and GPT-2 attention export cleanly; onnxruntime 1.18+ runs it
+MIN_OPSET, MAX_OPSET = 14, 20  # 14: Trilu/LSTM layout; 20: the TorchScript exporter's ceiling in torch 2.x
+DEFAULT_GENERATION: dict[str, Any] = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "max_new_tokens": 200}
+MAX_PROTO_BYTES = 2**31 - 1  # protobuf's limit for one serialized message (we never use external data)
+
+
+class ExportError(Exception):
+    """The export cannot produce a correct model file; the message is one line for the user."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    bytes: int
+    max_abs_diff: float
+    arch: str
+    provider: str = "CPUExecutionProvider"  # the onnxruntime provider the verification ran on
+
+
+@dataclass
+class _Source:
+    """A loaded model plus everything the metadata needs, whatever it was loaded from."""
+
+    arch: str
+    model: nn.Module
+    model_config: dict[str, Any]
+    tokenizer_json: str
+    special: SpecialTokens
+    generation: dict[str, Any]
+    provenance: dict[str, Any]
+
+
+def export_checkpoint(
+    source: str | Path, output: str | Path | None = None, opset: int | None = None, tolerance: float = 1e-4
+) -> ExportResult:
+    """Export a textgen checkpoint file or a Hugging Face GPT-2 directory to one verified .onnx file.
+
+    Raises CheckpointError (unusable checkpoint), HFImportError (unusable HF directory) or ExportError."""
+    source_path = Path(source)
+    target = default_output_path(source_path) if output is None else Path(output)
+    opset = DEFAULT_OPSET if opset is None else opset
+    _check_arguments(source_path, target, opset, tolerance)
+    loaded = _load_hf(source_path) if source_path.is_dir() else _load_checkpoint(source_path)
+    signature, context_length, vocab_size = _signature_for(loaded)
+    _check_tokens(loaded, vocab_size)
+    proto = _export_graph(loaded.model, signature, opset)
+    proto.metadata_props.extend(_metadata_entries(loaded, signature, context_length, vocab_size))
+    model_bytes = _serialize_checked(proto)
+    verification = _verify(loaded, model_bytes, signature, vocab_size, context_length)
+    allowed = tolerance * max(1.0, verification.peak_abs_logit)
+    if not verification.max_abs_diff <= allowed:
+        raise ExportError(
+            f"verification failed: ONNX and PyTorch logits differ by up to {verification.max_abs_diff:.3g}, "
+            f"more than the {allowed:.3g} allowed (tolerance {tolerance:g}); nothing was written"
+        )
+    try:
+        atomic_write_bytes(target, lambda handle: handle.write(model_bytes))
+    except OSError as exc:
+        raise ExportError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    return ExportResult(target, len(model_bytes), verification.max_abs_diff, loaded.arch, verification.provider)
+
+
+def default_output_path(source: Path) -> Path:
+    """`lstm.bin` -> `lstm.onnx`; a directory `gpt2/` -> `gpt2.onnx` beside it."""
+    if source.is_dir():
+        return source.resolve().parent / f"{source.resolve().name}.onnx"
+    return source.with_suffix(".onnx")
+
+
+def _check_arguments(source: Path, target: Path, opset: int, tolerance: float) -> None:
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
+    if not (math.isfinite(tolerance) and tolerance > 0):
+        raise ExportError(f"tolerance must be a positive number, got {tolerance}")
+    if target.is_dir():
+        raise ExportError(f"output {target} is a directory; give a file name ending in .onnx")
+    if source.exists() and target.exists() and source.resolve() == target.resolve():
+        raise ExportError(f"output {target} would overwrite the source; choose another --output")
+
+
+# --- loading -------------------------------------------------------------------------------------------------
+
+
+def _load_checkpoint(path: Path) -> _Source:
+    try:
+        checkpoint = load_checkpoint(path)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # torch's unpickler raises e.g. IndexError on arbitrary bytes; still a bad file
+        raise CheckpointError(f"{path} is not a readable checkpoint (not ours or damaged): {_first_line(exc)}") from exc
+    model = model_from_checkpoint(checkpoint)
+    return _Source(
+        arch=checkpoint["arch"],
+        model=model,
+        model_config=_json_safe(checkpoint["model_config"]),
+        tokenizer_json=checkpoint["tokenizer"],
+        special=_special_tokens(checkpoint["special_tokens"], path.name),
+        generation=_generation(checkpoint.get("generation")),
+        provenance=_provenance(path.name, checkpoint),
+    )
+
+
+def _load_hf(path: Path) -> _Source:
+    try:
+        from models.hf_gpt2 import load_hf_gpt2
+    except ImportError as exc:  # the optional importer is missing from this installation
+        raise ExportError(f"{path} is a directory, but Hugging Face import is unavailable ({exc})") from exc
+    model, config, tokenizer_json, special = load_hf_gpt2(path)
+    config_dict = config.to_dict() if hasattr(config, "to_dict") else asdict(config) if is_dataclass(config) else {}
+    return _Source(
+        arch="gpt2",
+        model=model.eval(),
+        model_config=_json_safe(config_dict),
+        tokenizer_json=tokenizer_json,
+        special=_special_tokens(special, path.name),
+        generation=dict(DEFAULT_GENERATION),
+        provenance=_provenance(path.name, {}),
+    )
+
+
+def _special_tokens(raw: Any, where: str) -> SpecialTokens:
+    values = asdict(raw) if is_dataclass(raw) else raw
+    if not isinstance(values, dict):
+        raise ExportError(f"{where}: special tokens must be a mapping")
+
+    def token_id(name: str) -> int | None:
+        value = values.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ExportError(f"{where}: special token {name!r} must be a non-negative integer, got {value!r}")
+        return value
+
+    eos = token_id("eos")
+    if eos is None:
+        raise ExportError(f"{where}: special token 'eos' is missing")
+    return SpecialTokens(eos=eos, unk=token_id("unk"), bos=token_id("bos"))
+
+
+def _generation(raw: Any) -> dict[str, Any]:
+    settings = dict(DEFAULT_GENERATION)
+    if isinstance(raw, dict):
+        settings.update({str(k): v for k, v in _json_safe(raw).items() if v is not None})
+    return settings
+
+
+def _provenance(name: str, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    train = checkpoint.get("train") if isinstance(checkpoint.get("train"), dict) else {}
+    metrics = checkpoint.get("metrics") if isinstance(checkpoint.get("metrics"), dict) else {}
+    step = _number(metrics.get("step", train.get("step")))
+    val_loss = _number(metrics.get("val_loss", train.get("best_val_loss")))
+    return {
+        "checkpoint": name,
+        "step": int(step) if step is not None else None,
+        "val_loss": val_loss,
+        "textgen_version": _textgen_version(),
+    }
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return value
+
+
+def _json_safe(data: dict[str, Any]) -> dict[str, Any]:
+    """Keep only what JSON can carry (a checkpoint may hold tensors or tuples in its config)."""
+    return json.loads(json.dumps(data, default=lambda value: _number(value)))
+
+
+def _textgen_version() -> str:
+    try:
+        return package_metadata.version("textgen-onnx")
+    except package_metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# --- graph ---------------------------------------------------------------------------------------------------
+
+
+def _signature_for(loaded: _Source) -> tuple[GraphSignature, int, int]:
+    """The graph signature, context length (0 = unbounded) and output vocab size of the loaded model."""
+    config = loaded.model.config  # RNNConfig or GPT2Config
+    if loaded.arch in ("lstm", "gru"):
+        signature = rnn_signature(loaded.arch, config.num_layers, config.hidden_size, config.vocab_size)
+        return signature, 0, config.vocab_size
+    signature = gpt2_signature(config.n_layer, config.n_head, config.n_embd, config.vocab_size)
+    return signature, config.context_length, config.vocab_size
+
+
+def _check_tokens(loaded: _Source, vocab_size: int) -> None:
+    try:
+        ids = Tokenizer.from_str(loaded.tokenizer_json).get_vocab(with_added_tokens=True).values()
+        tokenizer_size = max(ids, default=-1) + 1  # one past the largest id: ids may have holes
+    except Exception as exc:  # tokenizers raises a bare Exception for malformed JSON
+        raise ExportError(f"the tokenizer stored with the model is not valid tokenizers JSON ({exc})") from exc
+    if tokenizer_size > vocab_size:
+        raise ExportError(f"the tokenizer has {tokenizer_size} tokens but the model only predicts {vocab_size}")
+    for name, token in asdict(loaded.special).items():
+        if token is not None and token >= tokenizer_size:
+            raise ExportError(f"special token {name} = {token} is outside the tokenizer's {tokenizer_size} ids")
+
+
+def _export_graph(model: nn.Module, signature: GraphSignature, opset: int) -> onnx.ModelProto:
+    adapter = (RNNExportAdapter if signature.optional_inputs == () else GPT2ExportAdapter)(model).eval()
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # The TorchScript path is deprecated (DeprecationWarning) and warns on traced Python ints; the
+            # symbolic-axes check and the parity runs below catch what those warnings are about.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                adapter,
+                signature.example_args,
+                buffer,
+                input_names=signature.input_names,
+                output_names=signature.output_names,
+                dynamic_axes=signature.dynamic_axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    except (RuntimeError, ValueError, TypeError, torch.onnx.errors.OnnxExporterError) as exc:
+        raise ExportError(f"the ONNX exporter failed: {_first_line(exc)}") from exc
+    proto = onnx.load_model_from_string(buffer.getvalue())
+    try:
+        check_signature(proto, signature)
+    except GraphCheckError as exc:
+        raise ExportError(str(exc)) from exc
+    dedupe_initializers(proto)
+    return proto
+
+
+def _metadata_entries(
+    loaded: _Source, signature: GraphSignature, context_length: int, vocab_size: int
+) -> list[onnx.StringStringEntryProto]:
+    info = ModelInfo(
+        arch=loaded.arch,
+        tokenizer_json=loaded.tokenizer_json,
+        special=loaded.special,
+        vocab_size=vocab_size,
+        context_length=context_length,
+        state=signature.state,
+        inputs=signature.optional_inputs,
+        generation=loaded.generation,
+        model_config=loaded.model_config,
+        source=loaded.provenance,
+    )
+    return [onnx.StringStringEntryProto(key=key, value=value) for key, value in encode_metadata(info).items()]
+
+
+def _serialize_checked(proto: onnx.ModelProto) -> bytes:
+    if proto.ByteSize() > MAX_PROTO_BYTES:
+        raise ExportError("the model is larger than 2 GB, the limit of a single self-contained ONNX file")
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"the exported graph is not valid ONNX: {_first_line(exc)}") from exc
+    return proto.SerializeToString()
+
+
+def _verify(
+    loaded: _Source, model_bytes: bytes, signature: GraphSignature, vocab_size: int, context_length: int
+) -> Verification:
+    try:
+        if loaded.arch == "gpt2":
+            return verify_gpt2(loaded.model, model_bytes, signature, vocab_size, context_length)
+        return verify_rnn(loaded.model, model_bytes, signature, vocab_size)
+    except VerificationError as exc:
+        raise ExportError(f"verification failed: {exc}; nothing was written") from exc
+    except Exception as exc:  # onnxruntime raises its own exception classes; any failure means a broken graph
+        if isinstance(exc, ExportError):
+            raise
+        raise ExportError(f"verification failed: onnxruntime could not run the graph: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
