@@ -98,5 +98,6 @@ def _restricted_load(file: Path) -> Any:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
         raise CheckpointError(f"{file} was refused: it holds objects that are not plain tensors ({first})") from exc
     except Exception as exc:  # arbitrary bytes can make the zip/pickle readers raise almost anything
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{file} is not a readable checkpoint (truncated or not ours): {reason}") from exc
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        reason = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+        raise CheckpointError(f"{file} is not a readable checkpoint (truncated or not ours; {reason})") from exc
