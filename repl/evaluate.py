@@ -1,0 +1,822 @@
+"""textgen-eval: how good is a model file? Perplexity on held-out text, and the diversity of what it samples.
+
+Everything runs through the ONNX file on onnxruntime (no torch), with the model's own context handling.
+
+Perplexity protocol (``evaluate_perplexity``, ``textgen-eval --data``)
+----------------------------------------------------------------------
+The text is tokenized with the model's tokenizer. Documents (csv rows, blank-line separated docs, ...) are each
+followed by the end-of-text token, as in training; a plain text file is one stream. One end-of-text token is put
+in front as the starting context, so every token of the text is scored, each exactly once, and the end-of-text
+tokens between documents are scored too (predicting where a document ends is part of the model).
+
+* RNN (lstm, gru): stateful. The whole stream is fed in chunks with the recurrent state carried from chunk to
+  chunk, so every token is predicted from everything before it — exactly what one long forward pass would give.
+* GPT-2: sliding window (the Hugging Face perplexity recipe). Windows of ``W = context_length`` tokens start
+  every ``stride`` tokens (default ``W // 2``, ``--stride``); each window is run from an empty cache and scores
+  only the tokens the previous window did not, so every token is scored once, with at least ``W - stride + 1``
+  tokens of context except near the start of the text. ``stride == W`` gives non-overlapping windows (fast,
+  pessimistic); a smaller stride gives more context per prediction and costs ``W / stride`` times the compute.
+
+Reported: nats/token (mean negative log-likelihood), perplexity = exp(nats/token), bits/token, and bits/char =
+total bits / characters of the text, where each document separator counts as one character (so for a
+character-level tokenizer bits/char == bits/token).
+
+Sampling metrics (``textgen-eval --samples N``)
+-----------------------------------------------
+N samples are drawn in batches with the model's generation settings (changed with ``--set``), each starting from
+the end-of-text token followed by ``--prompt``. Reported per setting: unique-word rate (mean over samples of
+distinct words / words in that sample: low values mean loops), distinct-1/2/3 (distinct word n-grams / n-grams,
+pooled over all samples: low values mean the samples resemble each other), the mean entropy in nats of the
+SAMPLING distribution at each generated step (after the whole sampler chain: 0 for greedy), mean length in tokens
+and words, and the share of samples that ended with the end-of-text token. Words are defined in repl.textmetrics.
+``--reference FILE`` cuts held-out text into as many chunks as there are samples, each as long (in tokens) as
+the mean sample, and reports the same text metrics for it. ``--judge J.onnx`` adds the mean cross-entropy
+(nats/token) of the generated text under another model file, re-tokenized with its tokenizer and conditioned
+on the prompt; repetitive text scores well there, so read it together with the diversity columns.
+``--sweep KEY=V1,V2`` (repeatable) runs the whole grid of settings; ``sampler=greedy,sample`` picks presets.
+Every row uses the same seed. Stop strings and beam search are not part of sampling evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import itertools
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from repl.generate import kept_on_slide
+from repl.modelfile import ModelFileError
+from repl.runtime import OnnxModel
+from repl.sampling import SamplerChain, SettingError
+from repl.settings import Settings
+from repl.textmetrics import (
+    bits,
+    chunk_evenly,
+    entropy,
+    safe_exp,
+    text_stats,
+    token_nll,
+)
+
+LOGIT_BUDGET = 1 << 24  # floats of logits per onnxruntime call (64 MB): bounds memory for a 50k vocabulary
+MAX_CHUNK = 4096  # tokens per stateful RNN call
+DEFAULT_SAMPLES_BATCH = 16
+DEFAULT_SEED = 0
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class EvalError(Exception):
+    """Evaluation cannot run with these inputs; the message is one line for the user."""
+
+
+# ================================================================================================ perplexity
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Scores of a model on a text (see the module docstring for the protocol)."""
+
+    nats_per_token: float
+    perplexity: float
+    bits_per_token: float
+    bits_per_char: float
+    n_tokens: int  # tokens scored
+    n_chars: int  # characters they stand for (a document separator counts as one)
+    protocol: str  # how context was given, in words
+    n_unknown: int = 0  # scored tokens that were the tokenizer's unknown token
+
+    def as_dict(self) -> dict[str, Any]:
+        return _json_ready(asdict(self))
+
+
+def evaluate_perplexity(model: OnnxModel, text: str, stride: int | None = None,
+                        on_progress: ProgressCallback | None = None) -> PerplexityResult:
+    """Perplexity of ``model`` (a repl.runtime.OnnxModel) on ``text``, scored as one stream."""
+    return evaluate_documents(model, [text], single_stream=True, stride=stride, on_progress=on_progress)
+
+
+def evaluate_documents(model: OnnxModel, documents: Sequence[str], single_stream: bool, stride: int | None = None,
+                       on_progress: ProgressCallback | None = None) -> PerplexityResult:
+    """Perplexity on documents joined with the end-of-text token (or on one stream when ``single_stream``)."""
+    ids, n_chars = _stream_ids(model, documents, single_stream)
+    if len(ids) < 2:
+        raise EvalError("the text is empty: nothing to score")
+    total, count, protocol = score_tokens(model, ids, first_target=1, stride=stride, on_progress=on_progress)
+    mean = total / count
+    unk = model.info.special.unk
+    n_unknown = int(np.count_nonzero(ids[1:] == unk)) if unk is not None else 0
+    return PerplexityResult(
+        nats_per_token=mean,
+        perplexity=safe_exp(mean),
+        bits_per_token=bits(mean),
+        bits_per_char=bits(total) / max(n_chars, 1),
+        n_tokens=count,
+        n_chars=n_chars,
+        protocol=protocol,
+        n_unknown=n_unknown,
+    )
+
+
+def _stream_ids(model: OnnxModel, documents: Sequence[str], single_stream: bool) -> tuple[np.ndarray, int]:
+    """[eos] + tokens (each document followed by eos unless single_stream), and the characters scored."""
+    eos = model.info.special.eos
+    ids: list[int] = [eos]
+    n_chars = 0
+    for document in documents:
+        ids.extend(model.encode(document))
+        n_chars += len(document)
+        if not single_stream:
+            ids.append(eos)
+            n_chars += 1
+    return np.asarray(ids, dtype=np.int64), n_chars
+
+
+def score_tokens(model: OnnxModel, ids: Sequence[int] | np.ndarray, first_target: int = 1, stride: int | None = None,
+                 on_progress: ProgressCallback | None = None) -> tuple[float, int, str]:
+    """Summed negative log-likelihood (nats) of ``ids[first_target:]``, each token predicted from the tokens
+    before it as the model's context handling allows. Returns (total nats, tokens scored, protocol)."""
+    tokens = np.asarray(ids, dtype=np.int64)
+    if first_target < 1:
+        raise ValueError("first_target must be >= 1: the first token is context only")
+    context = model.info.context_length
+    if context == 0:
+        total, count = _score_stateful(model, tokens, first_target, on_progress)
+        return total, count, "stateful: every token sees the whole text before it"
+    step = _check_stride(stride, context)
+    total, count = _score_sliding(model, tokens, first_target, context, step, on_progress)
+    least = context - step + 1
+    plural = "s" if least != 1 else ""
+    return total, count, f"sliding window {context}, stride {step}: at least {least} token{plural} of context"
+
+
+def _check_stride(stride: int | None, window: int) -> int:
+    if stride is None:
+        return max(1, window // 2)
+    if not 1 <= stride <= window:
+        raise EvalError(f"--stride must be between 1 and the model's context length {window}, got {stride}")
+    return stride
+
+
+def _score_stateful(model: OnnxModel, ids: np.ndarray, first_target: int,
+                    on_progress: ProgressCallback | None) -> tuple[float, int]:
+    """RNN: feed ids[:-1] chunk by chunk carrying the state; position j predicts ids[j + 1]."""
+    chunk = max(1, min(MAX_CHUNK, LOGIT_BUDGET // model.info.vocab_size))
+    state = model.initial_state(1)
+    inputs = ids[:-1]
+    total, count = 0.0, 0
+    for start in range(0, len(inputs), chunk):
+        piece = inputs[start : start + chunk]
+        logits, state = model.run_all(piece[None, :], state, start)
+        targets = ids[start + 1 : start + 1 + len(piece)]
+        skip = max(0, first_target - (start + 1))  # targets before first_target are context only
+        if skip < len(piece):
+            nll = token_nll(logits[0, skip:], targets[skip:])
+            total += float(nll.sum())
+            count += len(nll)
+        if on_progress:
+            on_progress(start + len(piece), len(inputs))
+    return total, count
+
+
+@dataclass(frozen=True)
+class _Window:
+    start: int  # first input position
+    end: int  # inputs are ids[start:end]; position j predicts ids[start + j + 1]
+    first_scored: int  # first target index this window scores (targets run to `end` inclusive)
+
+
+def sliding_windows(n_ids: int, window: int, stride: int, first_target: int = 1) -> list[_Window]:
+    """The windows of the sliding protocol over ``n_ids`` tokens: each target index in [first_target, n_ids)
+    belongs to exactly one window, which predicts it from at least ``window - stride + 1`` tokens when it can."""
+    windows: list[_Window] = []
+    last_input = n_ids - 1  # the final token is a target only, never an input
+    scored_up_to = 0  # targets <= this are taken
+    start = 0
+    while scored_up_to < last_input:
+        end = min(start + window, last_input)
+        first = max(scored_up_to + 1, first_target)
+        if first <= end:
+            windows.append(_Window(start, end, first))
+        scored_up_to = end
+        start += stride
+    return windows
+
+
+def _score_sliding(model: OnnxModel, ids: np.ndarray, first_target: int, window: int, stride: int,
+                   on_progress: ProgressCallback | None) -> tuple[float, int]:
+    """GPT-2: score windows from an empty cache, batching windows of equal length into one call."""
+    plan = sliding_windows(len(ids), window, stride, first_target)
+    total, count, done = 0.0, 0, 0
+    by_length: dict[int, list[_Window]] = {}
+    for item in plan:
+        by_length.setdefault(item.end - item.start, []).append(item)
+    for length, group in by_length.items():
+        rows = max(1, LOGIT_BUDGET // (length * model.info.vocab_size))
+        for offset in range(0, len(group), rows):
+            batch = group[offset : offset + rows]
+            inputs = np.stack([ids[w.start : w.end] for w in batch])
+            logits, _ = model.run_all(inputs, model.initial_state(len(batch)), 0)
+            for row, w in enumerate(batch):
+                # target t is predicted at input position t - 1 - start
+                positions = slice(w.first_scored - 1 - w.start, w.end - w.start)
+                nll = token_nll(logits[row, positions], ids[w.first_scored : w.end + 1])
+                total += float(nll.sum())
+                count += len(nll)
+            done += len(batch)
+            if on_progress:
+                on_progress(done, len(plan))
+    return total, count
+
+
+# ================================================================================================ sampling
+
+
+@dataclass
+class SampleBatchResult:
+    """What one setting produced: texts plus the per-step numbers only the decode loop can see."""
+
+    texts: list[str]
+    token_counts: list[int]
+    ended_on_eos: list[bool]
+    entropy_sum: float
+    entropy_steps: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """How to draw samples: the same for every row of a sweep except the settings."""
+
+    n_samples: int
+    prompt: str
+    max_new_tokens: int | None  # None: the settings' max_new_tokens
+    seed: int | None  # None: the settings' seed, else DEFAULT_SEED
+    batch_size: int = DEFAULT_SAMPLES_BATCH
+
+
+def draw_samples(model: OnnxModel, settings: Settings, plan: GenerationPlan) -> SampleBatchResult:
+    """Generate ``plan.n_samples`` samples with ``settings`` (a repl.settings.Settings) in batches.
+
+    A small decode loop of its own (rather than Session.generate_n) because it needs the processed probability
+    distribution at every step for the entropy; it applies the same SamplerChain, bans, eos and min/max length."""
+    if int(settings.get("num_beams") or 1) > 1:
+        raise EvalError("beam search (num_beams > 1) is not supported for sampling metrics; use a sampling preset")
+    chain = SamplerChain(settings.sampler(), model.info.vocab_size, model.banned_ids)
+    max_new = plan.max_new_tokens if plan.max_new_tokens is not None else int(settings.get("max_new_tokens"))
+    if max_new < 1:
+        raise EvalError("max_new_tokens must be >= 1 for sampling metrics")
+    min_new = int(settings.get("min_new_tokens") or 0)
+    seed = _resolve_seed(plan.seed, settings)
+    rng = np.random.default_rng(seed)
+    context = [model.info.special.eos, *model.encode(plan.prompt)]
+    result = SampleBatchResult([], [], [], 0.0, 0, 0.0)
+    started = time.perf_counter()
+    for offset in range(0, plan.n_samples, plan.batch_size):
+        rows = min(plan.batch_size, plan.n_samples - offset)
+        _decode_batch(model, chain, context, rows, max_new, min_new, rng, result)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _resolve_seed(seed: int | None, settings: Settings) -> int:
+    if seed is not None:
+        return seed
+    configured = settings.get("seed")
+    return int(configured) if configured is not None else DEFAULT_SEED
+
+
+def _prefill(model: OnnxModel, context: list[int], rows: int) -> tuple[np.ndarray, Any, list[int]]:
+    """Run the prompt once (batch 1) and copy its state to ``rows`` rows. Returns logits [rows, V], state and
+    the context actually fed (its tail when a GPT-2 prompt would not fit the window)."""
+    window = model.info.context_length
+    if window and len(context) > window:
+        context = context[-kept_on_slide(window) :]
+    logits, state = model.run(np.asarray([context], dtype=np.int64), model.initial_state(1), 0)
+    index = np.zeros(rows, dtype=np.int64)
+    return np.repeat(logits, rows, axis=0), model.reorder_state(state, index), context
+
+
+def _draw(probabilities: np.ndarray, greedy: bool, rng: np.random.Generator) -> np.ndarray:
+    """One id per row from the processed distribution (inverse CDF; never an id of probability 0)."""
+    if greedy:
+        return probabilities.argmax(axis=1)
+    cumulative = np.cumsum(probabilities, axis=1, dtype=np.float64)
+    thresholds = (1.0 - rng.random(probabilities.shape[0])) * cumulative[:, -1]  # in (0, total]
+    picks = (cumulative < thresholds[:, None]).sum(axis=1)
+    return np.minimum(picks, probabilities.shape[1] - 1)
+
+
+def _decode_batch(model: OnnxModel, chain: SamplerChain, context: list[int], rows: int, max_new: int, min_new: int,
+                  rng: np.random.Generator, result: SampleBatchResult) -> None:
+    eos = model.info.special.eos
+    window = model.info.context_length
+    logits, state, fed = _prefill(model, context, rows)
+    past = len(fed)
+    histories = [list(context) for _ in range(rows)]  # all rows advance in lockstep: equal lengths
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    active = np.ones(rows, dtype=bool)
+    on_eos = np.zeros(rows, dtype=bool)
+    step_input = np.empty((rows, 1), dtype=np.int64)
+    for step in range(max_new):
+        probabilities = chain.probabilities(logits, histories, extra_banned=(eos,) if step < min_new else ())
+        ids = _draw(probabilities, chain.greedy, rng)
+        if not chain.greedy:  # greedy's sampling distribution is a point mass: entropy 0
+            result.entropy_sum += float(entropy(probabilities[active]).sum())
+        result.entropy_steps += int(active.sum())
+        for row in np.flatnonzero(active):
+            token = int(ids[row])
+            if token == eos:
+                active[row], on_eos[row] = False, True
+            else:
+                generated[row].append(token)
+        for row, history in enumerate(histories):
+            history.append(int(ids[row]))
+        if not active.any() or step == max_new - 1:
+            break
+        if window and past + 1 > window:
+            keep = kept_on_slide(window)
+            tail = np.asarray([history[-keep:] for history in histories], dtype=np.int64)
+            logits, state = model.run(tail, model.initial_state(rows), 0)
+            past = keep
+        else:
+            step_input[:, 0] = ids
+            logits, state = model.run(step_input, state, past)
+            past += 1
+    result.texts.extend(model.decode(tokens) for tokens in generated)
+    result.token_counts.extend(len(tokens) for tokens in generated)
+    result.ended_on_eos.extend(bool(flag) for flag in on_eos)
+
+
+# ================================================================================================ metrics rows
+
+
+METRIC_COLUMNS = (
+    "unique_word_rate", "distinct_1", "distinct_2", "distinct_3", "entropy", "mean_tokens", "mean_words",
+    "eos_share",
+)
+JUDGE_COLUMN = "judge_nats"
+# Short table headers (the table must fit a terminal) and the legend printed under it.
+METRIC_TITLES = {
+    "unique_word_rate": "uniq-w", "distinct_1": "dist-1", "distinct_2": "dist-2", "distinct_3": "dist-3",
+    "entropy": "H/step", "mean_tokens": "tokens", "mean_words": "words", "eos_share": "eos",
+    JUDGE_COLUMN: "judge",
+}
+LEGEND = (
+    "uniq-w: distinct/total words within a sample (mean); dist-n: distinct word n-grams over all samples; "
+    "H/step: entropy of the sampling distribution (nats); tokens, words: mean length; eos: share of samples "
+    "that ended on end-of-text"
+)
+JUDGE_LEGEND = "; judge: nats/token under the judge model"
+
+
+@dataclass
+class MetricsRow:
+    """One line of the results table: a setting combination (or the reference text) and its metrics."""
+
+    label: dict[str, str]  # swept key -> value as given; {} when nothing was swept
+    metrics: dict[str, float]
+    seed: int | None = None
+    seconds: float | None = None
+    samples: list[str] = field(default_factory=list)
+
+
+def sample_metrics(result: SampleBatchResult) -> dict[str, float]:
+    stats = text_stats(result.texts)
+    n = len(result.texts)
+    mean_entropy = result.entropy_sum / result.entropy_steps if result.entropy_steps else math.nan
+    return {
+        "unique_word_rate": stats.unique_word_rate,
+        "distinct_1": stats.distinct_1,
+        "distinct_2": stats.distinct_2,
+        "distinct_3": stats.distinct_3,
+        "entropy": mean_entropy,  # per generated step, over all samples
+        "mean_tokens": sum(result.token_counts) / n if n else math.nan,
+        "mean_words": stats.mean_words,
+        "eos_share": sum(result.ended_on_eos) / n if n else math.nan,
+    }
+
+
+def reference_metrics(model: OnnxModel, documents: Sequence[str], single_stream: bool, n_chunks: int,
+                      mean_tokens: float) -> tuple[dict[str, float], int]:
+    """Text metrics of held-out text cut into ``n_chunks`` chunks of ``round(mean_tokens)`` tokens.
+    Returns the metrics and how many chunks the text allowed."""
+    ids, _ = _stream_ids(model, documents, single_stream)
+    length = max(1, round(mean_tokens)) if math.isfinite(mean_tokens) else 1
+    chunks = chunk_evenly(ids[1:].tolist(), n_chunks, length)
+    texts = [model.decode(chunk) for chunk in chunks]
+    stats = text_stats(texts)
+    return {
+        "unique_word_rate": stats.unique_word_rate,
+        "distinct_1": stats.distinct_1,
+        "distinct_2": stats.distinct_2,
+        "distinct_3": stats.distinct_3,
+        "entropy": math.nan,
+        "mean_tokens": sum(len(chunk) for chunk in chunks) / len(chunks) if chunks else math.nan,
+        "mean_words": stats.mean_words,
+        "eos_share": math.nan,
+    }, len(chunks)
+
+
+def judge_nats(judge: OnnxModel, prompt: str, texts: Sequence[str]) -> float:
+    """Mean nats/token of ``texts`` under the ``judge`` model, each conditioned on eos + prompt."""
+    prompt_ids = [judge.info.special.eos, *judge.encode(prompt)]
+    total, count = 0.0, 0
+    for text in texts:
+        ids = prompt_ids + judge.encode(text)
+        if len(ids) > len(prompt_ids):
+            nats, scored, _ = score_tokens(judge, ids, first_target=len(prompt_ids))
+            total += nats
+            count += scored
+    return total / count if count else math.nan
+
+
+# ================================================================================================ sweeps
+
+
+@dataclass(frozen=True)
+class Sweep:
+    key: str
+    values: tuple[str, ...]
+
+
+def parse_assignment(raw: str, option: str) -> tuple[str, str]:
+    key, sep, value = raw.partition("=")
+    if not sep or not key.strip():
+        raise EvalError(f"{option} expects KEY=VALUE, got {raw!r}")
+    return key.strip(), value.strip()
+
+
+def parse_sweeps(raw_sweeps: Sequence[str]) -> list[Sweep]:
+    sweeps: list[Sweep] = []
+    for raw in raw_sweeps:
+        key, values = parse_assignment(raw, "--sweep")
+        items = tuple(value.strip() for value in values.split(","))
+        if not values or any(not item for item in items):
+            raise EvalError(f"--sweep {key}= needs a comma-separated list of values, got {values!r}")
+        if any(sweep.key == key for sweep in sweeps):
+            raise EvalError(f"--sweep {key} given twice; list all its values in one --sweep")
+        sweeps.append(Sweep(key, items))
+    return sweeps
+
+
+def sweep_grid(sweeps: Sequence[Sweep]) -> list[dict[str, str]]:
+    """Every combination, first sweep varying slowest; one empty combination when nothing is swept."""
+    keys = [sweep.key for sweep in sweeps]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(s.values for s in sweeps))]
+
+
+def build_settings(model_defaults: dict[str, Any], fixed: Sequence[tuple[str, str]],
+                   combination: dict[str, str]) -> Settings:
+    """Settings for one grid row: model defaults, then --set values, then this row's swept values in order.
+
+    The preset ``sampler=sample`` means "the settings as given" (model defaults plus --set) here, rather than
+    resetting --set values as it does in the REPL; other presets apply on top of --set."""
+    settings = Settings(model_defaults)
+    for key, value in fixed:
+        settings.set(key, value, "cli")
+    for key, value in combination.items():
+        if key == "sampler":
+            if value.strip().lower() != "sample":
+                settings.apply_preset(value, "cli")
+        else:
+            settings.set(key, value, "cli")
+    return settings
+
+
+# ================================================================================================ output
+
+
+LENGTH_COLUMNS = ("mean_tokens", "mean_words")
+
+
+def format_value(value: float | None, decimals: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return f"{value:.{decimals}f}"
+
+
+def table_columns(sweeps: Sequence[Sweep], with_judge: bool) -> list[str]:
+    keys = [s.key for s in sweeps] or ["run"]
+    return [*keys, *METRIC_COLUMNS, *([JUDGE_COLUMN] if with_judge else [])]
+
+
+def row_cells(row: MetricsRow, sweeps: Sequence[Sweep], columns: Sequence[str], reference: bool) -> list[str]:
+    keys = [s.key for s in sweeps] or ["run"]
+    cells = []
+    for column in columns:
+        if column in keys:
+            if reference:
+                cells.append("reference" if column == keys[0] else "")
+            else:
+                cells.append(row.label.get(column, "samples"))
+        else:
+            cells.append(format_value(row.metrics.get(column), 1 if column in LENGTH_COLUMNS else 3))
+    return cells
+
+
+def render_table(rows: Sequence[MetricsRow], reference: MetricsRow | None, sweeps: Sequence[Sweep],
+                 with_judge: bool, title: str = "sampling metrics") -> Any:
+    from rich import box
+    from rich.table import Table
+
+    columns = table_columns(sweeps, with_judge)
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    for column in columns:
+        numeric = column in METRIC_TITLES
+        table.add_column(METRIC_TITLES.get(column, column), justify="right" if numeric else "left", no_wrap=True)
+    for row in rows:
+        table.add_row(*row_cells(row, sweeps, columns, reference=False))
+    if reference is not None:
+        table.add_row(*row_cells(reference, sweeps, columns, reference=True), style="dim")
+    return table
+
+
+def write_csv(path: Path, rows: Sequence[MetricsRow], reference: MetricsRow | None, sweeps: Sequence[Sweep],
+              with_judge: bool) -> None:
+    """One line per row; metric cells are plain numbers (empty when undefined) for spreadsheets and pandas."""
+    columns = table_columns(sweeps, with_judge)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row, is_reference in [*((r, False) for r in rows), *([(reference, True)] if reference else [])]:
+        cells = row_cells(row, sweeps, columns, is_reference)
+        writer.writerow([_csv_number(row.metrics.get(c)) if c in METRIC_TITLES else cell
+                         for c, cell in zip(columns, cells, strict=True)])
+    try:
+        path.write_text(buffer.getvalue(), encoding="utf-8")
+    except OSError as exc:
+        raise EvalError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _csv_number(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return ""
+    return repr(float(value))
+
+
+def _json_ready(data: Any) -> Any:
+    """NaN/inf are not JSON: undefined numbers become null."""
+    if isinstance(data, dict):
+        return {key: _json_ready(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [_json_ready(value) for value in data]
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    return data
+
+
+# ================================================================================================ CLI
+
+EPILOG = """\
+perplexity protocol: RNNs are scored statefully over the whole text (state carried, exact). GPT-2 models use a
+sliding window of context_length tokens moved by --stride (default half the window); each token is scored once,
+with at least window - stride + 1 tokens of context except at the start (Hugging Face's perplexity recipe).
+Documents are joined with the end-of-text token, which is scored too; bits/char counts each separator as one
+character.
+
+sampling metrics: unique-word rate is per sample (low = loops); distinct-n is pooled over samples (low = samples
+alike); entropy is that of the sampling distribution after the sampler chain (0 for greedy). Each sample starts
+from the end-of-text token plus --prompt; stop strings and beam search are not used here.
+
+examples:
+  textgen-eval --model m.onnx --data held_out.txt
+  textgen-eval --model m.onnx --samples 50 --reference held_out.txt --sweep temp=0.7,1.0 --sweep top_p=0.9,1
+  textgen-eval --model m.onnx --samples 20 --judge big.onnx --sweep sampler=greedy,sample --csv out.csv
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line `error: ...` and exit 2 like every other textgen error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"error: {message} (see textgen-eval --help)\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="textgen-eval",
+        description="Evaluate a textgen model file: perplexity on held-out text and sampling diversity.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", help="model file (.onnx); default: the bundled demo model")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: physical cores)")
+    data = parser.add_argument_group("perplexity")
+    data.add_argument("--data", help="held-out text to score")
+    data.add_argument("--format", default="auto", help="corpus format: auto|text|csv|tsv|docs|dir (default auto)")
+    data.add_argument("--column", help="CSV/TSV column holding the text")
+    data.add_argument("--stride", type=int, default=None,
+                      help="GPT-2 sliding-window stride in tokens (default: half the context length)")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--samples", type=int, default=0, metavar="N", help="number of samples to generate")
+    sampling.add_argument("--prompt", default="", help="text every sample continues (default: none)")
+    sampling.add_argument("--max-tokens", type=int, default=None, help="tokens per sample (default: model's)")
+    sampling.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a sampler setting")
+    sampling.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                          help="evaluate every value (repeatable: the grid of all combinations)")
+    sampling.add_argument("--seed", type=int, default=None, help=f"sampling seed (default {DEFAULT_SEED})")
+    sampling.add_argument("--batch-size", type=int, default=DEFAULT_SAMPLES_BATCH, help="samples per batch")
+    sampling.add_argument("--reference", help="held-out text to compare the samples' metrics with "
+                          "(read with the same --format/--column as --data)")
+    sampling.add_argument("--judge", help="another model file: cross-entropy of the samples under it")
+    output = parser.add_argument_group("output")
+    output.add_argument("--csv", help="also write the sampling table to this CSV file")
+    output.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    return parser
+
+
+def _default_model() -> Path:
+    from importlib import resources
+
+    path = Path(str(resources.files("repl.demo") / "demo.onnx"))
+    if not path.is_file():
+        raise EvalError("no --model given and the bundled demo model (repl/demo/demo.onnx) is missing")
+    return path
+
+
+def _open_model(path: str | Path, device: str, threads: int | None) -> OnnxModel:
+    return OnnxModel.open(path, device=device, threads=threads)
+
+
+def _load_documents(path: str, fmt: str, column: str | None) -> tuple[list[str], bool]:
+    from train.corpus import CorpusError, load_corpus  # pure Python: no torch behind it
+
+    try:
+        corpus = load_corpus(path, fmt=fmt, column=column)
+    except CorpusError as exc:
+        raise EvalError(str(exc)) from None
+    return corpus.documents, corpus.single_stream
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    if not args.data and args.samples <= 0:
+        raise EvalError("nothing to do: give --data FILE (perplexity) and/or --samples N (sampling metrics)")
+    if args.samples < 0:
+        raise EvalError(f"--samples must be >= 0, got {args.samples}")
+    if args.samples == 0 and (args.sweep or args.reference or args.judge or args.csv):
+        raise EvalError("--sweep, --reference, --judge and --csv need --samples N")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise EvalError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.batch_size < 1:
+        raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.seed is not None and args.seed < 0:
+        raise EvalError(f"--seed must be >= 0, got {args.seed}")
+    if args.threads is not None and args.threads < 1:
+        raise EvalError(f"--threads must be >= 1, got {args.threads}")
+
+
+def run_sampling(model: OnnxModel, args: argparse.Namespace, sweeps: Sequence[Sweep],
+                 fixed: Sequence[tuple[str, str]], judge: OnnxModel | None,
+                 notice: Callable[[str], None]) -> list[MetricsRow]:
+    grid = sweep_grid(sweeps)
+    all_settings = [build_settings(model.info.generation, fixed, combo) for combo in grid]  # fail fast on values
+    rows = []
+    for index, (combination, settings) in enumerate(zip(grid, all_settings, strict=True), start=1):
+        if len(grid) > 1:
+            notice(f"[{index}/{len(grid)}] " + ", ".join(f"{k}={v}" for k, v in combination.items()))
+        plan = GenerationPlan(args.samples, args.prompt, args.max_tokens, args.seed, args.batch_size)
+        result = draw_samples(model, settings, plan)
+        metrics = sample_metrics(result)
+        if judge is not None:
+            metrics[JUDGE_COLUMN] = judge_nats(judge, args.prompt, result.texts)
+        rows.append(MetricsRow(dict(combination), metrics, _resolve_seed(args.seed, settings), result.seconds,
+                               result.texts))
+    return rows
+
+
+def _reference_row(model: OnnxModel, args: argparse.Namespace, rows: Sequence[MetricsRow],
+                   notice: Callable[[str], None]) -> MetricsRow:
+    documents, single = _load_documents(args.reference, args.format, args.column)
+    lengths = [row.metrics["mean_tokens"] for row in rows if math.isfinite(row.metrics["mean_tokens"])]
+    mean_tokens = sum(lengths) / len(lengths) if lengths else 1.0
+    metrics, n_chunks = reference_metrics(model, documents, single, args.samples, mean_tokens)
+    if n_chunks < args.samples:
+        notice(f"reference text only holds {n_chunks} chunks of {max(1, round(mean_tokens))} tokens "
+               f"(wanted {args.samples})")
+    return MetricsRow({}, metrics)
+
+
+def _perplexity_lines(result: PerplexityResult, path: str) -> list[str]:
+    lines = [
+        f"perplexity on {path}: {result.perplexity:.4g}",
+        f"  {result.nats_per_token:.4f} nats/token, {result.bits_per_token:.4f} bits/token, "
+        f"{result.bits_per_char:.4f} bits/char",
+        f"  {result.n_tokens:,} tokens, {result.n_chars:,} characters; {result.protocol}",
+    ]
+    if result.n_unknown:
+        lines.append(f"  {result.n_unknown:,} tokens were unknown to the tokenizer and scored as <unk>")
+    return lines
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    _check_arguments(args)
+    sweeps = parse_sweeps(args.sweep)
+    fixed = [parse_assignment(raw, "--set") for raw in args.set]
+    console = Console(stderr=args.json, highlight=False)
+    if not console.is_terminal:
+        console.width = 200  # piped output: never squeeze or wrap the table to a default 80 columns
+    err = Console(stderr=True, highlight=False)
+
+    def notice(text: str) -> None:
+        err.print(text, style="dim", markup=False, emoji=False, soft_wrap=True)
+
+    model_path = Path(args.model) if args.model else _default_model()
+    model = _open_model(model_path, args.device, args.threads)
+    judge = _open_model(args.judge, args.device, args.threads) if args.judge else None
+    report: dict[str, Any] = {"model": str(model_path), "arch": model.info.arch}
+    if args.data:
+        documents, single = _load_documents(args.data, args.format, args.column)
+        if model.info.context_length == 0 and args.stride is not None:
+            notice("--stride is ignored for RNN models: they are scored statefully over the whole text")
+        stride = args.stride if model.info.context_length else None
+        with _progress(err, f"scoring {args.data}") as on_progress:
+            result = evaluate_documents(model, documents, single, stride=stride, on_progress=on_progress)
+        report["perplexity"] = result.as_dict() | {"data": args.data}
+        if not args.json:
+            for line in _perplexity_lines(result, args.data):
+                console.print(line, markup=False, emoji=False, soft_wrap=True)
+    if args.samples > 0:
+        rows = run_sampling(model, args, sweeps, fixed, judge, notice)
+        reference = _reference_row(model, args, rows, notice) if args.reference else None
+        report["sampling"] = _sampling_report(args, rows, reference)
+        if args.csv:
+            write_csv(Path(args.csv), rows, reference, sweeps, judge is not None)
+        if not args.json:
+            console.print(render_table(rows, reference, sweeps, judge is not None, _table_title(args, rows)))
+            notice(LEGEND + (JUDGE_LEGEND if judge is not None else ""))
+            if judge is not None:
+                notice("note: repetitive text is easy to predict, so it gets a LOW judge loss; "
+                       "read the judge column together with uniq-w and dist-n")
+    if args.json:
+        sys.stdout.write(json.dumps(_json_ready(report)) + "\n")
+    return 0
+
+
+@contextlib.contextmanager
+def _progress(console: Any, description: str) -> Iterator[ProgressCallback | None]:
+    """A transient rich progress bar on a terminal; nothing when stderr is piped."""
+    if not console.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=console,
+                  transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _table_title(args: argparse.Namespace, rows: Sequence[MetricsRow]) -> str:
+    seed = rows[0].seed if rows else None
+    prompt = f", prompt {args.prompt!r}" if args.prompt else ""
+    return f"sampling metrics: {args.samples} samples per row, seed {seed}{prompt}"
+
+
+def _sampling_report(args: argparse.Namespace, rows: Sequence[MetricsRow],
+                     reference: MetricsRow | None) -> dict[str, Any]:
+    return {
+        "samples": args.samples,
+        "prompt": args.prompt,
+        "set": dict(parse_assignment(raw, "--set") for raw in args.set),
+        "judge": args.judge,
+        "rows": [{"settings": row.label, "seed": row.seed, "seconds": row.seconds, **row.metrics} for row in rows],
+        "reference": None if reference is None else {"data": args.reference, **reference.metrics},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (EvalError, ModelFileError, SettingError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
