@@ -1,0 +1,535 @@
+"""The decode loop: one implementation for every architecture, driven only by the model file's state specs.
+
+A Session is a running conversation. ``history`` holds every context token since the last reset; the model state
+always covers a prefix of it (``history[start:end]``, start > 0 once the context window has slid) and the tokens
+after ``end`` are *pending*: they are fed together with the next prompt in one run. That one invariant is what
+keeps the session consistent when Ctrl-C lands anywhere in the loop: a token is appended to ``history`` first and
+the state that includes it replaces the old one in a single assignment, so history and state never disagree.
+Callers may append ids to ``history`` themselves (e.g. replaying a saved transcript): they become pending too.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from repl.runtime import OnnxModel
+from repl.sampling import SamplerChain, SamplerSettings
+from repl.settings import Settings
+
+TextCallback = Callable[[str], None]
+STOP_REASONS = ("eos", "max_tokens", "stop_sequence", "interrupted")
+_DECODE_CONTEXT = 4  # tokens of context the incremental decoder keeps, so leading spaces/bytes decode right
+
+
+class SessionError(Exception):
+    """A session operation that cannot be done now (e.g. :regen with no turn); one line for the user."""
+
+
+@dataclass
+class GenerationResult:
+    text: str  # generated text, without eos and without the stop sequence that ended it
+    tokens: list[int]  # generated ids added to the context (eos / stop-sequence tokens included)
+    prompt_tokens: int
+    seconds: float
+    tokens_per_s: float
+    stop_reason: str  # "eos" | "max_tokens" | "stop_sequence" | "interrupted"
+    seed: int | None
+    slid: bool = False  # the context window slid during this turn
+
+
+@dataclass(frozen=True)
+class _Fed:
+    """Model state after the tokens ``rows[:, start:end]``; ``logits`` [B, V] follow the last of them."""
+
+    state: dict[str, Any]
+    start: int
+    end: int
+    logits: np.ndarray | None
+
+
+@dataclass
+class _Turn:
+    prompt: str
+    start: int  # len(history) before the prompt's tokens
+    window_start: int  # where the context window began then (for re-feeding when no snapshot is kept)
+    snapshot: _Fed | None  # the state before the turn, for an exact undo
+    result: GenerationResult | None = None
+
+
+@dataclass
+class _Plan:
+    """The settings of one generation, read once so a mid-generation ``:set`` cannot tear it."""
+
+    sampler: SamplerSettings
+    chain: SamplerChain
+    chain_without_eos: SamplerChain  # the same chain with eos banned too, while min_new_tokens is not reached
+    max_new: int
+    min_new: int
+    beams: int
+    stops: list[str]
+    seed: int
+    rng: np.random.Generator = field(repr=False)
+
+    def chain_at(self, generated: int) -> SamplerChain:
+        """The chain for the token after ``generated`` new ones. Banning eos through a second chain built once,
+        rather than per-call extra bans, keeps the per-step cost of the sampler flat."""
+        return self.chain_without_eos if generated < self.min_new else self.chain
+
+
+def kept_on_slide(context_length: int) -> int:
+    """Tokens kept when the window slides: three quarters of it, so sliding is rare and context stays long."""
+    return max(1, context_length * 3 // 4)
+
+
+def draw_seed() -> int:
+    return secrets.randbits(31)
+
+
+class TextStream:
+    """Turns generated token ids into text increments.
+
+    Decodes a small window of recent ids so multi-byte characters split over byte-level tokens are emitted only
+    once complete (a trailing U+FFFD means "wait"), and holds back any tail that could be the start of a stop
+    sequence. ``push`` returns True when a stop sequence appeared; ``text`` is then cut just before it."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], str], stops: Sequence[str] = (),
+                 on_text: TextCallback | None = None, context: Sequence[int] = ()) -> None:
+        self._decode = decode
+        self._stops = [s for s in stops if s]
+        self._longest = max((len(s) for s in self._stops), default=0)
+        self._on_text = on_text
+        self._ids = list(context[-_DECODE_CONTEXT:])
+        self._prefix = 0
+        self._read = len(self._ids)
+        self.text = ""
+        self._emitted = 0
+        self.stopped = False
+
+    def push(self, token: int) -> bool:
+        self._ids.append(token)
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        full_text = self._decode(self._ids[self._prefix:])
+        if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
+            return False
+        self._accept(full_text[len(prefix_text):])
+        return self.stopped
+
+    def _accept(self, piece: str) -> None:
+        self._prefix, self._read = self._read, len(self._ids)
+        self.text += piece
+        if not self._stops:
+            self._emit(len(self.text))
+            return
+        search_from = max(0, len(self.text) - len(piece) - self._longest + 1)
+        hits = [i for i in (self.text.find(s, search_from) for s in self._stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            self.text = self.text[:min(hits)]
+            self._emit(len(self.text))
+            return
+        self._emit(len(self.text) - self._partial_stop_tail())
+
+    def _partial_stop_tail(self) -> int:
+        """Length of the longest text tail that is a proper prefix of some stop sequence."""
+        for size in range(min(self._longest - 1, len(self.text)), 0, -1):
+            tail = self.text[-size:]
+            if any(stop.startswith(tail) for stop in self._stops):
+                return size
+        return 0
+
+    def _emit(self, upto: int) -> None:
+        if upto > self._emitted:
+            piece = self.text[self._emitted:upto]
+            self._emitted = upto
+            if self._on_text is not None:
+                self._on_text(piece)
+
+    def finish(self, emit: bool = True) -> str:
+        """Flush what is still undecided (an incomplete character, a held-back partial stop sequence)."""
+        if not self.stopped:
+            tail = self._decode(self._ids[self._prefix:])[len(self._decode(self._ids[self._prefix:self._read])):]
+            if tail:
+                self._prefix, self._read = self._read, len(self._ids)
+                self.text += tail
+            if emit:
+                self._emit(len(self.text))
+        return self.text
+
+
+class _SlideNotices:
+    """Called when the context window slides: remembers it (GenerationResult.slid) and tells the user."""
+
+    def __init__(self, on_notice: TextCallback | None) -> None:
+        self.happened = False
+        self._on_notice = on_notice
+
+    def __call__(self, kept: int) -> None:
+        self.happened = True
+        if self._on_notice is not None:
+            self._on_notice(f"context full: kept the last {kept} tokens")
+
+
+class Session:
+    """A running conversation: the model's state after every token fed so far (each turn continues it)."""
+
+    def __init__(self, model: OnnxModel, settings: Settings) -> None:
+        self.model = model
+        self.settings = settings
+        self.history: list[int] = []
+        self._turns: list[_Turn] = []
+        self._eos = model.info.special.eos
+        self._context_length = model.info.context_length
+        self._growing_state = any(spec.seq_axis is not None for spec in model.info.state)
+        self._step_ids = np.zeros((1, 1), dtype=np.int64)  # reused for every single-token step
+        # Streams only see sampled ids (never padding) and eos never reaches them: skip OnnxModel.decode's filter.
+        self._decode_fast = model.tokenizer.decode
+        self._fed = self._empty(1)
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def turns(self) -> list[tuple[str, GenerationResult]]:
+        return [(turn.prompt, turn.result) for turn in self._turns if turn.result is not None]
+
+    @property
+    def window_start(self) -> int:
+        """Index in ``history`` where the model's context begins (> 0 once the context window has slid)."""
+        return self._fed.start
+
+    def reset(self) -> None:
+        self.history.clear()
+        self._turns = []
+        self._fed = self._empty(1)
+
+    def undo(self) -> bool:
+        """Drop the last turn (its prompt and generated tokens); False when there is none."""
+        if not self._turns:
+            return False
+        turn = self._turns.pop()
+        del self.history[turn.start:]
+        if turn.snapshot is not None:
+            self._fed = turn.snapshot
+        else:  # re-feed lazily: everything after the window start becomes pending
+            self._fed = replace(self._empty(1), start=turn.window_start, end=turn.window_start)
+        return True
+
+    def regen(self, on_text: TextCallback | None = None, on_notice: TextCallback | None = None) -> GenerationResult:
+        """Undo the last turn and generate again from the same prompt with the current settings."""
+        if not self._turns:
+            raise SessionError("nothing to regenerate yet")
+        prompt = self._turns[-1].prompt
+        self.undo()
+        return self.generate(prompt, on_text=on_text, on_notice=on_notice)
+
+    def generate(self, prompt: str, on_text: TextCallback | None = None,
+                 on_notice: TextCallback | None = None) -> GenerationResult:
+        """Feed ``prompt`` (after any pending tokens) and generate a continuation, streaming it via ``on_text``.
+
+        Ctrl-C (KeyboardInterrupt) stops the turn and returns what was generated, stop_reason "interrupted"."""
+        plan = self._plan()
+        started = time.perf_counter()
+        prompt_ids = self._prompt_ids(prompt)
+        self._begin_turn(prompt)
+        slides = _SlideNotices(on_notice)
+        first_new = len(self.history) + len(prompt_ids)
+        self.history.extend(prompt_ids)
+        if plan.beams > 1:
+            reason, text = self._beam_turn(plan, first_new, slides, on_text)
+        else:
+            reason, text = self._sample_turn(plan, first_new, slides, on_text)
+        tokens = self.history[first_new:]
+        result = _result(text, tokens, len(prompt_ids), started, reason, plan.seed, slides.happened)
+        self._turns[-1].result = result
+        return result
+
+    def generate_n(self, prompt: str, n: int, on_notice: TextCallback | None = None) -> list[GenerationResult]:
+        """``n`` independent continuations of the current context + ``prompt``, decoded as one batch.
+
+        The session's own history and state are left exactly as they were."""
+        if n < 1:
+            raise ValueError("n must be >= 1")
+        plan = self._plan()
+        started = time.perf_counter()
+        prompt_ids = self._prompt_ids(prompt)
+        context = self.history + prompt_ids
+        slides = _SlideNotices(on_notice)
+        base = self._advance([context], self._fed, slides)
+        rows = [list(context) for _ in range(n)]
+        fed = _Fed(self.model.reorder_state(base.state, np.zeros(n, dtype=np.int64)), base.start, base.end,
+                   np.repeat(base.logits, n, axis=0))
+        streams = [TextStream(self._decode_fast, plan.stops, None, context) for _ in range(n)]
+        reasons: list[str | None] = [None] * n
+        counts = [0] * n
+        try:
+            for step in range(plan.max_new):
+                picked = plan.chain_at(step).sample(fed.logits, rows, plan.rng)
+                for index, row in enumerate(rows):
+                    if reasons[index] is not None:
+                        row.append(self._eos)  # filler keeps the batch rectangular; not part of the result
+                        continue
+                    token = int(picked[index])
+                    row.append(token)
+                    counts[index] += 1
+                    if token == self._eos:
+                        reasons[index] = "eos"
+                    elif streams[index].push(token):
+                        reasons[index] = "stop_sequence"
+                if all(reasons) or step + 1 == plan.max_new:
+                    break
+                fed = self._advance(rows, fed, slides)
+        except KeyboardInterrupt:
+            reasons = [reason or "interrupted" for reason in reasons]
+        results = []
+        for index, row in enumerate(rows):
+            tokens = row[len(context):len(context) + counts[index]]
+            text = streams[index].finish(emit=False)
+            results.append(_result(text, tokens, len(prompt_ids), started, reasons[index] or "max_tokens",
+                                   plan.seed, slides.happened))
+        return results
+
+    def next_token_probs(self, top: int) -> list[tuple[int, str, float]]:
+        """The ``top`` most likely next tokens after the current context under the current sampler settings:
+        (id, text, probability), most likely first; tokens the sampler removed (probability 0) are left out."""
+        plan = self._plan()
+        if self.history:
+            self._fed = self._advance([self.history], self._fed, None)
+            logits, history = self._fed.logits, self.history
+        else:  # nothing yet: what would follow a document start
+            logits, history = self._advance([[self._eos]], self._empty(1), None).logits, [self._eos]
+        probs = plan.chain_at(0).probabilities(logits, [history])[0]
+        count = max(0, min(int(top), probs.size))
+        best = np.argsort(-probs, kind="stable")[:count]
+        return [(int(i), self._token_text(int(i)), float(probs[i])) for i in best if probs[i] > 0]
+
+    # ------------------------------------------------------------------ turn plumbing
+
+    def _plan(self) -> _Plan:
+        sampler = self.settings.sampler()
+        seed = sampler.seed if sampler.seed is not None else draw_seed()
+        vocab, banned = self.model.info.vocab_size, self.model.banned_ids
+        return _Plan(
+            sampler=sampler,
+            chain=SamplerChain(sampler, vocab, banned),
+            chain_without_eos=SamplerChain(sampler, vocab, [*banned, self._eos]),
+            max_new=int(self.settings.get("max_new_tokens")),
+            min_new=int(self.settings.get("min_new_tokens")),
+            beams=int(self.settings.get("num_beams")),
+            stops=list(self.settings.get("stop")),
+            seed=seed,
+            rng=np.random.default_rng(seed),
+        )
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        ids = self.model.encode(prompt) if prompt else []
+        if not ids and not self.history:
+            return [self._eos]  # an empty start continues from a document boundary
+        return ids
+
+    def _begin_turn(self, prompt: str) -> None:
+        if self._growing_state and self._turns:
+            # A KV cache snapshot per turn would pile up memory: keep one for the latest turn only.
+            self._turns[-1].snapshot = None
+        self._turns.append(_Turn(prompt, len(self.history), self._fed.start, self._fed))
+
+    def _empty(self, batch: int) -> _Fed:
+        return _Fed(self.model.initial_state(batch), 0, 0, None)
+
+    def _token_text(self, token: int) -> str:
+        text = self.model.decode([token])
+        if text or token >= self.model.tokenizer_size:
+            return text
+        return self.model.tokenizer.id_to_token(token) or ""
+
+    # ------------------------------------------------------------------ feeding the model
+
+    def _advance(self, rows: Sequence[Sequence[int]], fed: _Fed, on_slide: Callable[[int], None] | None) -> _Fed:
+        """The state after all of ``rows`` (equal-length token lists), given ``fed`` for a prefix of them.
+
+        Slides the window (keeps the most recent tokens, re-feeds them from an empty state) rather than let the
+        context exceed the model's context length."""
+        length = len(rows[0])
+        if length == fed.end:
+            return fed
+        start, state, past = fed.start, fed.state, fed.end - fed.start
+        if self._context_length and length - start > self._context_length:
+            kept = kept_on_slide(self._context_length)
+            start, state, past = length - kept, self.model.initial_state(len(rows)), 0
+            if on_slide is not None:
+                on_slide(kept)
+        begin = start + past
+        if len(rows) == 1 and begin == length - 1:
+            ids = self._step_ids
+            ids[0, 0] = rows[0][-1]
+        else:
+            ids = np.array([row[begin:] for row in rows], dtype=np.int64)
+        logits, state = self.model.run(ids, state, past)
+        return _Fed(state, start, length, logits)
+
+    # ------------------------------------------------------------------ sampling
+
+    def _sample_turn(self, plan: _Plan, first_new: int, on_slide: Callable[[int], None],
+                     on_text: TextCallback | None) -> tuple[str, str]:
+        history, eos = self.history, self._eos
+        streaming = on_text is not None or bool(plan.stops)
+        stream = TextStream(self._decode_fast, plan.stops, on_text, history[:first_new]) if streaming else None
+        rng, context = plan.rng, [history]
+        reason, generated = "max_tokens", 0
+        try:
+            while generated < plan.max_new:
+                self._fed = self._advance(context, self._fed, on_slide)
+                token = int(plan.chain_at(generated).sample(self._fed.logits, context, rng)[0])
+                history.append(token)
+                generated += 1
+                if token == eos:
+                    reason = "eos"
+                    break
+                if stream is not None and stream.push(token):
+                    reason = "stop_sequence"
+                    break
+        except KeyboardInterrupt:
+            reason = "interrupted"
+        if stream is None:
+            return reason, self.model.decode(history[first_new:])
+        # After Ctrl-C the callback is not called again; the returned text still has every kept token.
+        return reason, stream.finish(emit=reason != "interrupted")
+
+    # ------------------------------------------------------------------ beam search
+
+    def _beam_turn(self, plan: _Plan, first_new: int, on_slide: Callable[[int], None],
+                   on_text: TextCallback | None) -> tuple[str, str]:
+        """Beam search; the best hypothesis's tokens join the history as pending tokens."""
+        search: _BeamSearch | None = None
+        try:
+            self._fed = self._advance([self.history], self._fed, on_slide)
+            search = _BeamSearch(self, plan, on_slide)
+            tokens, reason = search.run()
+        except KeyboardInterrupt:
+            reason = "interrupted"
+            tokens = search.best_so_far() if search is not None else []
+        stream = TextStream(self._decode_fast, plan.stops, None, self.history[:first_new])
+        kept: list[int] = []
+        for token in tokens:
+            kept.append(token)
+            if token == self._eos:
+                break
+            if stream.push(token):
+                reason = "stop_sequence"
+                break
+        self.history.extend(kept)
+        text = stream.finish()
+        if on_text is not None and text:
+            on_text(text)
+        return reason, text
+
+
+class _BeamSearch:
+    """Hugging Face beam search semantics (batch of one prompt): candidates are the top 2*num_beams extensions by
+    summed log-probability (after the logits processors); a candidate ending in eos among the top num_beams
+    becomes a finished hypothesis scored sum / generated_length ** length_penalty (1.0); the search stops when no
+    running beam can beat the worst of num_beams finished hypotheses (HF's early_stopping=False heuristic) or at
+    max_new_tokens. With temperature > 0 candidates are sampled from the processed distribution (beam sample)."""
+
+    length_penalty = 1.0
+
+    def __init__(self, session: Session, plan: _Plan, on_slide: Callable[[int], None]) -> None:
+        self.session = session
+        self.model = session.model
+        self.plan = plan
+        self.on_slide = on_slide
+        self.beams = plan.beams
+        self.eos = session._eos
+        self.context = list(session.history)
+        self.sampling = plan.sampler.temperature > 0
+        fed = session._fed
+        self.fed = _Fed(self.model.reorder_state(fed.state, np.zeros(self.beams, dtype=np.int64)), fed.start,
+                        fed.end, np.repeat(fed.logits, self.beams, axis=0))
+        self.running: list[list[int]] = [[] for _ in range(self.beams)]
+        self.scores = np.full(self.beams, -1e9)
+        self.scores[0] = 0.0  # identical beams at the start: only the first may expand, as HF does
+        self.finished: list[tuple[float, list[int]]] = []
+
+    def best_so_far(self) -> list[int]:
+        candidates = self.finished + [(float(s) / max(1, len(t)), t) for s, t in zip(self.scores, self.running,
+                                                                                     strict=True) if t]
+        return max(candidates, key=lambda item: item[0])[1] if candidates else []
+
+    def run(self) -> tuple[list[int], str]:
+        for step in range(self.plan.max_new):
+            if self._step(step):
+                break
+        best = max(self.finished, key=lambda item: item[0])[1] if self.finished else self.running[0]
+        return best, ("eos" if best and best[-1] == self.eos else "max_tokens")
+
+    def _step(self, step: int) -> bool:
+        """One beam step; True when the search is over."""
+        vocab = self.model.info.vocab_size
+        rows = [self.context + beam for beam in self.running]
+        log_probs = _log_softmax(self.fed.logits.astype(np.float64))
+        processed = self.plan.chain_at(step).process(log_probs, rows).astype(np.float64)
+        totals = (processed + self.scores[:, None]).ravel()
+        candidates = self._candidates(totals)
+        last_step = step + 1 == self.plan.max_new
+        generated = step + 1
+        next_beams: list[tuple[float, int, int]] = []
+        for rank, flat in enumerate(candidates):
+            beam, token = divmod(int(flat), vocab)
+            score = float(totals[flat])
+            if token == self.eos or last_step:
+                if rank < self.beams:
+                    self._finish(score / generated ** self.length_penalty, self.running[beam] + [token])
+            elif len(next_beams) < self.beams:
+                next_beams.append((score, beam, token))
+        if not next_beams or last_step:
+            return True
+        while len(next_beams) < self.beams:  # fewer live candidates than beams: pad with hopeless copies
+            next_beams.append((-np.inf, next_beams[0][1], next_beams[0][2]))
+        order = np.array([beam for _, beam, _ in next_beams], dtype=np.int64)
+        self.running = [self.running[beam] + [token] for _, beam, token in next_beams]
+        self.scores = np.array([score for score, _, _ in next_beams])
+        reordered = _Fed(self.model.reorder_state(self.fed.state, order), self.fed.start, self.fed.end, None)
+        rows = [self.context + beam for beam in self.running]
+        self.fed = self.session._advance(rows, reordered, self.on_slide)
+        return self._cannot_improve(generated)
+
+    def _candidates(self, totals: np.ndarray) -> np.ndarray:
+        """Flat indices of 2*num_beams candidates: the best ones, or drawn without replacement when sampling."""
+        finite = np.flatnonzero(np.isfinite(totals) & (totals > -1e8))
+        count = min(2 * self.beams, finite.size)
+        if self.sampling:
+            weights = np.exp(totals[finite] - totals[finite].max())
+            count = min(count, int(np.count_nonzero(weights)))
+            return self.plan.rng.choice(finite, size=count, replace=False, p=weights / weights.sum())
+        if count < finite.size:
+            finite = finite[np.argpartition(-totals[finite], count - 1)[:count]]
+        return finite[np.argsort(-totals[finite], kind="stable")]
+
+    def _finish(self, score: float, tokens: list[int]) -> None:
+        self.finished.append((score, tokens))
+        self.finished.sort(key=lambda item: -item[0])
+        del self.finished[self.beams:]
+
+    def _cannot_improve(self, generated: int) -> bool:
+        if len(self.finished) < self.beams:
+            return False
+        best_running = float(self.scores.max()) / generated ** self.length_penalty
+        return best_running <= self.finished[-1][0]
+
+
+def _log_softmax(values: np.ndarray) -> np.ndarray:
+    shifted = values - values.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _result(text: str, tokens: list[int], prompt_tokens: int, started: float, reason: str, seed: int | None,
+            slid: bool) -> GenerationResult:
+    seconds = time.perf_counter() - started
+    return GenerationResult(
+        text=text, tokens=list(tokens), prompt_tokens=prompt_tokens, seconds=seconds,
+        tokens_per_s=len(tokens) / seconds if seconds > 0 else 0.0, stop_reason=reason, seed=seed, slid=slid,
+    )

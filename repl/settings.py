@@ -1,0 +1,227 @@
+"""Every user-settable generation value, with where its current value came from (for ``:show``).
+
+A value comes from one of SOURCES: the built-in default, the model file's generation defaults, the command
+line, or ``:set`` in the session. Sampler keys are parsed and validated by repl.sampling (one-line SettingError);
+the decode-loop keys (max_new_tokens, min_new_tokens, num_beams, stop) are handled here.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import fields
+from typing import Any
+
+from repl.sampling import ALIASES, SamplerSettings, SettingError, canonical_name, parse_setting
+
+SOURCES = ("default", "model", "cli", "set")
+SAMPLER_KEYS = tuple(f.name for f in fields(SamplerSettings))
+LOOP_KEYS = ("max_new_tokens", "min_new_tokens", "num_beams", "stop")
+KEYS = SAMPLER_KEYS + LOOP_KEYS
+LOOP_ALIASES = {
+    "max_tokens": "max_new_tokens",
+    "max_length": "max_new_tokens",
+    "n_predict": "max_new_tokens",
+    "min_tokens": "min_new_tokens",
+    "beams": "num_beams",
+    "stop_sequences": "stop",
+    "stop_strings": "stop",
+}
+MAX_TOKENS_LIMIT = 1_000_000
+MAX_BEAMS = 64
+MAX_STOP_STRINGS = 16
+
+_BUILTIN: dict[str, Any] = {
+    **{f.name: f.default for f in fields(SamplerSettings)},
+    "max_new_tokens": 200,
+    "min_new_tokens": 0,
+    "num_beams": 1,
+    "stop": [],
+}
+
+# Preset name -> settings it applies. "sample" is special: it returns the sampler to the model's defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    "greedy": {"temperature": 0.0, "num_beams": 1},
+    "sample": {},
+    "nucleus": {"top_k": 0, "top_p": 0.9, "temperature": 0.8, "num_beams": 1},
+    "beam": {"num_beams": 4, "temperature": 0.0, "no_repeat_ngram_size": 2},
+    "loop-guard": {"repetition_penalty": 1.3, "no_repeat_ngram_size": 3},
+}
+PRESET_HELP = {
+    "greedy": "always the most likely token (temperature 0)",
+    "sample": "back to the model's default sampler settings",
+    "nucleus": "top_p 0.9, temperature 0.8, no top_k",
+    "beam": "beam search with 4 beams, no repeated bigrams",
+    "loop-guard": "repetition_penalty 1.3 and no repeated trigrams (breaks loops)",
+}
+# Hugging Face GenerationConfig keys a model file may carry that are not user settings here: ignored quietly.
+_IGNORED_MODEL_KEYS = frozenset({
+    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version",
+    "num_return_sequences", "length_penalty", "early_stopping", "use_cache", "return_dict_in_generate",
+})
+
+
+def canonical_key(key: str) -> str:
+    """The setting a user-typed key names (aliases, case and '-' resolved); SettingError if none."""
+    name = str(key).strip().lower().replace("-", "_")
+    name = LOOP_ALIASES.get(name, name)
+    if name in LOOP_KEYS:
+        return name
+    try:
+        return canonical_name(name)
+    except SettingError:
+        spellings = [*KEYS, *ALIASES, *LOOP_ALIASES]
+        close = difflib.get_close_matches(name, spellings, n=1)
+        if close:
+            suggestion = LOOP_ALIASES.get(close[0], ALIASES.get(close[0], close[0]))
+            raise SettingError(f"unknown setting {str(key)!r}; did you mean {suggestion}?") from None
+        raise SettingError(f"unknown setting {str(key)!r} (settings: {', '.join(KEYS)})") from None
+
+
+def _decode_escapes(text: str) -> str:
+    r"""``\n``, ``\t``, ``\r`` and ``\\`` typed by the user become the characters (non-ASCII text stays as is)."""
+    out, index = [], 0
+    while index < len(text):
+        char = text[index]
+        if char == "\\" and index + 1 < len(text) and text[index + 1] in "ntr\\":
+            out.append({"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[text[index + 1]])
+            index += 2
+            continue
+        out.append(char)
+        index += 1
+    return "".join(out)
+
+
+def _as_int(key: str, raw: object, minimum: int, maximum: int) -> int:
+    if isinstance(raw, bool):
+        raise SettingError(f"{key} must be an integer, got {raw}")
+    if isinstance(raw, float) and raw.is_integer():
+        raw = int(raw)
+    if isinstance(raw, str):
+        try:
+            raw = int(raw.strip())
+        except ValueError:
+            raise SettingError(f"{key} must be an integer, got {raw!r}") from None
+    if not isinstance(raw, int):
+        raise SettingError(f"{key} must be an integer, got {raw!r}")
+    if not minimum <= raw <= maximum:
+        raise SettingError(f"{key} must be in [{minimum}, {maximum}], got {raw}")
+    return raw
+
+
+def _as_stop_list(raw: object) -> list[str]:
+    if isinstance(raw, str):
+        text = _decode_escapes(raw)
+        values = [text] if text else []
+    elif isinstance(raw, (list, tuple)) and all(isinstance(item, str) for item in raw):
+        values = [item for item in raw if item]
+    else:
+        raise SettingError(f"stop must be text or a list of texts, got {raw!r}")
+    if len(values) > MAX_STOP_STRINGS or any(len(item) > 1000 for item in values):
+        raise SettingError(f"stop takes at most {MAX_STOP_STRINGS} strings of at most 1000 characters")
+    return values
+
+
+def parse_value(key: str, raw: object) -> tuple[str, object]:
+    """(canonical key, validated value) for any setting; raises SettingError with a one-line message."""
+    name = canonical_key(key)
+    if name == "max_new_tokens":
+        return name, _as_int(name, raw, 0, MAX_TOKENS_LIMIT)
+    if name == "min_new_tokens":
+        return name, _as_int(name, raw, 0, MAX_TOKENS_LIMIT)
+    if name == "num_beams":
+        return name, _as_int(name, raw, 1, MAX_BEAMS)
+    if name == "stop":
+        return name, _as_stop_list(raw)
+    return parse_setting(name, raw)
+
+
+class Settings:
+    """The session's settings: value and source per key, model defaults layered over the built-in ones."""
+
+    def __init__(self, model_defaults: dict | None = None) -> None:
+        self.warnings: list[str] = []
+        self._model: dict[str, Any] = {}
+        self._values: dict[str, tuple[Any, str]] = {key: (_copy(value), "default") for key, value in _BUILTIN.items()}
+        if model_defaults is not None and not isinstance(model_defaults, dict):
+            self.warnings.append("model generation defaults are not a JSON object; ignored")
+            model_defaults = None
+        defaults = dict(model_defaults or {})
+        greedy = defaults.pop("do_sample", None) is False  # HF: greedy whatever the temperature says
+        for key, raw in defaults.items():
+            self._take_model_default(str(key), raw)
+        if greedy:
+            self._model["temperature"] = 0.0
+            self._values["temperature"] = (0.0, "model")
+
+    def _take_model_default(self, key: str, raw: object) -> None:
+        if key in _IGNORED_MODEL_KEYS:
+            return
+        try:
+            name, value = parse_value(key, raw)
+        except SettingError as exc:
+            self.warnings.append(f"model default {key!r} ignored: {exc}")
+            return
+        self._model[name] = value
+        self._values[name] = (_copy(value), "model")
+
+    # ------------------------------------------------------------------ user operations
+
+    def set(self, key: str, raw: object, source: str = "set") -> tuple[str, object]:
+        """Set one value from user text (or a JSON value); returns (canonical key, value)."""
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}")
+        name, value = parse_value(key, raw)
+        self._values[name] = (value, source)
+        return name, value
+
+    def add_stop(self, text: str, source: str = "set") -> list[str]:
+        """``:stop TEXT``: append one stop sequence (escapes such as \\n understood)."""
+        current = list(self.get("stop"))
+        _, value = parse_value("stop", [*current, *_as_stop_list(text)])
+        self._values["stop"] = (value, source)
+        return list(value)
+
+    def unset(self, key: str) -> None:
+        """Back to the model's default for this key if it has one, else the built-in default."""
+        name = canonical_key(key)
+        if name in self._model:
+            self._values[name] = (_copy(self._model[name]), "model")
+        else:
+            self._values[name] = (_copy(_BUILTIN[name]), "default")
+
+    def apply_preset(self, name: str, source: str = "set") -> dict[str, object]:
+        """Apply a sampler preset (see PRESETS); returns the values it set."""
+        preset = str(name).strip().lower()
+        if preset not in PRESETS:
+            raise SettingError(f"unknown sampler preset {name!r} (presets: {', '.join(PRESETS)})")
+        if preset == "sample":
+            for key in (*SAMPLER_KEYS, "num_beams"):
+                if key != "seed":
+                    self.unset(key)
+            return {key: self.get(key) for key in (*SAMPLER_KEYS, "num_beams") if key != "seed"}
+        for key, value in PRESETS[preset].items():
+            self._values[key] = (value, source)
+        return dict(PRESETS[preset])
+
+    # ------------------------------------------------------------------ reading
+
+    def get(self, key: str) -> Any:
+        return _copy(self._values[canonical_key(key)][0])
+
+    def source(self, key: str) -> str:
+        return self._values[canonical_key(key)][1]
+
+    def rows(self) -> list[tuple[str, object, str, bool]]:
+        """(key, value, source, changed_from_default) for every key; "default" is the built-in value."""
+        return [(key, _copy(value), source, value != _BUILTIN[key]) for key, (value, source) in self._values.items()]
+
+    def as_dict(self) -> dict[str, object]:
+        """Every current value (JSON-friendly), e.g. for --json output and :save."""
+        return {key: _copy(value) for key, (value, _) in self._values.items()}
+
+    def sampler(self) -> SamplerSettings:
+        return SamplerSettings(**{key: self._values[key][0] for key in SAMPLER_KEYS})
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
