@@ -23,8 +23,9 @@ character-level tokenizer bits/char == bits/token).
 
 Sampling metrics (``textgen-eval --samples N``)
 -----------------------------------------------
-N samples are drawn in batches with the model's generation settings (changed with ``--set``), each starting from
-the end-of-text token followed by ``--prompt``. Reported per setting: unique-word rate (mean over samples of
+N samples are drawn in batches by the REPL's own decode loop (``repl.generate.Session.generate_n``) with the
+model's generation settings (changed with ``--set``), each starting from the end-of-text token followed by
+``--prompt``, as the REPL's first prompt does. Reported per setting: unique-word rate (mean over samples of
 distinct words / words in that sample: low values mean loops), distinct-1/2/3 (distinct word n-grams / n-grams,
 pooled over all samples: low values mean the samples resemble each other), the mean entropy in nats of the
 SAMPLING distribution at each generated step (after the whole sampler chain: 0 for greedy), mean length in tokens
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import io
 import itertools
@@ -55,10 +57,10 @@ from typing import Any
 
 import numpy as np
 
-from repl.generate import kept_on_slide
+from repl.generate import Session
 from repl.modelfile import ModelFileError
-from repl.runtime import OnnxModel
-from repl.sampling import SamplerChain, SettingError
+from repl.runtime import ModelRunError, OnnxModel
+from repl.sampling import SettingError
 from repl.settings import Settings
 from repl.textmetrics import (
     bits,
@@ -269,25 +271,48 @@ class GenerationPlan:
 def draw_samples(model: OnnxModel, settings: Settings, plan: GenerationPlan) -> SampleBatchResult:
     """Generate ``plan.n_samples`` samples with ``settings`` (a repl.settings.Settings) in batches.
 
-    A small decode loop of its own (rather than Session.generate_n) because it needs the processed probability
-    distribution at every step for the entropy; it applies the same SamplerChain, bans, eos and min/max length."""
+    The samples come from the REPL's own batch decode loop (repl.generate.Session.generate_n, on a fresh session:
+    eos + prompt as the context, same SamplerChain, bans, min/max length and window sliding); its ``on_step``
+    hook hands over the sampling distribution of every live row at every step for the entropy. Stop strings are
+    not used here; Ctrl-C stops the whole evaluation."""
     if int(settings.get("num_beams") or 1) > 1:
         raise EvalError("beam search (num_beams > 1) is not supported for sampling metrics; use a sampling preset")
-    chain = SamplerChain(settings.sampler(), model.info.vocab_size, model.banned_ids)
     max_new = plan.max_new_tokens if plan.max_new_tokens is not None else int(settings.get("max_new_tokens"))
     if max_new < 1:
         raise EvalError("max_new_tokens must be >= 1 for sampling metrics")
-    min_new = int(settings.get("min_new_tokens") or 0)
-    seed = _resolve_seed(plan.seed, settings)
-    rng = np.random.default_rng(seed)
-    context = [model.info.special.eos, *model.encode(plan.prompt)]
-    result = SampleBatchResult([], [], [], 0.0, 0, 0.0)
+    run_settings = copy.deepcopy(settings)  # the caller's settings stay as they were
+    run_settings.set("max_new_tokens", max_new, "cli")
+    run_settings.set("seed", _resolve_seed(plan.seed, settings), "cli")
+    run_settings.set("stop", [], "cli")
+    entropy_meter = _EntropyMeter()
     started = time.perf_counter()
-    for offset in range(0, plan.n_samples, plan.batch_size):
-        rows = min(plan.batch_size, plan.n_samples - offset)
-        _decode_batch(model, chain, context, rows, max_new, min_new, rng, result)
-    result.seconds = time.perf_counter() - started
-    return result
+    samples = Session(model, run_settings).generate_n(plan.prompt, plan.n_samples, batch_size=plan.batch_size,
+                                                      on_step=entropy_meter)
+    seconds = time.perf_counter() - started
+    if any(sample.stop_reason == "interrupted" for sample in samples):
+        raise KeyboardInterrupt  # generate_n returns partial results on Ctrl-C; an evaluation stops instead
+    ended_on_eos = [sample.stop_reason == "eos" for sample in samples]
+    return SampleBatchResult(
+        texts=[sample.text for sample in samples],
+        token_counts=[len(sample.tokens) - int(eos) for sample, eos in zip(samples, ended_on_eos, strict=True)],
+        ended_on_eos=ended_on_eos,
+        entropy_sum=entropy_meter.total,
+        entropy_steps=entropy_meter.steps,
+        seconds=seconds,
+    )
+
+
+class _EntropyMeter:
+    """generate_n's on_step hook: sums the entropy of each live row's sampling distribution, one term per
+    generated token (the step that draws eos included)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.steps = 0
+
+    def __call__(self, probabilities: np.ndarray, rows: np.ndarray) -> None:
+        self.total += float(entropy(probabilities).sum())
+        self.steps += len(rows)
 
 
 def _resolve_seed(seed: int | None, settings: Settings) -> int:
@@ -295,68 +320,6 @@ def _resolve_seed(seed: int | None, settings: Settings) -> int:
         return seed
     configured = settings.get("seed")
     return int(configured) if configured is not None else DEFAULT_SEED
-
-
-def _prefill(model: OnnxModel, context: list[int], rows: int) -> tuple[np.ndarray, Any, list[int]]:
-    """Run the prompt once (batch 1) and copy its state to ``rows`` rows. Returns logits [rows, V], state and
-    the context actually fed (its tail when a GPT-2 prompt would not fit the window)."""
-    window = model.info.context_length
-    if window and len(context) > window:
-        context = context[-kept_on_slide(window) :]
-    logits, state = model.run(np.asarray([context], dtype=np.int64), model.initial_state(1), 0)
-    index = np.zeros(rows, dtype=np.int64)
-    return np.repeat(logits, rows, axis=0), model.reorder_state(state, index), context
-
-
-def _draw(probabilities: np.ndarray, greedy: bool, rng: np.random.Generator) -> np.ndarray:
-    """One id per row from the processed distribution (inverse CDF; never an id of probability 0)."""
-    if greedy:
-        return probabilities.argmax(axis=1)
-    cumulative = np.cumsum(probabilities, axis=1, dtype=np.float64)
-    thresholds = (1.0 - rng.random(probabilities.shape[0])) * cumulative[:, -1]  # in (0, total]
-    picks = (cumulative < thresholds[:, None]).sum(axis=1)
-    return np.minimum(picks, probabilities.shape[1] - 1)
-
-
-def _decode_batch(model: OnnxModel, chain: SamplerChain, context: list[int], rows: int, max_new: int, min_new: int,
-                  rng: np.random.Generator, result: SampleBatchResult) -> None:
-    eos = model.info.special.eos
-    window = model.info.context_length
-    logits, state, fed = _prefill(model, context, rows)
-    past = len(fed)
-    histories = [list(context) for _ in range(rows)]  # all rows advance in lockstep: equal lengths
-    generated: list[list[int]] = [[] for _ in range(rows)]
-    active = np.ones(rows, dtype=bool)
-    on_eos = np.zeros(rows, dtype=bool)
-    step_input = np.empty((rows, 1), dtype=np.int64)
-    for step in range(max_new):
-        probabilities = chain.probabilities(logits, histories, extra_banned=(eos,) if step < min_new else ())
-        ids = _draw(probabilities, chain.greedy, rng)
-        if not chain.greedy:  # greedy's sampling distribution is a point mass: entropy 0
-            result.entropy_sum += float(entropy(probabilities[active]).sum())
-        result.entropy_steps += int(active.sum())
-        for row in np.flatnonzero(active):
-            token = int(ids[row])
-            if token == eos:
-                active[row], on_eos[row] = False, True
-            else:
-                generated[row].append(token)
-        for row, history in enumerate(histories):
-            history.append(int(ids[row]))
-        if not active.any() or step == max_new - 1:
-            break
-        if window and past + 1 > window:
-            keep = kept_on_slide(window)
-            tail = np.asarray([history[-keep:] for history in histories], dtype=np.int64)
-            logits, state = model.run(tail, model.initial_state(rows), 0)
-            past = keep
-        else:
-            step_input[:, 0] = ids
-            logits, state = model.run(step_input, state, past)
-            past += 1
-    result.texts.extend(model.decode(tokens) for tokens in generated)
-    result.token_counts.extend(len(tokens) for tokens in generated)
-    result.ended_on_eos.extend(bool(flag) for flag in on_eos)
 
 
 # ================================================================================================ metrics rows
@@ -810,7 +773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except (EvalError, ModelFileError, SettingError) as exc:
+    except (EvalError, ModelFileError, ModelRunError, SettingError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     except KeyboardInterrupt:

@@ -6,6 +6,13 @@ after ``end`` are *pending*: they are fed together with the next prompt in one r
 keeps the session consistent when Ctrl-C lands anywhere in the loop: a token is appended to ``history`` first and
 the state that includes it replaces the old one in a single assignment, so history and state never disagree.
 Callers may append ids to ``history`` themselves (e.g. replaying a saved transcript): they become pending too.
+
+Document start: the first prompt of an empty session (new, reset, or every turn undone) is conditioned on a
+leading end-of-text token, the document separator the models were trained with, so generation starts where a
+document starts. ``textgen-eval`` scores and samples under the same convention.
+
+``generate_n`` is the batch decode loop that evaluation uses too (``on_step`` exposes each step's sampling
+distribution), so the REPL and ``textgen-eval`` share one implementation of windows, bans, lengths and stops.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from repl.sampling import SamplerChain, SamplerSettings
 from repl.settings import Settings
 
 TextCallback = Callable[[str], None]
+# on_step(probabilities, rows): see Session.generate_n
+StepCallback = Callable[[np.ndarray, np.ndarray], None]
 STOP_REASONS = ("eos", "max_tokens", "stop_sequence", "interrupted")
 _DECODE_CONTEXT = 4  # tokens of context the incremental decoder keeps, so leading spaces/bytes decode right
 
@@ -51,6 +60,15 @@ class _Fed:
     start: int
     end: int
     logits: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class _BatchRow:
+    """One finished row of a batch: its generated ids (eos included), why it stopped, and its text."""
+
+    tokens: list[int]
+    reason: str
+    text: str
 
 
 @dataclass
@@ -176,7 +194,10 @@ class _SlideNotices:
 
 
 class Session:
-    """A running conversation: the model's state after every token fed so far (each turn continues it)."""
+    """A running conversation: the model's state after every token fed so far (each turn continues it).
+
+    The first prompt after the session starts empty is preceded by the end-of-text token (see the module
+    docstring): ``history[0]`` is then eos and that turn's ``prompt_tokens`` counts it."""
 
     def __init__(self, model: OnnxModel, settings: Settings) -> None:
         self.model = model
@@ -248,18 +269,43 @@ class Session:
         self._turns[-1].result = result
         return result
 
-    def generate_n(self, prompt: str, n: int, on_notice: TextCallback | None = None) -> list[GenerationResult]:
-        """``n`` independent continuations of the current context + ``prompt``, decoded as one batch.
+    def generate_n(self, prompt: str, n: int, on_notice: TextCallback | None = None, *,
+                   batch_size: int | None = None, on_step: StepCallback | None = None) -> list[GenerationResult]:
+        """``n`` independent continuations of the current context + ``prompt``, decoded in batches of
+        ``batch_size`` rows (default: all ``n`` in one batch, fastest; smaller batches bound memory). One random
+        generator serves the batches in turn, so they never repeat each other and a seed reproduces the results
+        for the same ``n`` and ``batch_size``.
 
+        ``on_step(probabilities, rows)``, when given, is called at every decode step with the distributions the
+        still-running rows draw their next token from (float64 [live, V], each row sums to 1, exactly 0 for
+        removed or banned ids; a one-hot row at the chosen token when decoding greedily) and those rows' indices
+        among the ``n`` results; rows that already ended are left out. Without it no extra work is done.
+
+        Ctrl-C returns what was generated (stop_reason "interrupted"; rows of batches not started are empty).
         The session's own history and state are left exactly as they were."""
         if n < 1:
             raise ValueError("n must be >= 1")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
         plan = self._plan()
         started = time.perf_counter()
         prompt_ids = self._prompt_ids(prompt)
         context = self.history + prompt_ids
         slides = _SlideNotices(on_notice)
         base = self._advance([context], self._fed, slides)
+        size = batch_size or n
+        rows: list[_BatchRow] = []
+        while len(rows) < n:
+            batch = self._decode_batch(plan, context, base, min(size, n - len(rows)), slides, on_step, len(rows))
+            rows.extend(batch)
+            if any(row.reason == "interrupted" for row in batch):  # Ctrl-C: start no further batch
+                rows.extend(_BatchRow([], "interrupted", "") for _ in range(n - len(rows)))
+        return [_result(row.text, row.tokens, len(prompt_ids), started, row.reason, plan.seed, slides.happened)
+                for row in rows]
+
+    def _decode_batch(self, plan: _Plan, context: list[int], base: _Fed, n: int, slides: _SlideNotices,
+                      on_step: StepCallback | None, first_row: int) -> list[_BatchRow]:
+        """Decode ``n`` rows that all continue ``context`` (whose state is ``base``) in lockstep."""
         rows = [list(context) for _ in range(n)]
         fed = _Fed(self.model.reorder_state(base.state, np.zeros(n, dtype=np.int64)), base.start, base.end,
                    np.repeat(base.logits, n, axis=0))
@@ -268,7 +314,10 @@ class Session:
         counts = [0] * n
         try:
             for step in range(plan.max_new):
-                picked = plan.chain_at(step).sample(fed.logits, rows, plan.rng)
+                chain = plan.chain_at(step)
+                picked = chain.sample(fed.logits, rows, plan.rng)
+                if on_step is not None:
+                    _report_step(on_step, chain, fed.logits, rows, picked, reasons, first_row)
                 for index, row in enumerate(rows):
                     if reasons[index] is not None:
                         row.append(self._eos)  # filler keeps the batch rectangular; not part of the result
@@ -285,13 +334,8 @@ class Session:
                 fed = self._advance(rows, fed, slides)
         except KeyboardInterrupt:
             reasons = [reason or "interrupted" for reason in reasons]
-        results = []
-        for index, row in enumerate(rows):
-            tokens = row[len(context):len(context) + counts[index]]
-            text = streams[index].finish(emit=False)
-            results.append(_result(text, tokens, len(prompt_ids), started, reasons[index] or "max_tokens",
-                                   plan.seed, slides.happened))
-        return results
+        return [_BatchRow(row[len(context):len(context) + counts[index]], reasons[index] or "max_tokens",
+                          streams[index].finish(emit=False)) for index, row in enumerate(rows)]
 
     def next_token_probs(self, top: int) -> list[tuple[int, str, float]]:
         """The ``top`` most likely next tokens after the current context under the current sampler settings:
@@ -326,10 +370,11 @@ class Session:
         )
 
     def _prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt's ids, after a leading eos when it starts the session (the document-start convention)."""
         ids = self.model.encode(prompt) if prompt else []
-        if not ids and not self.history:
-            return [self._eos]  # an empty start continues from a document boundary
-        return ids
+        if self.history or ids[:1] == [self._eos]:  # a prompt that starts with the separator itself needs no second
+            return ids
+        return [self._eos, *ids]
 
     def _begin_turn(self, prompt: str) -> None:
         if self._growing_state and self._turns:
@@ -519,6 +564,21 @@ class _BeamSearch:
             return False
         best_running = float(self.scores.max()) / generated ** self.length_penalty
         return best_running <= self.finished[-1][0]
+
+
+def _report_step(on_step: StepCallback, chain: SamplerChain, logits: np.ndarray, rows: list[list[int]],
+                 picked: np.ndarray, reasons: Sequence[str | None], first_row: int) -> None:
+    """Call ``on_step`` with the distributions the live rows' tokens were just drawn from (see generate_n).
+
+    Recomputed with the same chain, logits and histories as the draw, so observing never changes what is drawn
+    (the second chain pass is the price, paid only when a callback is set)."""
+    live = np.array([index for index, reason in enumerate(reasons) if reason is None], dtype=np.int64)
+    if chain.greedy:  # greedy decoding draws from a point mass at the argmax
+        probabilities = np.zeros((live.size, chain.vocab_size))
+        probabilities[np.arange(live.size), picked[live]] = 1.0
+    else:  # the whole batch (not just the live rows) keeps the chain's work buffer the same shape every step
+        probabilities = chain.probabilities(logits, rows)[live]
+    on_step(probabilities, live + first_row)
 
 
 def _log_softmax(values: np.ndarray) -> np.ndarray:

@@ -321,16 +321,21 @@ def test_cli_perplexity_json_and_csv_corpus(trained_model, tmp_path: Path, capsy
 
 
 def test_greedy_samples_match_the_repl_session(model_files) -> None:
-    """The evaluation decode loop picks the same greedy tokens as repl.generate.Session, sliding included."""
+    """The evaluation samples are the greedy tokens of a repl.generate.Session turn, sliding included, with the
+    same context (eos + prompt) for an empty and a non-empty prompt."""
     from repl.generate import Session
 
     for path in (model_files.lstm, model_files.gpt):
         model = open_model(path)
         settings = build_settings(model.info.generation, [("max_new_tokens", "40")], {"sampler": "greedy"})
-        result = draw_samples(model, settings, GenerationPlan(n_samples=3, prompt="", max_new_tokens=None, seed=1))
-        reference = Session(model, settings).generate("")
-        assert result.texts == [reference.text] * 3
-        assert result.entropy_sum == 0.0
+        for prompt in ("", "ab c"):
+            result = draw_samples(model, settings, GenerationPlan(n_samples=3, prompt=prompt, max_new_tokens=None,
+                                                                  seed=1, batch_size=2))
+            reference = Session(model, settings).generate(prompt)
+            assert result.texts == [reference.text] * 3
+            assert result.token_counts == [len(reference.tokens) - (reference.stop_reason == "eos")] * 3
+            assert result.entropy_sum == 0.0 and result.entropy_steps == 3 * len(reference.tokens)
+        assert settings.get("seed") is None and settings.get("max_new_tokens") == 40  # the caller's settings intact
 
 
 def test_sampling_entropy_is_that_of_the_processed_distribution(model_files) -> None:
@@ -358,6 +363,44 @@ def test_eos_share_and_seeded_reproducibility(model_files) -> None:
     other = draw_samples(model, settings, GenerationPlan(6, "ab", 15, seed=8, batch_size=4))
     assert first.texts == again.texts and first.texts != other.texts
     assert len(first.texts) == 6
+    assert first.texts[4:] != first.texts[:2]  # the second batch continues the random stream, not a replay
+
+
+def test_ctrl_c_stops_the_sampling_evaluation(model_files, monkeypatch, capsys) -> None:
+    """The batch decode loop returns partial results on Ctrl-C; an evaluation must stop, not report them."""
+    model = open_model(model_files.lstm)
+    calls = [0]
+    original_run = OnnxModel.run
+
+    def interrupted_run(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise KeyboardInterrupt
+        return original_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(OnnxModel, "run", interrupted_run)
+    settings = build_settings(model.info.generation, [], {})
+    with pytest.raises(KeyboardInterrupt):
+        draw_samples(model, settings, GenerationPlan(4, "ab", 12, seed=0, batch_size=2))
+    calls[0] = 0
+    assert main(["--model", str(model_files.lstm), "--samples", "4", "--max-tokens", "12", "--device", "cpu"]) == 130
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "interrupted" and "tokens" not in captured.out
+
+
+def test_cli_model_run_error_is_one_line(model_files, tmp_path: Path, monkeypatch, capsys) -> None:
+    from repl.runtime import ModelRunError
+
+    def failing_run(self, *args, **kwargs):
+        raise ModelRunError("running lstm.onnx failed: Failed to allocate memory")
+
+    monkeypatch.setattr(OnnxModel, "run_all", failing_run)
+    text_file = tmp_path / "held.txt"
+    text_file.write_text(TEXT, encoding="utf-8")
+    for extra in (["--data", str(text_file)], ["--samples", "2", "--max-tokens", "3"]):
+        assert main(["--model", str(model_files.lstm), "--device", "cpu", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err == "error: running lstm.onnx failed: Failed to allocate memory\n", extra
 
 
 def test_sweep_grid_table_csv_and_json(model_files, tmp_path: Path, capsys) -> None:

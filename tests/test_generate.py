@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from repl.generate import GenerationResult, Session, SessionError, TextStream, kept_on_slide
 from repl.runtime import OnnxModel
-from repl.sampling import SamplerSettings, SettingError
+from repl.sampling import SamplerChain, SamplerSettings, SettingError
 from repl.settings import PRESETS, Settings
 
 
@@ -33,6 +33,11 @@ def _session(model: OnnxModel, **values) -> Session:
 
 def _greedy(model: OnnxModel, **values) -> Session:
     return _session(model, temperature=0, **values)
+
+
+def _document(model: OnnxModel, prompt: str) -> list[int]:
+    """The context a session's first prompt is fed as: the document separator (eos), then the prompt."""
+    return [model.info.special.eos, *model.encode(prompt)]
 
 
 def _reference_greedy(model: OnnxModel, context: list[int], count: int, ban_eos: bool = False) -> list[int]:
@@ -58,10 +63,10 @@ def test_greedy_matches_the_full_rerun_oracle(model_path):
     model = OnnxModel.open(model_path, device="cpu", threads=1)
     session = _greedy(model, max_new_tokens=8, min_new_tokens=8)  # 2 turns stay inside the GPT's 24 positions
     result = session.generate("ab, c")
-    context = model.encode("ab, c")
+    context = _document(model, "ab, c")
     assert result.tokens == _reference_greedy(model, context, 8, ban_eos=True)
     assert result.stop_reason == "max_tokens" and len(result.tokens) == 8
-    assert result.prompt_tokens == 5
+    assert result.prompt_tokens == 6  # eos + the 5 prompt characters
     assert session.history == context + result.tokens
     assert result.text == model.decode(result.tokens)
     # a second turn continues the same state: equal to the oracle on the whole history
@@ -107,14 +112,14 @@ def test_zero_max_new_tokens_only_feeds_the_prompt(lstm):
     assert result.tokens == [] and result.text == "" and result.stop_reason == "max_tokens"
     assert session.generate_n("a", 2)[0].tokens == []
     session.settings.set("max_new_tokens", 6)
-    assert session.generate("d").tokens == _reference_greedy(lstm, lstm.encode("abcd"), 6)
+    assert session.generate("d").tokens == _reference_greedy(lstm, _document(lstm, "abcd"), 6)
 
 
 def test_unseen_characters_in_the_prompt_become_unk(lstm):
     session = _greedy(lstm, max_new_tokens=5)
     result = session.generate("Zü€")
-    assert result.prompt_tokens == 3
-    assert session.history[:3] == [lstm.info.special.unk] * 3
+    assert result.prompt_tokens == 4
+    assert session.history[:4] == [lstm.info.special.eos] + [lstm.info.special.unk] * 3
 
 
 def test_empty_prompt_starts_from_eos_then_continues(lstm):
@@ -124,6 +129,26 @@ def test_empty_prompt_starts_from_eos_then_continues(lstm):
     second = session.generate("")
     assert second.prompt_tokens == 0
     assert second.tokens == _reference_greedy(lstm, session.history[:7], 6)
+
+
+def test_the_first_prompt_starts_a_document(lstm):
+    """Only a session's first prompt is conditioned on eos (the document separator); a prompt that already starts
+    with it gets no second one; reset and undoing every turn start a new document."""
+    session = _greedy(lstm, max_new_tokens=4)
+    first = session.generate("ab")
+    assert session.history[:3] == _document(lstm, "ab") and first.prompt_tokens == 3
+    before = len(session.history)
+    second = session.generate("c")
+    assert second.prompt_tokens == 1 and session.history[before:before + 1] == lstm.encode("c")
+    assert session.undo() and session.undo() and session.history == []
+    assert session.generate("ab").tokens == first.tokens
+    session.reset()
+    session.generate("<|endoftext|>ab")
+    assert session.history[:3] == _document(lstm, "ab")
+    # generate_n follows the same convention: its greedy rows equal a first turn
+    fresh = _greedy(lstm, max_new_tokens=4)
+    assert [r.tokens for r in fresh.generate_n("ab", 2)] == [first.tokens] * 2
+    assert fresh.generate_n("ab", 1)[0].prompt_tokens == 3
 
 
 # ------------------------------------------------------------------------------------------- stopping
@@ -210,7 +235,7 @@ def test_interrupt_from_the_stream_keeps_a_consistent_state(model_path, budget):
     assert result.stop_reason == "interrupted"
     assert 3 <= len(result.tokens) < budget
     assert result.text.startswith("".join(seen))
-    assert session.history == model.encode("abc") + result.tokens
+    assert session.history == _document(model, "abc") + result.tokens
     following = session.generate("", on_text=None)
     assert following.tokens == _reference_greedy(model, session.history[: -len(following.tokens)], budget,
                                                  ban_eos=True)
@@ -325,6 +350,79 @@ def test_generate_n_slides_on_gpt(gpt):
     assert all(r.slid and len(r.tokens) == 40 and r.stop_reason == "max_tokens" for r in results)
 
 
+def _record_steps(n: int) -> tuple[list[list[np.ndarray]], object]:
+    """An on_step hook that files each reported distribution under its row: per_row[row] = one per token."""
+    per_row: list[list[np.ndarray]] = [[] for _ in range(n)]
+
+    def on_step(probabilities: np.ndarray, rows: np.ndarray) -> None:
+        assert probabilities.shape[0] == len(rows) and probabilities.dtype == np.float64
+        for distribution, row in zip(probabilities, rows, strict=True):
+            per_row[int(row)].append(distribution.copy())
+
+    return per_row, on_step
+
+
+def test_generate_n_on_step_reports_each_sampling_distribution(lstm):
+    session = _session(lstm, temperature=1.0, top_k=3, seed=5, max_new_tokens=12)
+    plain = session.generate_n("ab", 5, batch_size=2)
+    per_row, on_step = _record_steps(5)
+    hooked = session.generate_n("ab", 5, batch_size=2, on_step=on_step)
+    assert [r.tokens for r in hooked] == [r.tokens for r in plain]  # observing never changes what is drawn
+    for result, reported in zip(hooked, per_row, strict=True):
+        assert len(reported) == len(result.tokens)  # one report per generated token, none after the row ended
+        for distribution, token in zip(reported, result.tokens, strict=True):
+            assert distribution.sum() == pytest.approx(1.0)
+            assert np.count_nonzero(distribution) <= 3 and distribution[token] > 0  # top_k 3; the drawn token
+            assert not distribution[lstm.banned_ids].any()
+    # the first step's distribution is the sampler chain's, after eos + prompt
+    context = _document(lstm, "ab")
+    logits, _ = lstm.run(np.array([context], dtype=np.int64), lstm.initial_state(1), 0)
+    chain = SamplerChain(session.settings.sampler(), lstm.info.vocab_size, lstm.banned_ids)
+    expected = chain.probabilities(logits, [context])[0]
+    for reported in per_row:
+        np.testing.assert_allclose(reported[0], expected, atol=1e-7)
+
+
+def test_generate_n_on_step_greedy_is_a_point_mass_and_stops_with_the_row(model_files):
+    model = OnnxModel.open(model_files.eager_eos, device="cpu", threads=1)
+    per_row, on_step = _record_steps(3)
+    results = _greedy(model, max_new_tokens=10, min_new_tokens=2).generate_n("ab", 3, on_step=on_step)
+    eos = model.info.special.eos
+    for result, reported in zip(results, per_row, strict=True):
+        assert result.stop_reason == "eos" and len(result.tokens) == 3 and result.tokens[-1] == eos
+        assert len(reported) == 3
+        for distribution, token in zip(reported, result.tokens, strict=True):
+            assert distribution[token] == 1.0 and distribution.sum() == 1.0
+
+
+def test_generate_n_batches_continue_one_random_stream(lstm):
+    session = _session(lstm, temperature=1.5, top_k=0, seed=9, max_new_tokens=15, min_new_tokens=15)
+    batched = [r.tokens for r in session.generate_n("a", 4, batch_size=2)]
+    assert batched[:2] != batched[2:]  # the second batch does not replay the first one's draws
+    assert [r.tokens for r in session.generate_n("a", 4, batch_size=2)] == batched  # but the seed reproduces it
+    with pytest.raises(ValueError):
+        session.generate_n("a", 2, batch_size=0)
+
+
+def test_generate_n_interrupt_starts_no_further_batch(lstm, monkeypatch):
+    session = _greedy(lstm, max_new_tokens=10, min_new_tokens=10)
+    calls = [0]
+    original_run = lstm.run
+
+    def flaky_run(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 4:  # the prompt, then the third step of the first batch
+            raise KeyboardInterrupt
+        return original_run(*args, **kwargs)
+
+    monkeypatch.setattr(lstm, "run", flaky_run)
+    results = session.generate_n("ab", 5, batch_size=2)
+    monkeypatch.undo()
+    assert [r.stop_reason for r in results] == ["interrupted"] * 5
+    assert [len(r.tokens) for r in results] == [3, 3, 0, 0, 0] and calls[0] == 4
+    assert results[0].tokens == _reference_greedy(lstm, _document(lstm, "ab"), 3, ban_eos=True)
+
+
 # ------------------------------------------------------------------------------------------- turns
 
 
@@ -412,9 +510,9 @@ def test_beam_search_equals_exhaustive_search(model_files, prompt, steps):
     choices = model.info.vocab_size - 1  # eos is banned by min_new_tokens for every step
     session = _greedy(model, num_beams=choices ** (steps - 1), max_new_tokens=steps, min_new_tokens=steps)
     result = session.generate(prompt)
-    assert result.tokens == _exhaustive_best(model, model.encode(prompt), steps, {eos})
+    assert result.tokens == _exhaustive_best(model, _document(model, prompt), steps, {eos})
     assert result.stop_reason == "max_tokens"
-    assert session.history == model.encode(prompt) + result.tokens
+    assert session.history == _document(model, prompt) + result.tokens
     # the beam tokens are pending context: the next turn continues after them exactly
     session.settings.set("num_beams", 1)
     following = session.generate("")

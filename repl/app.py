@@ -1,0 +1,391 @@
+"""The interactive REPL: prompt_toolkit reads the user's text, rich prints everything around the generated text,
+and the generated text itself goes to the terminal as plain characters (never parsed as markup or emoji).
+
+Each line the user types continues the same running text (repl.generate.Session); lines starting with ':' are
+commands (repl.commands). Whatever goes wrong in one command or turn is reported in one line and the session
+goes on; Ctrl-C stops a generation, Ctrl-D exits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.formatted_text import FormattedText
+from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from rich.console import Console
+from rich.text import Text
+
+from repl.commands import QuitRepl, ReplCompleter, ReplError, parse_command
+from repl.generate import GenerationResult, Session, SessionError
+from repl.modelfile import ModelFileError
+from repl.runtime import OnnxModel
+from repl.sampling import SettingError
+from repl.settings import Settings
+
+SESSION_FORMAT = "textgen-repl-session"
+SESSION_VERSION = 1
+MAX_SESSION_BYTES = 64 * 1024 * 1024
+BLOCK_QUOTE = '"""'
+USER_SOURCES = ("cli", "set")
+EXIT_HINT = "(Ctrl-C) To exit, type :quit or press Ctrl-D."
+_EXPECTED_ERRORS = (ReplError, SettingError, SessionError, ModelFileError, OSError, ValueError)
+
+
+def history_path() -> Path:
+    """``$XDG_STATE_HOME/textgen/history``, defaulting to ``~/.local/state/textgen/history``."""
+    state_home = os.environ.get("XDG_STATE_HOME", "")
+    base = Path(state_home) if os.path.isabs(state_home) else Path.home() / ".local" / "state"
+    return base / "textgen" / "history"
+
+
+def block_is_open(text: str) -> bool:
+    """True while a \"\"\" block has been opened but not closed (Enter then adds a line instead of sending)."""
+    body = text.lstrip()
+    return body.startswith(BLOCK_QUOTE) and not (len(body) >= 6 and body.rstrip().endswith(BLOCK_QUOTE))
+
+
+def unwrap_block(text: str) -> str:
+    """The text inside a \"\"\" block (one newline after the opening and before the closing quotes dropped)."""
+    body = text.strip()
+    if not body.startswith(BLOCK_QUOTE):
+        return text
+    inner = body[3:-3] if len(body) >= 6 and body.endswith(BLOCK_QUOTE) else body[3:]
+    inner = inner[1:] if inner.startswith("\n") else inner
+    return inner[:-1] if inner.endswith("\n") else inner
+
+
+def model_fingerprint(model: OnnxModel) -> str:
+    """Identifies the tokenizer: saved token ids are only replayed into a model that reads them the same way."""
+    digest = hashlib.sha256(model.info.tokenizer_json.encode("utf-8"))
+    digest.update(str(model.info.vocab_size).encode())
+    return digest.hexdigest()[:16]
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write through a temp file and rename, so an interrupted :save never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+class ReplApp:
+    def __init__(self, model: OnnxModel, settings: Settings, *, device: str = "auto", threads: int | None = None,
+                 history: bool = True, console: Console | None = None) -> None:
+        self.model = model
+        self.settings = settings
+        self.session = Session(model, settings)
+        self.device = device
+        self.threads = threads
+        self.console = console or Console(highlight=False, emoji=False)
+        self.use_history = history
+        self.last_tokens_per_s: float | None = None
+        self._ends_with_newline = True
+        self._notices: list[str] = []  # notices of the running turn, shown after its text (once each)
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> int:
+        """Read and handle lines until :quit or Ctrl-D; returns the exit status."""
+        self.print_header()
+        prompt = self._prompt_session()
+        while True:
+            try:
+                return self._loop(prompt)
+            except KeyboardInterrupt:  # a second Ctrl-C while the first was being handled: just go on
+                continue
+
+    def _loop(self, prompt: PromptSession[str]) -> int:
+        while True:
+            try:
+                line = prompt.prompt("> ")
+            except KeyboardInterrupt:
+                self.note(EXIT_HINT)
+                continue
+            except EOFError:
+                return 0
+            try:
+                self.handle(line)
+            except QuitRepl:
+                return 0
+
+    def handle(self, line: str) -> None:
+        """One input: a command or text to continue. Never lets an exception end the session (except :quit)."""
+        try:
+            if line.lstrip().startswith(":") and not line.lstrip().startswith(BLOCK_QUOTE):
+                command, arg = parse_command(line)
+                command.handler(self, arg)
+            else:
+                self.turn(unwrap_block(line))
+        except QuitRepl:
+            raise
+        except KeyboardInterrupt:
+            self._finish_output()
+            self.note("interrupted")
+        except _EXPECTED_ERRORS as exc:
+            self._finish_output()
+            self.error(_one_line(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug must not end the user's session with a traceback
+            self._finish_output()
+            self.error(f"internal error: {type(exc).__name__}: {_one_line(exc)}")
+
+    # ------------------------------------------------------------------ output
+
+    def print_header(self) -> None:
+        info = self.model.info
+        self.console.print(Text.assemble(("textgen", "bold"), "  model ", (str(self.model.path), "cyan")))
+        context = f"context {info.context_length}" if info.context_length else "unbounded context"
+        self.console.print(Text(f"{info.arch} · vocab {info.vocab_size} · {context} · {self.model.provider}"))
+        if self.model.device_note:
+            self.console.print(Text(self.model.device_note, style="dim"))
+        for warning in self.settings.warnings:
+            self.console.print(Text(f"note: {warning}", style="dim"))
+        self.console.print(Text("Type :help for commands, Ctrl-D to exit.", style="dim"))
+
+    def note(self, message: str) -> None:
+        self.console.print(Text(message, style="dim"))
+
+    def error(self, message: str) -> None:
+        self.console.print(Text(message, style="red"))
+
+    def write_text(self, text: str) -> None:
+        """Generated text: written as is, so '[bold]' or ':smile:' in it appear literally."""
+        if text:
+            self.console.file.write(text)
+            self.console.file.flush()
+            self._ends_with_newline = text.endswith("\n")
+
+    def _finish_output(self) -> None:
+        """End the generated text's line, then show the turn's notices."""
+        if not self._ends_with_newline:
+            self.console.file.write("\n")
+            self.console.file.flush()
+            self._ends_with_newline = True
+        for message in self._notices:
+            self.note(message)
+        self._notices.clear()
+
+    def _notice(self, message: str) -> None:
+        """A notice during generation (e.g. the context window slid): kept until the text is done, so the
+        generated text is not cut in two, and shown once however often it happened."""
+        if message not in self._notices:
+            self._notices.append(message)
+
+    def report(self, result: GenerationResult) -> None:
+        self._finish_output()
+        self.last_tokens_per_s = result.tokens_per_s
+        parts = [f"{len(result.tokens)} tokens", f"{result.tokens_per_s:.1f} tok/s", result.stop_reason]
+        if self.settings.get("seed") is None and self.settings.get("temperature") > 0:
+            parts.append(f"seed {result.seed}")
+        self.note(" · ".join(parts))
+
+    # ------------------------------------------------------------------ generating
+
+    def turn(self, prompt: str) -> None:
+        self._ends_with_newline = True
+        try:
+            result = self.session.generate(prompt, on_text=self.write_text, on_notice=self._notice)
+        except KeyboardInterrupt:  # landed outside the decode loop; the session stays consistent
+            self._finish_output()
+            self.note("interrupted")
+            return
+        self.report(result)
+
+    def regenerate(self) -> None:
+        self._ends_with_newline = True
+        result = self.session.regen(on_text=self.write_text, on_notice=self._notice)
+        self.report(result)
+
+    def alternatives(self, count: int) -> None:
+        """``count`` continuations of the last prompt from the context before it; the running text is unchanged."""
+        turns = self.session.turns
+        if turns:
+            prompt, last = turns[-1]
+            start = len(self.session.history) - last.prompt_tokens - len(last.tokens)
+            scratch = Session(self.model, self.settings)
+            scratch.history.extend(self.session.history[:start])  # pending tokens: fed with the prompt in one run
+        else:
+            prompt, scratch = "", self.session  # nothing typed yet: continuations of the empty context
+        results = scratch.generate_n(prompt, count, on_notice=self._notice)
+        for index, result in enumerate(results, start=1):
+            self.console.print(Text(f"── alternative {index}/{count} ──", style="bold"))
+            self._ends_with_newline = True
+            self.write_text(result.text)
+            self.report(result)
+
+    # ------------------------------------------------------------------ :save / :load / :model
+
+    def save_session(self, target: str) -> Path:
+        path = Path(target).expanduser()
+        transcript = [
+            {"prompt": prompt, "text": result.text, "tokens": [int(t) for t in result.tokens],
+             "stop_reason": result.stop_reason}
+            for prompt, result in self.session.turns
+        ]
+        user_settings = {key: value for key, value, source, _ in self.settings.rows() if source in USER_SOURCES}
+        document = {
+            "format": SESSION_FORMAT, "version": SESSION_VERSION, "model": str(self.model.path),
+            "tokenizer": model_fingerprint(self.model), "settings": user_settings,
+            "all_settings": self.settings.as_dict(), "transcript": transcript,
+        }
+        write_atomically(path, json.dumps(document, ensure_ascii=False, indent=1) + "\n")
+        return path
+
+    def load_session(self, target: str) -> tuple[Path, int]:
+        path = Path(target).expanduser()
+        document = read_session_file(path)
+        restored = Settings(self.model.info.generation)
+        for key, value in document["settings"].items():
+            restored.set(key, value, source="set")  # validated again: the file may have been edited
+        same_tokenizer = document.get("tokenizer") == model_fingerprint(self.model)
+        session = replay_transcript(self.model, restored, document["transcript"], same_tokenizer)
+        self.settings, self.session = restored, session
+        return path, len(document["transcript"])
+
+    def switch_model(self, target: str) -> None:
+        model = OnnxModel.open(Path(target).expanduser(), device=self.device, threads=self.threads)
+        settings = Settings(model.info.generation)
+        for key, value, source, _ in self.settings.rows():
+            if source in USER_SOURCES:
+                settings.set(key, value, source=source)
+        self.model, self.settings, self.session = model, settings, Session(model, settings)
+        self.print_header()
+        self.note("settings kept; the running text starts afresh")
+
+    # ------------------------------------------------------------------ prompt_toolkit
+
+    def _history(self) -> History:
+        if not self.use_history:
+            return InMemoryHistory()
+        path = history_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(exist_ok=True)
+        except OSError as exc:
+            self.note(f"input history off: cannot write {path} ({exc.strerror or exc})")
+            return InMemoryHistory()
+        return FileHistory(str(path))
+
+    def _prompt_session(self) -> PromptSession[str]:
+        return PromptSession(
+            history=self._history(), completer=ReplCompleter(), complete_while_typing=False,
+            key_bindings=_key_bindings(), bottom_toolbar=self.toolbar, prompt_continuation=_continuation,
+            reserve_space_for_menu=4,
+        )
+
+    def toolbar(self) -> FormattedText:
+        """Model, provider, the main sampler values and the last speed (plain text: no markup parsing)."""
+        settings = self.settings
+        speed = f"{self.last_tokens_per_s:.1f} tok/s" if self.last_tokens_per_s is not None else "– tok/s"
+        sampler = (f"temp {settings.get('temperature'):g}  top_k {settings.get('top_k')}  "
+                   f"top_p {settings.get('top_p'):g}")
+        text = f" {self.model.path.name} │ {self.model.provider} │ {sampler} │ {speed} "
+        return FormattedText([("class:bottom-toolbar", text)])
+
+
+def _continuation(width: int, line_number: int, is_soft_wrap: bool) -> str:
+    return "." * max(0, width - 1) + " "
+
+
+def _key_bindings() -> KeyBindings:
+    bindings = KeyBindings()
+
+    @bindings.add("enter")
+    def _enter(event: KeyPressEvent) -> None:
+        buffer = event.current_buffer
+        if block_is_open(buffer.text):
+            buffer.insert_text("\n")
+        else:
+            buffer.validate_and_handle()
+
+    @bindings.add("escape", "enter")
+    def _newline(event: KeyPressEvent) -> None:
+        event.current_buffer.insert_text("\n")
+
+    @bindings.add("c-c")
+    def _interrupt(event: KeyPressEvent) -> None:
+        buffer = event.current_buffer
+        if buffer.text:
+            buffer.reset()  # Ctrl-C on a typed line discards it
+        else:
+            event.app.exit(exception=KeyboardInterrupt, style="class:aborting")
+
+    return bindings
+
+
+# ------------------------------------------------------------------------------------------------ sessions on disk
+
+
+def read_session_file(path: Path) -> dict[str, Any]:
+    """A :save file, checked: it is edited by hand sometimes, and loading it must never crash the session."""
+    try:
+        if path.stat().st_size > MAX_SESSION_BYTES:
+            raise ReplError(f"{path} is too large for a session file")
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReplError(f"no such file: {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ReplError(f"{path} is not a session file (not JSON)") from None
+    if not isinstance(document, dict) or document.get("format") != SESSION_FORMAT:
+        raise ReplError(f"{path} is not a textgen session file (no format {SESSION_FORMAT!r})")
+    version = document.get("version")
+    if not isinstance(version, int) or not 1 <= version <= SESSION_VERSION:
+        raise ReplError(f"{path} has session format version {version!r}; this textgen reads 1..{SESSION_VERSION}")
+    if not isinstance(document.get("settings"), dict):
+        raise ReplError(f"{path}: 'settings' must be an object")
+    transcript = document.get("transcript")
+    if not isinstance(transcript, list) or not all(_valid_turn(turn) for turn in transcript):
+        raise ReplError(f"{path}: 'transcript' must be a list of {{prompt, text}} objects")
+    return document
+
+
+def _valid_turn(turn: object) -> bool:
+    if not isinstance(turn, dict):
+        return False
+    if not isinstance(turn.get("prompt"), str) or not isinstance(turn.get("text"), str):
+        return False
+    tokens = turn.get("tokens")
+    return tokens is None or (isinstance(tokens, list) and all(type(t) is int for t in tokens))
+
+
+def replay_transcript(model: OnnxModel, settings: Settings, transcript: list[dict[str, Any]],
+                      same_tokenizer: bool) -> Session:
+    """A session whose running text is the transcript, without generating anything.
+
+    Each turn is fed as its prompt (a generation of zero tokens, so :undo and :regen see the turn) followed by
+    its recorded tokens as pending tokens. Token ids are trusted only from a model with the same tokenizer;
+    otherwise the recorded text is re-encoded (plus eos where the turn ended on it)."""
+    feeder = Settings(model.info.generation)
+    feeder.set("max_new_tokens", 0)
+    feeder.set("num_beams", 1)
+    session = Session(model, feeder)
+    eos = model.info.special.eos
+    for turn in transcript:
+        tokens = turn.get("tokens")
+        if not same_tokenizer or tokens is None or any(not 0 <= t < model.info.vocab_size for t in tokens):
+            tokens = model.encode(turn["text"]) + ([eos] if turn.get("stop_reason") == "eos" else [])
+        result = session.generate(turn["prompt"])
+        session.history.extend(tokens)
+        result.text, result.tokens = turn["text"], list(tokens)
+        result.stop_reason = str(turn.get("stop_reason", "max_tokens"))
+    session.settings = settings
+    return session
+
+
+def _one_line(exc: BaseException) -> str:
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return text or type(exc).__name__

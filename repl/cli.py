@@ -1,0 +1,288 @@
+"""``textgen-repl``: talk to a textgen model file, interactively or from the command line / a pipe.
+
+Start-up is kept short: argparse first (``--help`` never loads a model), onnxruntime only once the arguments are
+valid, prompt_toolkit and rich only for the interactive REPL. Never imports torch. Every user-facing failure is
+one ``error: ...`` line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from importlib import resources
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from repl.generate import GenerationResult, Session
+    from repl.settings import Settings
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+DEMO_PACKAGE = "repl.demo"
+DEMO_FILE = "demo.onnx"
+
+DESCRIPTION = "Generate text with a textgen model file (.onnx), interactively or non-interactively."
+EPILOG = """\
+modes:
+  no --prompt, stdin a terminal    interactive REPL (type :help inside)
+  --prompt TEXT                    one generation (or --n N of them) for TEXT, printed, then exit
+  no --prompt, stdin piped         one independent generation per input line (blank lines are skipped);
+                                   plain text: each continuation then a newline (it may hold newlines
+                                   itself: use --json for exact boundaries); --json: one JSON object per line
+
+examples:
+  textgen-repl --model lstm.onnx
+  textgen-repl --model lstm.onnx --prompt "ROMEO:" --max-tokens 200 --seed 1 --json
+  printf 'ROMEO:\\nJULIET:\\n' | textgen-repl --model lstm.onnx --sampler greedy --max-tokens 50
+"""
+
+
+class CliError(Exception):
+    """A command-line problem; the message is one line for the user."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one line (raised, so main decides the exit)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="textgen-repl", description=DESCRIPTION, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", metavar="PATH", help="model file (default: the bundled demo model)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to run (auto: CUDA when usable, else CPU)")
+    parser.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads (default: physical cores)")
+    parser.add_argument("--sampler", metavar="NAME",
+                        help="sampler preset: greedy, sample, nucleus, beam, loop-guard (applied before --set)")
+    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                        help="any setting, e.g. --set temp=0.6 --set top_k=40 (repeatable; see :show in the REPL)")
+    parser.add_argument("--prompt", metavar="TEXT", help="generate once for TEXT and exit")
+    parser.add_argument("--max-tokens", metavar="N", help="shortcut for --set max_new_tokens=N")
+    parser.add_argument("--seed", metavar="N", help="shortcut for --set seed=N (same seed, same text)")
+    parser.add_argument("--n", type=_positive_int, metavar="N", help="N independent samples per prompt")
+    parser.add_argument("--json", action="store_true", help="print JSON (one object per prompt) instead of text")
+    parser.add_argument("--output", metavar="FILE", help="write the output to FILE instead of stdout")
+    parser.add_argument("--no-history", action="store_true",
+                        help="do not read or write the REPL input history ($XDG_STATE_HOME/textgen/history, "
+                             "by default ~/.local/state/textgen/history)")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+
+@contextlib.contextmanager
+def model_location(model_arg: str | None) -> Iterator[Path]:
+    """The model file to open: ``--model`` as given, else the bundled demo model."""
+    if model_arg is not None:
+        yield Path(model_arg).expanduser()
+        return
+    demo = resources.files(DEMO_PACKAGE) / DEMO_FILE
+    if not demo.is_file():
+        raise CliError("no --model given and the bundled demo model (repl/demo/demo.onnx) is not installed; "
+                       "pass --model PATH")
+    with resources.as_file(demo) as path:
+        yield path
+
+
+def build_settings(model_defaults: dict[str, Any], args: argparse.Namespace) -> Settings:
+    """The model's defaults, then --sampler, then --set in order, then the --max-tokens/--seed shortcuts."""
+    from repl.settings import Settings
+
+    settings = Settings(model_defaults)
+    if args.sampler is not None:
+        settings.apply_preset(args.sampler, source="cli")
+    for assignment in args.assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key.strip():
+            raise CliError(f"--set expects KEY=VALUE, got {assignment!r}")
+        settings.set(key.strip(), value, source="cli")
+    if args.max_tokens is not None:
+        settings.set("max_new_tokens", args.max_tokens, source="cli")
+    if args.seed is not None:
+        settings.set("seed", args.seed, source="cli")
+    return settings
+
+
+# ------------------------------------------------------------------------------------------------ batch mode
+
+
+def result_record(result: GenerationResult) -> dict[str, Any]:
+    """One generation as JSON fields (``text`` is the continuation only; it decodes from ``tokens``)."""
+    return {
+        "text": result.text,
+        "tokens": [int(token) for token in result.tokens],
+        "n_tokens": len(result.tokens),
+        "seconds": round(result.seconds, 6),
+        "tokens_per_s": round(result.tokens_per_s, 3),
+        "stop_reason": result.stop_reason,
+        "seed": result.seed,
+    }
+
+
+class BatchRunner:
+    """Non-interactive generation: each prompt starts from an empty context and is written to ``out``."""
+
+    def __init__(self, session: Session, out: IO[str], as_json: bool, samples: int | None,
+                 model_path: Path) -> None:
+        self.session = session
+        self.out = out
+        self.as_json = as_json
+        self.samples = samples
+        self.model_path = model_path
+
+    def run(self, prompt: str) -> None:
+        self.session.reset()
+        if self.samples is None:
+            self._single(prompt)
+        else:
+            self._several(prompt, self.samples)
+        self.out.flush()
+
+    def _single(self, prompt: str) -> None:
+        stream: Callable[[str], None] | None = None if self.as_json else self._write
+        result = self.session.generate(prompt, on_text=stream, on_notice=_notice)
+        if self.as_json:
+            self._write_json({"prompt": prompt, **result_record(result)})
+        else:
+            self._write("\n")
+
+    def _several(self, prompt: str, count: int) -> None:
+        results = self.session.generate_n(prompt, count, on_notice=_notice)
+        if self.as_json:
+            samples = [result_record(result) for result in results]
+            self._write_json({"prompt": prompt, "samples": samples, "seed": results[0].seed})
+            return
+        for index, result in enumerate(results, start=1):
+            self._write(f"--- sample {index}/{count} ---\n{result.text}\n")
+
+    def _write_json(self, fields: dict[str, Any]) -> None:
+        record = {"model": str(self.model_path), **fields, "settings": self.session.settings.as_dict()}
+        self._write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+
+def _notice(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def output_stream(path: str | None) -> Iterator[IO[str]]:
+    if path is None:
+        yield sys.stdout
+        return
+    try:
+        handle = open(Path(path).expanduser(), "w", encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
+    with handle:
+        yield handle
+
+
+def input_prompts(stream: IO[str]) -> Iterator[str]:
+    """One prompt per non-blank input line (line ending removed, other whitespace kept)."""
+    for line in stream:
+        prompt = line.rstrip("\r\n")
+        if prompt.strip():
+            yield prompt
+
+
+def run_batch(session: Session, args: argparse.Namespace, model_path: Path) -> int:
+    prompts: Iterator[str] = iter([args.prompt]) if args.prompt is not None else input_prompts(sys.stdin)
+    with output_stream(args.output) as out:
+        runner = BatchRunner(session, out, args.json, args.n, model_path)
+        for prompt in prompts:
+            runner.run(prompt)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+
+
+def _run(args: argparse.Namespace) -> int:
+    interactive = args.prompt is None and sys.stdin.isatty()
+    if interactive and (args.json or args.output or args.n):
+        raise CliError("--json, --n and --output need --prompt or prompts piped on stdin")
+    build_settings({}, args)  # a bad --set fails here, before the (slower) model load
+    from repl.generate import Session
+    from repl.runtime import OnnxModel
+
+    with model_location(args.model) as path:
+        model = OnnxModel.open(path, device=args.device, threads=args.threads)
+        settings = build_settings(model.info.generation, args)
+        for warning in settings.warnings:
+            _notice(warning)
+        if interactive:
+            from repl.app import ReplApp
+
+            app = ReplApp(model, settings, device=args.device, threads=args.threads,
+                          history=not args.no_history)
+            return app.run()
+        return run_batch(Session(model, settings), args, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return _run(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()  # the reader went away (e.g. `| head`): not an error worth a message
+        return EXIT_OK
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line, never a traceback
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE if _is_user_error(exc) else 1
+
+
+def _is_user_error(exc: Exception) -> bool:
+    from repl.modelfile import ModelFileError
+
+    known: tuple[type[Exception], ...] = (CliError, ModelFileError, OSError)
+    if "repl.sampling" in sys.modules:
+        from repl.generate import SessionError
+        from repl.sampling import SettingError
+
+        known += (SettingError, SessionError)
+    return isinstance(exc, known)
+
+
+def _one_line(exc: Exception) -> str:
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    if isinstance(exc, CliError) or type(exc).__module__.startswith("repl."):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _silence_stdout() -> None:
+    import os
+
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
