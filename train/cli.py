@@ -1,0 +1,177 @@
+"""``textgen-train`` / ``python -m train``: train an LSTM, GRU or GPT-2 on a corpus and write checkpoints.
+
+Every problem the user can fix (a bad corpus, tokenizer, checkpoint, Hugging Face directory or flag value) ends
+as ONE line ``error: ...`` on stderr and exit status 2, never a traceback. SIGINT exits 130 and SIGTERM 143 after
+the current step, with the latest state saved to ``OUT.last``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any, NoReturn
+
+from rich.console import Console
+
+from models.checkpoint import CheckpointError
+from train.batches import DataSizeError
+from train.config import TrainConfig, TrainingError
+from train.corpus import FORMATS, CorpusError
+from train.presets import ARCH_DEFAULTS, FINETUNE_DEFAULTS, PRESETS, preset_names, resolve_preset_data
+from train.tokenizer import TokenizerError
+
+EXIT_BAD_INPUT = 2
+
+
+class UsageError(Exception):
+    """A missing or conflicting flag; one line for the user."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints the usage block before its error; we print only ``error: ...`` (one line, exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="textgen-train",
+        description="Train a text generator (LSTM, GRU or GPT-2) on your corpus. Writes OUT (the best checkpoint by "
+        "validation loss), OUT.last (the latest state, for --resume), OUT.metrics.jsonl and OUT.loss.png.",
+        argument_default=None,
+    )
+    _add(parser, "--preset", help=f"fill in defaults from a preset: {', '.join(preset_names())} (flags win)")
+    _add(parser, "--arch", choices=["lstm", "gru", "gpt2"], help="model architecture")
+    _add(parser, "--data", help="corpus: a text file, CSV/TSV file, documents file or a folder of .txt files")
+    _add(parser, "--out", help="checkpoint path, e.g. lstm.bin")
+    corpus = parser.add_argument_group("corpus")
+    _add(corpus, "--format", choices=list(FORMATS), help="corpus format (default auto: by extension)")
+    _add(corpus, "--column", help="CSV/TSV column holding the text")
+    _add(corpus, "--val-fraction", type=float, help="fraction held out for validation, from the end (0.1)")
+    _add(corpus, "--min-words", type=int, help="drop documents with fewer words")
+    _add(corpus, "--max-words", type=int, help="drop documents with more words")
+    _add(corpus, "--drop-pattern", dest="drop_patterns", action="append", metavar="REGEX",
+         help="drop documents matching this regex (repeatable)")
+    _add(corpus, "--strip-source-lines", action="store_const", const=True,
+         help="strip credits such as '(Source: ANN)' and '[Written by MAL Rewrite]'")
+    _add(corpus, "--keep-script", metavar="SCRIPT", help="drop documents with letters outside this script (latin...)")
+    tokens = parser.add_argument_group("tokenizer")
+    _add(tokens, "--tokenizer", help="char, word, bpe or the path of a tokenizer.json")
+    _add(tokens, "--vocab-size", type=int, help="vocabulary size cap (char/word) or BPE size")
+    rnn = parser.add_argument_group("LSTM/GRU size")
+    _add(rnn, "--embedding-size", type=int)
+    _add(rnn, "--hidden-size", type=int)
+    _add(rnn, "--layers", type=int)
+    _add(rnn, "--dropout", type=float, help="dropout (RNNs and GPT-2)")
+    gpt = parser.add_argument_group("GPT-2 size")
+    _add(gpt, "--n-layer", type=int)
+    _add(gpt, "--n-head", type=int)
+    _add(gpt, "--n-embd", type=int)
+    _add(gpt, "--context-length", type=int, help="GPT-2 context (training block) length in tokens")
+    _add(gpt, "--init-from", metavar="HF_DIR", help="fine-tune this local Hugging Face GPT-2 (its own tokenizer)")
+    optim = parser.add_argument_group("optimisation")
+    _add(optim, "--lr", type=float, help="peak learning rate (AdamW)")
+    _add(optim, "--weight-decay", type=float)
+    _add(optim, "--warmup-steps", type=int)
+    _add(optim, "--grad-clip", type=float, help="clip the gradient norm to this (0: off)")
+    _add(optim, "--batch-size", type=int)
+    _add(optim, "--seq-len", type=int, help="RNN truncated-BPTT window in tokens")
+    _add(optim, "--grad-accum", type=int, help="micro-batches per optimizer step")
+    _add(optim, "--schedule", choices=["cosine", "plateau"], help="cosine decay or reduce-on-plateau")
+    budget = parser.add_argument_group("budget and evaluation")
+    _add(budget, "--time-budget", type=float, metavar="SECONDS", help="stop after this much training time")
+    _add(budget, "--max-steps", type=int, help="stop after this many optimizer steps (total, resumes included)")
+    _add(budget, "--epochs", type=float, help="stop after this many passes over the training data")
+    _add(budget, "--eval-every", type=int, metavar="STEPS")
+    _add(budget, "--eval-tokens", type=int, help="validate on only the first N validation tokens (quicker)")
+    _add(budget, "--patience", type=int, help="stop after N evaluations without improvement")
+    run = parser.add_argument_group("run")
+    _add(run, "--seed", type=int)
+    _add(run, "--device", choices=["auto", "cpu", "cuda"])
+    _add(run, "--threads", type=int, help="torch CPU threads")
+    _add(run, "--resume", metavar="CKPT", help="continue from a checkpoint (OUT or OUT.last) exactly")
+    _add(run, "--prime", action="append", metavar="TEXT", help="print a sampled continuation at each evaluation")
+    return parser
+
+
+def _add(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, **options: Any) -> None:
+    parser.add_argument(flag, default=None, **options)
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any] | None, list[str]]:
+    """(config, checkpoint to resume or None, notes for the user) from parsed flags, preset and defaults."""
+    from train.loop import config_for_resume, load_resume_checkpoint
+
+    known = {f.name for f in fields(TrainConfig)}
+    explicit = {key: value for key, value in vars(args).items() if value is not None and key in known}
+    if args.resume is not None:
+        checkpoint = load_resume_checkpoint(args.resume)
+        config, ignored = config_for_resume(checkpoint, explicit)
+        notes = [f"note: --{name.replace('_', '-')} is taken from the checkpoint on --resume; the flag is ignored"
+                 for name in ignored]
+        return config.validate(), checkpoint, notes
+    preset = _preset(args.preset)
+    arch = explicit.get("arch", preset.get("arch"))
+    if arch is None:
+        raise UsageError("--arch is required (lstm, gru or gpt2), or choose a --preset")
+    values: dict[str, Any] = dict(ARCH_DEFAULTS[arch])
+    if explicit.get("init_from", preset.get("init_from")) is not None:
+        values.update(FINETUNE_DEFAULTS)
+    values.update(preset)
+    if "data" in preset and "data" not in explicit:
+        values["data"] = resolve_preset_data(preset["data"])
+    values.update(explicit)
+    values["arch"] = arch
+    notes = []
+    if values.get("init_from") is not None and "tokenizer" in explicit:
+        notes.append("note: --init-from uses the pretrained model's own tokenizer; --tokenizer is ignored")
+    if "data" not in values:
+        raise UsageError("--data is required (the corpus to train on)")
+    if "out" not in values:
+        if args.preset is None:
+            raise UsageError("--out is required (where to write the checkpoint, e.g. lstm.bin)")
+        values["out"] = f"{args.preset}.bin"
+    return TrainConfig(**values).validate(), None, notes
+
+
+def _preset(name: str | None) -> dict[str, Any]:
+    if name is None:
+        return {}
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r}; choose one of {', '.join(preset_names())}")
+    preset = dict(PRESETS[name])
+    preset["preset"] = name
+    return preset
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from models.hf_gpt2 import HFImportError
+    from train.loop import train
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    console = Console()
+    errors = (UsageError, CorpusError, TokenizerError, CheckpointError, HFImportError, TrainingError, DataSizeError)
+    try:
+        config, resume, notes = resolve_config(args)
+        for note in notes:
+            console.print(note, markup=False, highlight=False)
+        result = train(config, resume=resume, console=console)
+    except errors as exc:
+        return _fail(str(exc))
+    except OSError as exc:  # e.g. the output folder is not writable, the disk is full
+        return _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one was being handled
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 128 + result.signal if result.signal is not None else 0
+
+
+def _fail(message: str) -> int:
+    first_line = message.strip().splitlines()[0] if message.strip() else "training failed"
+    print(f"error: {first_line}", file=sys.stderr)
+    return EXIT_BAD_INPUT

@@ -1,0 +1,64 @@
+"""Corpus -> tokenizer -> train/validation token arrays, as one step with a printable summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer
+
+from train.config import TrainConfig
+from train.corpus import CorpusFilters, load_corpus, split_train_val
+from train.tokenizer import build_tokenizer, encode_documents, special_token_ids, tokenizer_kind
+
+
+@dataclass
+class PreparedData:
+    tokenizer: Tokenizer
+    special: dict[str, int | None]
+    kind: str  # "char", "word", "bpe" or "custom"
+    train_ids: torch.Tensor  # int64, one long stream
+    val_ids: torch.Tensor
+    report: list[str]
+
+    @property
+    def char_level(self) -> bool:
+        return self.kind == "char"
+
+
+def prepare_data(
+    config: TrainConfig, tokenizer: Tokenizer | None = None, special: dict[str, int | None] | None = None
+) -> PreparedData:
+    """Load and split the corpus, then tokenize both parts.
+
+    ``tokenizer``/``special`` come from a resumed checkpoint or a pretrained model; otherwise a tokenizer of kind
+    ``config.tokenizer`` is built from the TRAINING part only, so nothing about the validation text leaks into
+    it (a char-level model sees validation-only characters as unknown)."""
+    filters = CorpusFilters(
+        min_words=config.min_words, max_words=config.max_words, drop_patterns=list(config.drop_patterns),
+        strip_source_lines=config.strip_source_lines, keep_script=config.keep_script,
+    )
+    corpus = load_corpus(config.data, config.format, config.column, filters)
+    train_docs, val_docs = split_train_val(corpus, config.val_fraction)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(config.tokenizer, train_docs, config.vocab_size)
+    if special is None:
+        special = special_token_ids(tokenizer)
+    train_ids = _encode(tokenizer, train_docs, corpus.single_stream)
+    val_ids = _encode(tokenizer, val_docs, corpus.single_stream)
+    kind = tokenizer_kind(tokenizer)
+    report = [
+        *corpus.report.lines(),
+        f"split: {len(train_docs):,} train / {len(val_docs):,} validation documents "
+        f"(last {config.val_fraction:g} held out)",
+        f"tokenizer: {kind}, {tokenizer.get_vocab_size(with_added_tokens=True):,} tokens; "
+        f"train {train_ids.numel():,} tokens, validation {val_ids.numel():,} tokens",
+    ]
+    return PreparedData(tokenizer, special, kind, train_ids, val_ids, report)
+
+
+def _encode(tokenizer: Tokenizer, docs: list[str], single_stream: bool) -> torch.Tensor:
+    ids = torch.from_numpy(encode_documents(tokenizer, docs).astype("int64"))
+    # A plain text file is one continuous stream, not a document: drop the end-of-text that encode_documents
+    # appends, so validation is exactly the held-out characters (comparable with nanoGPT's split).
+    return ids[:-1] if single_stream and ids.numel() > 1 else ids

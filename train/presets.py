@@ -1,0 +1,97 @@
+"""Named presets (``--preset NAME``) and the defaults every run starts from.
+
+Resolution order for each setting: an explicit command-line flag, then the preset, then the architecture's
+defaults (ARCH_DEFAULTS), then TrainConfig's own defaults. A preset's ``data`` is a path relative to the current
+directory or, failing that, to the repository root (the corpora live in ``../shared/data``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_EPOCHS = 10.0  # the budget when none of --time-budget, --max-steps, --epochs is given
+
+# Placeholder synopses in the anime CSV ("No synopsis information has been added to this title...",
+# "No synopsis has been added for this series yet...").
+ANIME_PLACEHOLDERS = r"^\s*No synopsis (information )?has been added"
+
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lstm": {"lr": 2e-3, "weight_decay": 0.0, "warmup_steps": 20, "batch_size": 32, "seq_len": 128},
+    "gru": {"lr": 2e-3, "weight_decay": 0.0, "warmup_steps": 20, "batch_size": 32, "seq_len": 128},
+    "gpt2": {"lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 100, "batch_size": 16, "tokenizer": "bpe"},
+}
+# Fine-tuning a pretrained GPT-2 wants a much smaller rate than training one from scratch.
+FINETUNE_DEFAULTS: dict[str, Any] = {"lr": 5e-5, "weight_decay": 0.01, "warmup_steps": 20, "context_length": 256}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The bundled demo model: a char-level LSTM tuned for --time-budget 90 on this project's 2-core CPU, shared with
+    # other jobs. Short budgets favour many small updates: 1x384 with 32 streams x 64 tokens and a high rate beat
+    # 1x256, 1x512, 2x256, a GRU and bigger batches/windows in 90 s runs (1.536-1.567 nats/char, load-dependent).
+    # One thread: with the cores busy elsewhere, 2 threads made each step ~25x slower (threads waiting on each
+    # other), and these small per-timestep matmuls gain little from a second thread anyway.
+    "shakespeare-char": {
+        "arch": "lstm", "data": "../shared/data/tinyshakespeare.txt", "format": "text", "tokenizer": "char",
+        "embedding_size": 64, "hidden_size": 384, "layers": 1, "dropout": 0.0,
+        "lr": 1.5e-2, "weight_decay": 0.0, "warmup_steps": 20, "grad_clip": 1.0,
+        "batch_size": 32, "seq_len": 64, "time_budget": 90.0, "eval_every": 400, "threads": 1,
+        "prime": ["ROMEO:"],
+    },
+    # nanoGPT's CPU recipe for tiny Shakespeare (4 layers, 4 heads, 128 wide, block 64, batch 12).
+    "shakespeare-gpt2": {
+        "arch": "gpt2", "data": "../shared/data/tinyshakespeare.txt", "format": "text", "tokenizer": "char",
+        "n_layer": 4, "n_head": 4, "n_embd": 128, "context_length": 64, "dropout": 0.0,
+        "lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 100, "batch_size": 12,
+        "time_budget": 90.0, "eval_every": 500, "threads": 1, "prime": ["ROMEO:"],
+    },
+    "shakespeare-word": {
+        "arch": "lstm", "data": "../shared/data/tinyshakespeare.txt", "format": "text", "tokenizer": "word",
+        "vocab_size": 8000, "embedding_size": 128, "hidden_size": 512, "layers": 2, "dropout": 0.2,
+        "lr": 2e-3, "batch_size": 32, "seq_len": 48, "time_budget": 300.0, "eval_every": 100,
+        "prime": ["ROMEO:"],
+    },
+    # The PyTorch LSTM jokes tutorial's corpus: one joke per CSV row.
+    "jokes-word": {
+        "arch": "lstm", "data": "../shared/data/reddit-cleanjokes.csv", "format": "csv", "column": "Joke",
+        "tokenizer": "word", "embedding_size": 128, "hidden_size": 256, "layers": 2, "dropout": 0.2,
+        "lr": 2e-3, "batch_size": 16, "seq_len": 32, "time_budget": 180.0, "eval_every": 50,
+        "prime": ["What do you call"],
+    },
+    "anime-word": {
+        "arch": "lstm", "data": "../shared/data/anime/anime_with_synopsis.csv", "format": "csv",
+        "column": "sypnopsis", "drop_patterns": [ANIME_PLACEHOLDERS], "strip_source_lines": True, "min_words": 5,
+        "tokenizer": "word", "vocab_size": 12000, "embedding_size": 128, "hidden_size": 512, "layers": 2,
+        "dropout": 0.2, "lr": 2e-3, "batch_size": 32, "seq_len": 48, "time_budget": 600.0, "eval_every": 200,
+        "eval_tokens": 100_000, "prime": ["The story follows"],
+    },
+    "anime-gpt2": {
+        "arch": "gpt2", "data": "../shared/data/anime/anime_with_synopsis.csv", "format": "csv",
+        "column": "sypnopsis", "drop_patterns": [ANIME_PLACEHOLDERS], "strip_source_lines": True, "min_words": 5,
+        "tokenizer": "bpe", "vocab_size": 4096, "n_layer": 4, "n_head": 4, "n_embd": 256, "context_length": 128,
+        "dropout": 0.1, "lr": 1e-3, "batch_size": 16, "time_budget": 600.0, "eval_every": 200,
+        "eval_tokens": 100_000, "prime": ["The story follows"],
+    },
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def resolve_preset_data(path: str) -> str:
+    """A preset's data path: as given if it exists from the current directory, else from the repository root."""
+    candidate = Path(path)
+    if candidate.is_absolute() or candidate.exists():
+        return str(candidate)
+    from_repo = REPO_ROOT / candidate
+    return str(from_repo) if from_repo.exists() else str(candidate)
+
+
+def generation_defaults(arch: str, tokenizer_kind: str) -> dict[str, Any]:
+    """Sampler defaults stored in the checkpoint (Hugging Face GenerationConfig names; top_k 0 = off)."""
+    if tokenizer_kind == "char":
+        return {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "max_new_tokens": 500}
+    if tokenizer_kind == "word":
+        return {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "max_new_tokens": 100}
+    return {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "max_new_tokens": 200}

@@ -1,0 +1,111 @@
+"""Learning-rate schedule and training budget.
+
+Schedule: linear warmup over ``warmup_steps``, then either
+- ``cosine``: from the base rate down to MIN_LR_RATIO of it, following the run's progress through its budget
+  (steps, epochs or seconds, whichever is furthest along — with a time budget the decay follows the clock), or
+- ``plateau``: the base rate, halved whenever PLATEAU_PATIENCE evaluations in a row fail to improve the best
+  validation loss (like torch's ReduceLROnPlateau, but with state that is plain numbers).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+MIN_LR_RATIO = 0.1
+PLATEAU_FACTOR = 0.5
+PLATEAU_PATIENCE = 2
+PLATEAU_MIN_SCALE = 1 / 64
+PLATEAU_THRESHOLD = 1e-3  # relative improvement that counts as better
+
+
+class LRSchedule:
+    def __init__(self, kind: str, base_lr: float, warmup_steps: int) -> None:
+        self.kind = kind
+        self.base_lr = base_lr
+        self.warmup_steps = warmup_steps
+        self.plateau_scale = 1.0
+        self.plateau_best = math.inf
+        self.plateau_bad_evals = 0
+
+    def lr(self, step: int, progress: float) -> float:
+        """The rate for optimizer step ``step`` (0-based) at ``progress`` (0..1) through the budget."""
+        warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if self.kind == "plateau":
+            return self.base_lr * warmup * self.plateau_scale
+        decay = 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+        return self.base_lr * warmup * (MIN_LR_RATIO + (1.0 - MIN_LR_RATIO) * decay)
+
+    def observe(self, val_loss: float) -> None:
+        """Feed an evaluation result (plateau schedule only)."""
+        if self.kind != "plateau":
+            return
+        if val_loss < self.plateau_best * (1.0 - PLATEAU_THRESHOLD):
+            self.plateau_best = val_loss
+            self.plateau_bad_evals = 0
+            return
+        self.plateau_bad_evals += 1
+        if self.plateau_bad_evals >= PLATEAU_PATIENCE:
+            self.plateau_scale = max(self.plateau_scale * PLATEAU_FACTOR, PLATEAU_MIN_SCALE)
+            self.plateau_bad_evals = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "plateau_scale": self.plateau_scale,
+            "plateau_best": self.plateau_best,
+            "plateau_bad_evals": self.plateau_bad_evals,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.plateau_scale = float(state["plateau_scale"])
+        self.plateau_best = float(state["plateau_best"])
+        self.plateau_bad_evals = int(state["plateau_bad_evals"])
+
+
+@dataclass
+class Budget:
+    """When to stop: the first of max_steps, time_budget (seconds) and epochs that is reached."""
+
+    max_steps: int | None = None
+    time_budget: float | None = None
+    epochs: float | None = None
+
+    def fraction(self, step: int, seconds: float, epochs_done: float) -> float:
+        """How far along the run is, 0..1: the furthest of the set budgets."""
+        parts = [0.0]
+        if self.max_steps:
+            parts.append(step / self.max_steps)
+        if self.time_budget:
+            parts.append(seconds / self.time_budget)
+        if self.epochs:
+            parts.append(epochs_done / self.epochs)
+        return min(1.0, max(parts))
+
+    def reached(self, step: int, seconds: float, epochs_done: float) -> str | None:
+        """Why the run is over, or None."""
+        if self.max_steps is not None and step >= self.max_steps:
+            return f"reached --max-steps {self.max_steps}"
+        if self.time_budget is not None and seconds >= self.time_budget:
+            return f"reached --time-budget {self.time_budget:g} s"
+        if self.epochs is not None and epochs_done >= self.epochs - 1e-9:
+            return f"reached --epochs {self.epochs:g}"
+        return None
+
+    def eta(self, step: int, seconds: float, epochs_done: float) -> float | None:
+        """Seconds left, extrapolating the run's average pace; None before there is a pace to go by."""
+        fraction = self.fraction(step, seconds, epochs_done)
+        if fraction <= 0.0:
+            return None
+        return seconds * (1.0 - fraction) / fraction
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_steps is not None:
+            parts.append(f"{self.max_steps} steps")
+        if self.time_budget is not None:
+            parts.append(f"{self.time_budget:g} s")
+        if self.epochs is not None:
+            parts.append(f"{self.epochs:g} epochs")
+        return " or ".join(parts) + (", whichever comes first" if len(parts) > 1 else "")
