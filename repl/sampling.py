@@ -17,19 +17,28 @@ of step names and runs exactly those steps. Banned ids (vocab padding, per-call 
 min_tokens) are removed before every step. Greedy (temperature 0) runs only penalties and no_repeat_ngram, then
 takes the argmax.
 
-Speed: the vocabulary can be 50k wide and the decode loop calls this once per token, so nothing sorts the whole
-row. top-k finds its cut from a strided sample plus a small partition, and every later step works on the small
-candidate set; top_p/typical_p without top_k bin the tokens by surprise (O(V)) and sort only the bins up to the
-cut. Work arrays are reused across calls, so a SamplerChain serves one thread at a time.
+Speed: the decode loop calls this once per token, so there are two paths with the same results.
+
+- General path (wide vocabularies, e.g. GPT-2's 50k): nothing sorts the whole row. top-k finds its cut from a
+  strided sample plus a small partition, and every later step works on the small candidate set; top_p/typical_p
+  without top_k bin the tokens by surprise (O(V)) and sort only the bins up to the cut.
+- Small path (V <= SMALL_VOCAB, e.g. a 65-character vocabulary): there numpy's per-call overhead (~0.5-2 µs) is
+  the whole cost, so the aim is few calls. The row is sorted once after the penalties (wider rows are first cut
+  by a leading top-k / min-p); then top-k, top-p and min-p keep prefixes, typical-p a subset and temperature
+  scales, without masks or further sorts. The repetition/presence/frequency penalties are whole-row vectors
+  updated by one token per step. The default chain costs about a fifth of what it costs on the general path.
+
+Both paths draw in token-id order, so a seed picks the same token on either. Work arrays and the penalty windows
+are kept across calls, so a SamplerChain serves one thread at a time.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -42,6 +51,7 @@ PRESET_ORDERS: dict[str, tuple[str, ...]] = {
 # Steps that only reshape the sampling distribution; greedy decoding skips them (HF: warpers need do_sample).
 _SAMPLING_ONLY_STEPS = frozenset({"top_k", "typical_p", "top_p", "min_p", "temperature"})
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT64_MAX = float(np.finfo(np.float64).max)
 _HUGE_LOGIT = 1e300  # stands in for a +inf logit: finite, so softmax stays defined
 
 
@@ -348,6 +358,14 @@ class _Row:
         return bool((self.logits[self._support] > -np.inf).any())
 
 
+def _finite(ids: np.ndarray | None, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The finite entries of a view as (ids, values); compact views hold only finite values already."""
+    if ids is None:
+        ids = (values > -np.inf).nonzero()[0]
+        return ids, values[ids]
+    return ids, values
+
+
 def _probabilities(values: np.ndarray, scratch: _Scratch) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, log-probabilities) in scratch arrays, for logits with at least one finite entry
     (-inf -> 0, -inf)."""
@@ -384,9 +402,10 @@ def _sorted_head(key: np.ndarray, probs: np.ndarray, mass: float, scratch: _Scra
     members = _head_bins(key, probs, mass, scratch) if key.size > _SORT_LIMIT else None
     if members is not None:
         key, probs = key[members], probs[members]
-    order = np.argsort(key, kind="stable")
-    cumulative = np.cumsum(probs[order])
-    hit = int(np.searchsorted(cumulative, mass, side="left"))
+    # Array methods rather than np.argsort & co.: same algorithms without the dispatch layer (~1 µs a call).
+    order = key.argsort(kind="stable")
+    cumulative = probs[order].cumsum()
+    hit = int(cumulative.searchsorted(mass, side="left"))
     head = order[: hit + 1]
     return head if members is None else members[head]
 
@@ -412,125 +431,305 @@ class Step(Protocol):
     def apply(self, row: _Row) -> None: ...
 
 
-class PenaltiesStep:
+class _BanningStep:
+    """A step that reads the history and may remove every token; it always works on the whole (dense) row."""
+
+    def ban(self, logits: np.ndarray, history: Sequence[int]) -> bool:
+        """Change the row ``logits`` in place; True when it may have removed every token."""
+        raise NotImplementedError
+
+    def edit(self, logits: np.ndarray, history: Sequence[int]) -> None:
+        """``ban`` for a caller that checks the row itself (the small path: one argmax)."""
+        self.ban(logits, history)
+
+    def edit_small(self, row: np.ndarray, history: Sequence[int], slot: int) -> np.ndarray:
+        """The small path's ``edit`` for batch row ``slot``: returns the row (the same array or a new one)."""
+        self.edit(row, history)
+        return row
+
+    def apply(self, row: _Row) -> None:
+        if self.ban(row.logits, row.history):
+            row.may_be_empty = True
+
+
+class _Filter:
+    """A step that keeps part of the candidates (at least one) given only their logits."""
+
+    def mask(self, values: np.ndarray, scratch: _Scratch) -> np.ndarray | None:
+        """Which entries of a view (-inf entries may be present) to keep; None keeps them all."""
+        raise NotImplementedError
+
+    def apply(self, row: _Row) -> None:
+        ids, values = row.view()
+        mask = self.mask(values, row.scratch)
+        if mask is not None:
+            row.keep(ids, values, mask)
+
+    def narrow_sorted(self, neg: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The small-vocabulary path: the candidates as negated logits in ascending order (most likely first,
+        all finite, at least one) with their ids; returns them after this step, still sorted."""
+        raise NotImplementedError
+
+
+class PenaltiesStep(_BanningStep):
     """Repetition (HF/CTRL), presence and frequency penalties over the last ``last_n`` history tokens."""
 
     def __init__(self, repetition: float, presence: float, frequency: float, last_n: int):
         self.repetition, self.presence, self.frequency, self.last_n = repetition, presence, frequency, last_n
+        self.boosts = repetition < 1 or presence < 0 or frequency < 0  # may raise a logit, up to overflow
+        self._windows: dict[int, _PenaltyWindow] = {}  # small path: per batch row
 
-    def apply(self, row: _Row) -> None:
-        history = row.history if self.last_n < 0 else _tail(row.history, self.last_n)
-        ids = _valid_ids(history, row.logits.size)
-        if ids.size == 0:
-            return
-        tokens, counts = np.unique(ids, return_counts=True)
-        values = row.logits[tokens]
+    def ban(self, logits: np.ndarray, history: Sequence[int]) -> bool:
+        values = self._penalize(logits, history)
+        return values is not None and bool((values == -np.inf).any())  # an absurd penalty can overflow to -inf
+
+    def edit(self, logits: np.ndarray, history: Sequence[int]) -> None:
+        self._penalize(logits, history)
+
+    def _penalize(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray | None:
+        """Penalise the window's tokens in ``logits``; their new logits, or None when the window is empty."""
+        window = history if self.last_n < 0 else _tail(history, self.last_n)
+        tokens, counts = _token_counts(window, logits.size)
+        if tokens.size == 0:
+            return None
+        if self.boosts:  # a boost may overflow to +inf (NaN in the softmax): clip to the largest float instead
+            with np.errstate(over="ignore"):
+                values = np.minimum(self._penalized(logits[tokens], counts), _FLOAT64_MAX)
+        else:
+            values = self._penalized(logits[tokens], counts)
+        logits[tokens] = values
+        return values
+
+    def _penalized(self, values: np.ndarray, counts: np.ndarray) -> np.ndarray:
         if self.repetition != 1.0:
-            values = np.where(values < 0, values * self.repetition, values / self.repetition)
-        values = values - (self.presence + self.frequency * counts)
-        if np.isneginf(values).any():  # an absurd penalty can overflow a finite logit to -inf
-            row.may_be_empty = True
-        row.logits[tokens] = values
+            # HF: logit < 0 -> logit * p, else logit / p. The sign bit picks the same entries (-0.0 * p and
+            # -0.0 / p are both -0.0) in fewer numpy calls than np.where.
+            scaled = values / self.repetition
+            np.multiply(values, self.repetition, out=scaled, where=np.signbit(values))
+            values = scaled
+        if self.presence or self.frequency:  # x - 0.0 == x: skipping the neutral subtraction changes nothing
+            values = values - (self.presence + self.frequency * counts)
+        return values
+
+    def edit_small(self, row: np.ndarray, history: Sequence[int], slot: int) -> np.ndarray:
+        if self.last_n < 0 or type(history) is not list or slot >= _MAX_PENALTY_WINDOWS:
+            self.edit(row, history)  # whole history, arrays, huge batches: count afresh
+            return row
+        window = history[-self.last_n :]
+        if not window:
+            return row
+        tracked = self._windows.get(slot)
+        if tracked is None or not tracked.advance(window):
+            tracked = self._windows[slot] = _PenaltyWindow(self, window, row.size)
+        return tracked.apply(row)
 
 
-class NoRepeatNGramStep:
+class _PenaltyWindow:
+    """The small path's penalties for one batch row as whole-row vectors: a divisor (the penalty for ids in the
+    window, 1.0 elsewhere) and a subtrahend (presence + frequency * count, 0.0 elsewhere), so that applying them
+    is three numpy calls and the untouched ids go through exact no-ops (x / 1.0, x * 1.0, x - 0.0). From one
+    decode step to the next the window slides by a token: updating two entries beats converting and counting
+    the 64-token list again, which cost more than all the arithmetic at V ~ 65."""
+
+    __slots__ = ("step", "window", "counts", "divisor", "subtrahend", "incremental")
+
+    def __init__(self, step: PenaltiesStep, window: list, vocab_size: int):
+        self.step = step
+        self.window = window
+        tokens, counts = _token_counts(window, vocab_size)
+        self.counts = [0] * vocab_size
+        for token, count in zip(tokens.tolist(), counts.tolist(), strict=True):
+            self.counts[token] = count
+        self.divisor = np.ones(vocab_size)
+        self.divisor[tokens] = step.repetition
+        self.subtrahend = np.zeros(vocab_size)
+        self.subtrahend[tokens] = step.presence + step.frequency * counts
+        # Only plain ints are tracked one by one; anything else (numpy ints, ...) is counted afresh each time.
+        self.incremental = all(type(token) is int for token in window)
+
+    def advance(self, window: list) -> bool:
+        """Move to ``window``; False when it is not the previous one slid by one token (rebuild instead)."""
+        if not self.incremental:
+            return False
+        previous = self.window
+        if window == previous:
+            return True
+        dropped = len(previous) - len(window) + 1  # 1 once the window is full, 0 while it still grows
+        added = window[-1]
+        if type(added) is not int or dropped not in (0, 1):
+            return False
+        if window[:-1] != previous[dropped:]:
+            return False
+        if dropped:
+            self._count(previous[0], -1)
+        self._count(added, 1)
+        self.window = window
+        return True
+
+    def _count(self, token: int, change: int) -> None:
+        if not 0 <= token < len(self.counts):
+            return  # not a token id: never counted
+        count = self.counts[token] = self.counts[token] + change
+        step = self.step
+        self.divisor[token] = step.repetition if count else 1.0
+        self.subtrahend[token] = step.presence + step.frequency * count if count else 0.0
+
+    def apply(self, row: np.ndarray) -> np.ndarray:
+        """The penalised row: ``row`` itself or a new array."""
+        if not self.step.boosts:
+            return self._penalized(row)
+        with np.errstate(over="ignore"):  # as in PenaltiesStep._penalize
+            return np.minimum(self._penalized(row), _FLOAT64_MAX, out=row)
+
+    def _penalized(self, row: np.ndarray) -> np.ndarray:
+        step = self.step
+        if step.repetition != 1.0:  # see PenaltiesStep._penalized: the sign bit picks the multiplied entries
+            scaled = row / self.divisor
+            np.multiply(row, self.divisor, out=scaled, where=np.signbit(row))
+            row = scaled
+        if step.presence or step.frequency:
+            row -= self.subtrahend
+        return row
+
+
+class NoRepeatNGramStep(_BanningStep):
     """Ban every token that would complete an n-gram already present in the history (HF semantics)."""
 
     def __init__(self, size: int):
         self.size = size
 
-    def apply(self, row: _Row) -> None:
-        history = np.asarray(row.history, dtype=np.int64).reshape(-1)
-        if history.size < self.size:
-            return
+    def ban(self, logits: np.ndarray, history: Sequence[int]) -> bool:
+        tokens = np.asarray(history, dtype=np.int64).reshape(-1)
+        if tokens.size < self.size:
+            return False
         if self.size == 1:
-            banned = history
+            banned = tokens
         else:
-            prefix = history[history.size - self.size + 1 :]
-            windows = sliding_window_view(history, self.size)
+            prefix = tokens[tokens.size - self.size + 1 :]
+            windows = sliding_window_view(tokens, self.size)
             banned = windows[(windows[:, :-1] == prefix).all(axis=1), -1]
-        banned = banned[(banned >= 0) & (banned < row.logits.size)]
-        row.logits[banned] = -np.inf
-        row.may_be_empty = banned.size > 0
+        banned = banned[(banned >= 0) & (banned < logits.size)]
+        logits[banned] = -np.inf
+        return banned.size > 0
 
 
-class TopKStep:
+class TopKStep(_Filter):
     """Keep the tokens whose logit is >= the k-th largest logit (ties at the cut all stay, as in HF)."""
 
     def __init__(self, k: int):
         self.k = k
 
-    def apply(self, row: _Row) -> None:
-        ids, values = row.view()
-        if values.size > self.k:
-            row.keep(ids, values, values >= _kth_largest(values, self.k))
+    def mask(self, values: np.ndarray, scratch: _Scratch) -> np.ndarray | None:
+        return values >= _kth_largest(values, self.k) if values.size > self.k else None
+
+    def narrow_sorted(self, neg: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if neg.size <= self.k:
+            return neg, order
+        count = neg.searchsorted(neg[self.k - 1], side="right")  # the k-th largest and its ties
+        return neg[:count], order[:count]
 
 
-class TypicalStep:
+class TypicalStep(_Filter):
     """Locally typical sampling: keep the tokens whose surprise is closest to the entropy until their mass
     reaches ``mass`` (HF TypicalLogitsWarper; the cut's key ties are kept)."""
 
     def __init__(self, mass: float):
         self.mass = mass
 
-    def apply(self, row: _Row) -> None:
-        ids, values = row.view()
-        probs, log_probs = _probabilities(values, row.scratch)
-        terms = row.scratch.get("terms", values.size)
+    def mask(self, values: np.ndarray, scratch: _Scratch) -> np.ndarray | None:
+        probs, log_probs = _probabilities(values, scratch)
+        terms = scratch.get("terms", values.size)
         terms.fill(0.0)
         np.multiply(probs, log_probs, out=terms, where=probs > 0)  # skips 0 * -inf
         entropy = -float(terms.sum())
         key = np.add(log_probs, entropy, out=terms)
         key = np.abs(key, out=key)  # |(-log p) - H|; +inf for removed tokens
-        cut = key[_sorted_head(key, probs, self.mass, row.scratch)[-1]]
-        row.keep(ids, values, key <= cut)  # HF keeps every token tied with the cut
+        cut = key[_sorted_head(key, probs, self.mass, scratch)[-1]]
+        return key <= cut  # HF keeps every token tied with the cut
+
+    def narrow_sorted(self, neg: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        shifted = np.subtract(neg[0], neg)  # logit - max logit
+        probs = np.exp(shifted)
+        total = probs.sum()
+        probs /= total
+        log_probs = np.subtract(shifted, math.log(total), out=shifted)
+        # -inf log-probabilities are possible when the logits span more than the float range: skip 0 * -inf
+        entropy = -float(np.multiply(probs, log_probs, out=np.zeros_like(probs), where=probs > 0).sum())
+        key = np.abs(np.add(log_probs, entropy, out=log_probs), out=log_probs)
+        by_key = key.argsort(kind="stable")
+        hit = int(probs[by_key].cumsum().searchsorted(self.mass, side="left"))
+        keep = key <= key[by_key[min(hit, key.size - 1)]]  # a subset of a sorted array stays sorted
+        return neg[keep], order[keep]
 
 
-class TopPStep:
+class TopPStep(_Filter):
     """Nucleus: keep the smallest set of most probable tokens whose mass reaches ``top_p`` (at least one token;
     among equally probable tokens at the cut the lower ids win, as a stable sort orders them)."""
 
     def __init__(self, top_p: float):
         self.top_p = top_p
 
-    def apply(self, row: _Row) -> None:
-        ids, values = row.view()
-        probs, log_probs = _probabilities(values, row.scratch)
+    def mask(self, values: np.ndarray, scratch: _Scratch) -> np.ndarray | None:
+        probs, log_probs = _probabilities(values, scratch)
         surprise = np.negative(log_probs, out=log_probs)  # ascending surprise = descending probability
         mask = np.zeros(values.size, dtype=bool)
-        mask[_sorted_head(surprise, probs, self.top_p, row.scratch)] = True
-        row.keep(ids, values, mask)
+        mask[_sorted_head(surprise, probs, self.top_p, scratch)] = True
+        return mask
+
+    def narrow_sorted(self, neg: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # Already in descending probability, equal ones by lower id: the head is a prefix. Comparing the running
+        # sum with top_p * total rather than normalising first saves two numpy calls (same cut up to rounding).
+        cumulative = np.exp(np.subtract(neg[0], neg)).cumsum()
+        count = int(cumulative.searchsorted(self.top_p * cumulative[-1], side="left")) + 1
+        return neg[:count], order[:count]
 
 
-class MinPStep:
+class MinPStep(_Filter):
     """Keep the tokens with p >= min_p * p_max, i.e. logit >= max logit + log(min_p)."""
 
     def __init__(self, min_p: float):
         self.log_min_p = math.log(min_p)
 
-    def apply(self, row: _Row) -> None:
-        ids, values = row.view()
-        row.keep(ids, values, values >= values.max() + self.log_min_p)
+    def mask(self, values: np.ndarray, scratch: _Scratch) -> np.ndarray | None:
+        return values >= values.max() + self.log_min_p
+
+    def narrow_sorted(self, neg: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # logit >= max + log(min_p)  <=>  -logit <= -max - log(min_p), exactly (negation is exact)
+        count = neg.searchsorted(neg[0] - self.log_min_p, side="right")
+        return neg[:count], order[:count]
 
 
-class TemperatureStep:
+class TemperatureStep(_Filter):
     """Divide the logits by the temperature (> 1 flattens the distribution, < 1 sharpens it)."""
 
     def __init__(self, temperature: float):
         self.temperature = temperature
 
-    def apply(self, row: _Row) -> None:
-        ids, values = row.view()
+    def _shift(self, values: np.ndarray) -> float:
+        """What to subtract first: a tiny temperature would overflow huge logits (softmax is shift-invariant)."""
         peak = values.max()
         floor = values.min(initial=np.inf, where=values > -np.inf)
-        # A tiny temperature would overflow huge logits: shift first (softmax is shift-invariant).
-        shift = peak if float(max(abs(peak), abs(floor))) > _HUGE_LOGIT * self.temperature else 0.0
-        if ids is None:  # dense: in place, no 50k-wide temporaries
-            if shift:
-                np.subtract(row.logits, shift, out=row.logits)
-            np.divide(row.logits, self.temperature, out=row.logits)
+        return peak if float(max(abs(peak), abs(floor))) > _HUGE_LOGIT * self.temperature else 0.0
+
+    def divide_in_place(self, dense: np.ndarray) -> None:
+        """The whole row at once: no 50k-wide temporaries."""
+        shift = self._shift(dense)
+        if shift:
+            np.subtract(dense, shift, out=dense)
+        np.divide(dense, self.temperature, out=dense)
+
+    def apply(self, row: _Row) -> None:
+        ids, values = row.view()
+        if ids is None:
+            self.divide_in_place(row.logits)
         else:
-            row.logits[ids] = (values - shift) / self.temperature
+            row.logits[ids] = (values - self._shift(values)) / self.temperature
+
+    def narrow_sorted(self, neg: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        peak, floor = -neg[0], -neg[-1]  # the largest and smallest logit: no reductions needed
+        if float(max(abs(peak), abs(floor))) > _HUGE_LOGIT * self.temperature:
+            return (neg + peak) / self.temperature, order  # -(logit - peak) / t; stays sorted
+        return neg / self.temperature, order
 
 
 def _tail(history: Sequence[int], count: int) -> Sequence[int]:
@@ -540,13 +739,35 @@ def _tail(history: Sequence[int], count: int) -> Sequence[int]:
         return list(history)[-count:]
 
 
-def _valid_ids(tokens: Sequence[int], vocab_size: int) -> np.ndarray:
+def _token_counts(tokens: Sequence[int], vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ids in [0, vocab_size) among ``tokens``, ascending, and how often each occurs."""
     ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
-    return ids[(ids >= 0) & (ids < vocab_size)]
+    if vocab_size <= SMALL_VOCAB:  # a vocab-wide bincount beats np.unique's sort here
+        # Out-of-range ids (negative ones wrap around as unsigned) all land in one extra bin, dropped below.
+        bins = np.minimum(ids.view(np.uint64), np.uint64(vocab_size)).view(np.int64)
+        counts = np.bincount(bins, minlength=vocab_size + 1)[:vocab_size]
+        present = counts.nonzero()[0]
+        return present, counts[present]
+    return np.unique(ids[(ids >= 0) & (ids < vocab_size)], return_counts=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The chain
+
+# Vocabularies up to this size may take the small path (see _choose_small_path): one row at a time, sorted once,
+# no support bookkeeping. Its temporaries are at most 32 kB, so they do not hit the page-fault cost that the
+# general path's reused buffers exist for, and at V ~ 65 numpy's per-call overhead is the whole cost.
+SMALL_VOCAB = 4096
+_BAN_CACHE_SIZE = 16  # distinct per-call ban lists remembered (the decode loop uses one or two)
+_PREFILTER_FROM = 256  # rows at least this wide are cut by a leading top-k / min-p before the sort
+_SORT_ALL_LIMIT = 1024  # widest row the small path sorts whole (top-p / typical-p first); wider: general path
+_MAX_PENALTY_WINDOWS = 64  # batch rows whose penalty window the small path tracks incrementally
+
+
+class _Bans(NamedTuple):
+    ids: np.ndarray  # every banned id, ascending
+    extra: np.ndarray | None  # the per-call ones, checked (None: none)
+    mask: np.ndarray | None  # small path: 0.0 for allowed ids, -inf for banned ones, added to the logits
 
 
 class SamplerChain:
@@ -566,10 +787,37 @@ class SamplerChain:
             name for name in resolve_order(settings.order) if not (self.greedy and name in _SAMPLING_ONLY_STEPS)
         )
         self.steps = [step for step in map(self._build_step, self.step_names) if step is not None]
-        self._work: np.ndarray | None = None  # float64 batch buffer reused across calls (one chain per thread)
+        self._banning = [step for step in self.steps if isinstance(step, _BanningStep)]
+        self._filters = [step for step in self.steps if isinstance(step, _Filter)]
+        self._choose_small_path()
+        self._work: np.ndarray | None = None  # general path: float64 batch buffer reused across calls
+        self._row = np.empty(self.vocab_size)  # small path: work rows reused across calls
+        self._neg = np.empty(self.vocab_size)
         self._scratch = _Scratch()
+        self._ban_cache: dict[tuple, _Bans] = {}
+        self._base_bans = self._make_bans()
 
-    def _build_step(self, name: str) -> Step | None:
+    def _choose_small_path(self) -> None:
+        """Decide whether rows take the small path and how (see ``_small_row``)."""
+        # Temperature alone among the filters: the row is scaled where it is and never sorted.
+        alone = self._filters[0] if len(self._filters) == 1 else None
+        self._dense_temperature = alone if isinstance(alone, TemperatureStep) else None
+        self._sorting = bool(self._filters) and self._dense_temperature is None
+        # On wider rows a leading top-k or min-p cuts the row with one O(V) mask before the sort (and is done).
+        first = self._filters[0] if self._filters else None
+        cuts = isinstance(first, (TopKStep, MinPStep)) and self.vocab_size >= _PREFILTER_FROM
+        self._prefilter = first if cuts else None
+        self._sorted_filters = self._filters[1:] if cuts else self._filters
+        self._small = (
+            self.vocab_size <= SMALL_VOCAB
+            # every banning step before the first filter: true for both preset orders; an explicit order that
+            # bans after filtering takes the general path
+            and self.steps == self._banning + self._filters
+            # sorting a whole wide row costs more than the general path's bins
+            and (cuts or not self._sorting or self.vocab_size <= _SORT_ALL_LIMIT)
+        )
+
+    def _build_step(self, name: str) -> _BanningStep | _Filter | None:
         """The step object for ``name``, or None where the settings make it a no-op."""
         s = self.settings
         if name == "penalties":
@@ -604,25 +852,29 @@ class SamplerChain:
     ) -> np.ndarray:
         """[B, V] logits -> [B, V] float32 processed logits, -inf for removed tokens; every row keeps at least one
         finite entry. Softmax of a row is the distribution ``sample`` draws from (greedy takes its argmax)."""
-        rows = self._run(logits, history, extra_banned)
-        out = np.empty((len(rows), self.vocab_size), dtype=np.float32)
-        for index, row in enumerate(rows):
-            peak = row.logits.max()
+        original, history = self._check_batch(logits, history)
+        out = np.empty((original.shape[0], self.vocab_size), dtype=np.float32)
+        for index, (ids, values) in enumerate(self._rows(original, history, extra_banned)):
+            peak = values.max()
             if abs(peak) > _FLOAT32_MAX:  # would not survive float32: shift (softmax is shift-invariant)
-                row.logits -= peak
+                values = values - peak
             with np.errstate(over="ignore"):  # what falls below -3.4e38 becomes -inf: probability 0 either way
-                out[index] = row.logits
+                if ids is None:
+                    out[index] = values
+                else:
+                    out[index].fill(-np.inf)
+                    out[index, ids] = values
         return out
 
     def probabilities(
         self, logits: np.ndarray, history: Sequence[Sequence[int]] | None, extra_banned: Sequence[int] = ()
     ) -> np.ndarray:
         """Softmax of the processed logits, float64 [B, V]; removed and banned tokens get exactly 0."""
-        rows = self._run(logits, history, extra_banned)
-        probs = np.zeros((len(rows), self.vocab_size))
-        for index, row in enumerate(rows):
-            ids, values = row.candidates()
-            probs[index, ids] = _probabilities(values, row.scratch)[0]
+        original, history = self._check_batch(logits, history)
+        probs = np.zeros((original.shape[0], self.vocab_size))
+        for index, view in enumerate(self._rows(original, history, extra_banned)):
+            ids, values = _finite(*view)
+            probs[index, ids] = _probabilities(values, self._scratch)[0]
         return probs
 
     def sample(
@@ -633,17 +885,35 @@ class SamplerChain:
         extra_banned: Sequence[int] = (),
     ) -> np.ndarray:
         """One token id per row, int64 [B]: argmax when greedy, otherwise a draw from ``probabilities``."""
-        rows = self._run(logits, history, extra_banned)
-        if self.greedy:
-            return np.array([int(np.argmax(row.logits)) for row in rows], dtype=np.int64)
-        uniforms = rng.random(len(rows))
-        return np.array([_draw(row, u) for row, u in zip(rows, uniforms, strict=True)], dtype=np.int64)
+        original, history = self._check_batch(logits, history)
+        rows = original.shape[0]
+        picked = np.empty(rows, dtype=np.int64)
+        # rng.random() gives the same stream as rng.random(rows) and is cheaper for the usual single row.
+        uniforms = None if self.greedy else [rng.random()] if rows == 1 else rng.random(rows)
+        if self._small:  # straight from the sorted candidates, without building the id-ordered view
+            bans = self._bans(extra_banned)
+            for index in range(rows):
+                order, values = self._small_row(original[index], history[index], index, bans)
+                if uniforms is None:
+                    picked[index] = values.argmax()  # greedy never sorts: values is the dense row
+                elif order is None:
+                    picked[index] = _draw(None, values, uniforms[index], self._scratch)
+                else:
+                    picked[index] = _draw_sorted(order, values, uniforms[index])
+            return picked
+        for index, (ids, values) in enumerate(self._rows(original, history, extra_banned)):
+            if uniforms is None:
+                best = int(values.argmax())
+                picked[index] = best if ids is None else ids[best]
+            else:
+                picked[index] = _draw(ids, values, uniforms[index], self._scratch)
+        return picked
 
     # -- internals -----------------------------------------------------------------------------------------------
 
-    def _run(
-        self, logits: np.ndarray, history: Sequence[Sequence[int]] | None, extra_banned: Sequence[int]
-    ) -> list[_Row]:
+    def _check_batch(
+        self, logits: np.ndarray, history: Sequence[Sequence[int]] | None
+    ) -> tuple[np.ndarray, Sequence[Sequence[int]]]:
         original = np.asarray(logits)
         if original.ndim != 2 or original.shape[1] != self.vocab_size:
             raise ValueError(f"logits must have shape [batch, {self.vocab_size}], got {list(original.shape)}")
@@ -651,11 +921,110 @@ class SamplerChain:
             history = [()] * original.shape[0]
         if len(history) != original.shape[0]:
             raise ValueError(f"history has {len(history)} rows for a batch of {original.shape[0]}")
-        work = self._load(original)
+        return original, history
+
+    def _bans(self, extra_banned: Sequence[int]) -> _Bans:
+        """Every banned id for this call, remembered per distinct extras list: the decode loop and evaluation
+        pass the same one (eos below min_new_tokens) at every step."""
+        if not len(extra_banned):
+            return self._base_bans
+        try:
+            key = tuple(extra_banned)
+            cached = self._ban_cache.get(key)
+        except TypeError:  # unhashable entries (e.g. a 2-D array): check them every time
+            return self._make_bans(extra_banned)
+        if cached is None:
+            if len(self._ban_cache) >= _BAN_CACHE_SIZE:
+                self._ban_cache.clear()
+            cached = self._ban_cache[key] = self._make_bans(extra_banned)
+        return cached
+
+    def _make_bans(self, extra_banned: Sequence[int] = ()) -> _Bans:
         extra = self._check_ids(extra_banned, "extra_banned") if len(extra_banned) else None
-        work[:, self.banned_ids] = -np.inf
-        if extra is not None:
-            work[:, extra] = -np.inf
+        ids = self.banned_ids if extra is None else np.union1d(self.banned_ids, extra)
+        if not self._small:
+            return _Bans(ids, extra, None)
+        mask = np.zeros(self.vocab_size)
+        mask[ids] = -np.inf
+        return _Bans(ids, extra, mask)
+
+    def _rows(
+        self, original: np.ndarray, history: Sequence[Sequence[int]], extra_banned: Sequence[int]
+    ) -> Iterator[tuple[np.ndarray | None, np.ndarray]]:
+        """Each processed row as a view: (None, the whole row with -inf for removed ids) or (ascending ids,
+        their finite logits). A small-path view lives in reused buffers: use it before taking the next."""
+        bans = self._bans(extra_banned)
+        if not self._small:
+            for row in self._run(original, history, bans.ids, bans.extra):
+                yield row.view()
+            return
+        for index in range(original.shape[0]):
+            order, values = self._small_row(original[index], history[index], index, bans)
+            if order is None:
+                yield None, values
+            else:
+                by_id = order.argsort()
+                yield order[by_id], np.negative(values[by_id])
+
+    def _small_row(
+        self, original: np.ndarray, history: Sequence[int], slot: int, bans: _Bans
+    ) -> tuple[np.ndarray | None, np.ndarray]:
+        """One row through the chain without _Row: (None, the dense work row) when no filter sorts, else
+        (ids, negated logits), most likely first. After the banning steps the finite logits are sorted once
+        (descending, equal ones by lower id, as the general path's stable sorts order them); then top-k, top-p
+        and min-p each keep a prefix, typical-p a subset and temperature scales, so no filter sorts again or
+        builds a mask. Every numpy call here is one of a few dozen per token: at V ~ 65 calls are the cost."""
+        # Copy and ban in one call: x + 0.0 == x, and whatever a banned id held (+inf, NaN) becomes -inf or NaN,
+        # which _sanitize turns into -inf.
+        row = np.add(original, bans.mask, out=self._row)
+        peak = row[row.argmax()]  # argmax (a NaN if there is one) is a plain C call; max is not
+        if peak != peak or peak == np.inf:  # NaN or +inf somewhere: see _sanitize
+            _sanitize(row)
+            peak = row.max()
+        if peak == -np.inf:
+            return self._small_fallback(original, bans.extra)
+        for step in self._banning:
+            row = step.edit_small(row, history, slot)
+            if row[row.argmax()] == -np.inf:
+                return self._small_fallback(original, bans.extra)
+        if not self._sorting:
+            if self._dense_temperature is not None:
+                self._dense_temperature.divide_in_place(row)
+            return None, row
+        neg = np.negative(row, out=self._neg)
+        if self._prefilter is None:
+            order = neg.argsort(kind="stable")
+            neg = neg[order]
+        else:
+            kept = self._prefilter.mask(row, self._scratch).nonzero()[0]  # ascending, so ties stay by id
+            neg = neg[kept]
+            by_logit = neg.argsort(kind="stable")
+            order, neg = kept[by_logit], neg[by_logit]
+        finite = neg.searchsorted(np.inf)  # removed ids (+inf here) sort last
+        neg, order = neg[:finite], order[:finite]
+        for step in self._sorted_filters:
+            neg, order = step.narrow_sorted(neg, order)
+        return order, neg
+
+    def _small_fallback(self, original: np.ndarray, extra: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
+        """``_fall_back`` in the form ``_small_row`` returns."""
+        token, value = self._fallback_choice(original, extra)
+        if self._sorting:
+            return np.array([token], dtype=np.int64), np.array([-value])
+        self._row.fill(-np.inf)
+        self._row[token] = value
+        return None, self._row
+
+    def _run(
+        self,
+        original: np.ndarray,
+        history: Sequence[Sequence[int]],
+        bans: np.ndarray,
+        extra: np.ndarray | None,
+    ) -> list[_Row]:
+        """The general path: the whole batch in one reused float64 buffer, each row with its candidate set."""
+        work = self._load(original)
+        work[:, bans] = -np.inf
         rows = [_Row(work[index], history[index], self._scratch) for index in range(work.shape[0])]
         for index, row in enumerate(rows):
             self._process_row(row, original[index], extra)
@@ -683,9 +1052,9 @@ class SamplerChain:
         _sanitize(work)
         return work
 
-    def _fall_back(self, row: _Row, original: np.ndarray, extra: np.ndarray | None) -> None:
-        """Everything was removed (bans + no-repeat): take the argmax of the original logits among the allowed
-        ids; if the per-call bans leave nothing, among the ids the constructor allowed."""
+    def _fallback_choice(self, original: np.ndarray, extra: np.ndarray | None) -> tuple[int, float]:
+        """Everything was removed (bans + no-repeat): the argmax of the original logits among the allowed ids;
+        if the per-call bans leave nothing, among the ids the constructor allowed. (id, its logit)."""
         base = np.ones(self.vocab_size, dtype=bool)
         base[self.banned_ids] = False
         allowed = base.copy()
@@ -695,8 +1064,12 @@ class SamplerChain:
         values = np.array(original[ids], dtype=np.float64)
         _sanitize(values)
         best = int(np.argmax(values))
+        return int(ids[best]), float(values[best]) if np.isfinite(values[best]) else 0.0
+
+    def _fall_back(self, row: _Row, original: np.ndarray, extra: np.ndarray | None) -> None:
+        token, value = self._fallback_choice(original, extra)
         row.logits.fill(-np.inf)
-        row.logits[ids[best]] = values[best] if np.isfinite(values[best]) else 0.0
+        row.logits[token] = value
         row.reset_support()
 
 
@@ -706,13 +1079,26 @@ def _sanitize(values: np.ndarray) -> None:
         np.nan_to_num(values, copy=False, nan=-np.inf, posinf=_HUGE_LOGIT, neginf=-np.inf)
 
 
-def _draw(row: _Row, uniform: float) -> int:
-    """Inverse-CDF draw over the row's candidates; zero-probability entries can never be hit."""
-    ids, values = row.view()  # a dense row is drawn from in place: the position is the token id
-    weights = np.subtract(values, values.max(), out=row.scratch.get("weights", values.size))
+def _draw(ids: np.ndarray | None, values: np.ndarray, uniform: float, scratch: _Scratch) -> int:
+    """Inverse-CDF draw over a view (a dense view is drawn from in place: the position is the token id);
+    zero-probability entries can never be hit."""
+    peak = values[values.argmax()]  # argmax is a plain C call; max goes through a Python wrapper
+    weights = np.subtract(values, peak, out=scratch.get("weights", values.size))
     np.exp(weights, out=weights)
-    cumulative = np.cumsum(weights, out=row.scratch.get("cumulative", values.size))
-    index = int(np.searchsorted(cumulative, uniform * cumulative[-1], side="right"))
+    cumulative = weights.cumsum(out=scratch.get("cumulative", values.size))
+    index = int(cumulative.searchsorted(uniform * cumulative[-1], side="right"))
     if index >= weights.size or weights[index] == 0:  # rounding at the top end
         index = int(np.flatnonzero(weights)[-1])
     return index if ids is None else int(ids[index])
+
+
+def _draw_sorted(order: np.ndarray, neg: np.ndarray, uniform: float) -> int:
+    """``_draw`` over the small path's sorted candidates, with the same result: the cumulative sum runs in id
+    order, so a seed picks the same token on either path."""
+    by_id = order.argsort()
+    weights = np.exp(np.subtract(neg[0], neg))[by_id]  # exp(logit - max logit), ids ascending
+    cumulative = weights.cumsum()
+    index = int(cumulative.searchsorted(uniform * cumulative[-1], side="right"))
+    if index >= weights.size or weights[index] == 0:  # rounding at the top end
+        index = int(weights.nonzero()[0][-1])
+    return int(order[by_id[index]])

@@ -1,11 +1,16 @@
 """The sampler chain (repl/sampling.py): each step by hand, agreement with Hugging Face's logits processors,
-properties over arbitrary settings/logits, seeded draws and the setting parser."""
+properties over arbitrary settings/logits, seeded draws and the setting parser. The behaviour tests run on both
+implementations (the small-vocabulary path these vocabularies take by default, and the general one), and the two
+must agree with each other."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +30,7 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
+import repl.sampling as sampling
 from repl.sampling import (
     PRESET_ORDERS,
     SamplerChain,
@@ -44,6 +50,27 @@ LOGITS = np.log(PROBS)[None, :]
 OFF = {"top_k": 0}  # the dataclass default top_k=50 would be a no-op at V=5 anyway; explicit for clarity
 
 
+@contextmanager
+def general_path() -> Iterator[None]:
+    """Chains built inside take the general path whatever their vocabulary (every vocabulary counts as wide)."""
+    saved = sampling.SMALL_VOCAB
+    sampling.SMALL_VOCAB = 0
+    try:
+        yield
+    finally:
+        sampling.SMALL_VOCAB = saved
+
+
+@pytest.fixture(params=["small", "general"])
+def path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs a test on both paths; the vocabularies here take the small one unless the general one is forced."""
+    if request.param == "general":
+        with general_path():
+            yield request.param
+    else:
+        yield request.param
+
+
 def only(step: str, **values: object) -> SamplerSettings:
     """Settings that run just one step."""
     return replace(SamplerSettings(), order=step, **{**OFF, **values})
@@ -58,11 +85,13 @@ def kept(chain: SamplerChain, logits: np.ndarray, history=None, **kwargs) -> lis
 # Each step against hand-computed results
 
 
+@pytest.mark.usefixtures("path")
 @pytest.mark.parametrize(("k", "expected"), [(1, {0}), (2, {0, 1}), (4, {0, 1, 2, 3}), (5, {0, 1, 2, 3, 4})])
 def test_top_k_keeps_the_k_largest(k: int, expected: set[int]) -> None:
     assert kept(SamplerChain(only("top_k", top_k=k), 5), LOGITS) == [expected]
 
 
+@pytest.mark.usefixtures("path")
 def test_top_k_keeps_ties_at_the_cut() -> None:
     logits = np.array([[1.0, 3.0, 2.0, 3.0, 2.0, 0.0]])
     chain = SamplerChain(only("top_k", top_k=3), 6)
@@ -79,6 +108,7 @@ def test_top_k_on_a_wide_row_matches_a_full_partition() -> None:
             assert got == want
 
 
+@pytest.mark.usefixtures("path")
 @pytest.mark.parametrize(
     ("top_p", "expected"),
     [(0.45, {0}), (0.6, {0, 1}), (0.75, {0, 1, 2}), (0.9, {0, 1, 2, 3}), (0.99, {0, 1, 2, 3, 4})],
@@ -89,6 +119,7 @@ def test_top_p_keeps_the_smallest_prefix_reaching_the_mass(top_p: float, expecte
     assert kept(chain, LOGITS) == [expected]
 
 
+@pytest.mark.usefixtures("path")
 def test_top_p_cuts_exactly_at_the_mass_and_breaks_ties_by_lower_id() -> None:
     flat = np.zeros((1, 4))  # p = 0.25 each, exactly: cumulative 0.25, 0.5 (== top_p), ...
     assert kept(SamplerChain(only("top_p", top_p=0.5), 4), flat) == [{0, 1}]
@@ -96,16 +127,19 @@ def test_top_p_cuts_exactly_at_the_mass_and_breaks_ties_by_lower_id() -> None:
     assert kept(SamplerChain(only("top_p", top_p=0.2), 4), flat) == [{0}]
 
 
+@pytest.mark.usefixtures("path")
 def test_top_p_probabilities_are_renormalised() -> None:
     probs = SamplerChain(only("top_p", top_p=0.6), 5).probabilities(LOGITS, None)
     np.testing.assert_allclose(probs[0], [0.5 / 0.7, 0.2 / 0.7, 0, 0, 0], atol=1e-12)
 
 
+@pytest.mark.usefixtures("path")
 @pytest.mark.parametrize(("min_p", "expected"), [(0.25, {0, 1, 2}), (0.35, {0, 1}), (0.5, {0}), (1.0, {0})])
 def test_min_p_keeps_tokens_above_a_fraction_of_the_top(min_p: float, expected: set[int]) -> None:
     assert kept(SamplerChain(only("min_p", min_p=min_p), 5), LOGITS) == [expected]
 
 
+@pytest.mark.usefixtures("path")
 @pytest.mark.parametrize(("mass", "expected"), [(0.15, {1}), (0.3, {1, 2}), (0.5, {0, 1, 2}), (0.9, {0, 1, 2, 3})])
 def test_typical_p_by_hand(mass: float, expected: set[int]) -> None:
     # H = 1.3331 nats; |surprise - H| = [0.640, 0.276, 0.564, 0.970, 1.663] -> order ids 1, 2, 0, 3, 4 with
@@ -113,6 +147,7 @@ def test_typical_p_by_hand(mass: float, expected: set[int]) -> None:
     assert kept(SamplerChain(only("typical_p", typical_p=mass), 5), LOGITS) == [expected]
 
 
+@pytest.mark.usefixtures("path")
 def test_temperature_divides_the_logits() -> None:
     chain = SamplerChain(only("temperature", temperature=0.5), 5)
     np.testing.assert_allclose(chain.process(LOGITS, None)[0], LOGITS[0] / 0.5, rtol=1e-6)
@@ -120,6 +155,7 @@ def test_temperature_divides_the_logits() -> None:
     np.testing.assert_allclose(chain.probabilities(LOGITS, None)[0], expected, atol=1e-12)
 
 
+@pytest.mark.usefixtures("path")
 def test_repetition_presence_and_frequency_penalties() -> None:
     logits = np.array([[2.0, -2.0, 1.0, 0.5, 3.0]])
     history = [[0, 1, 1]]
@@ -131,6 +167,7 @@ def test_repetition_presence_and_frequency_penalties() -> None:
     np.testing.assert_allclose(both.process(logits, history)[0], [0.25, -5.0, 1.0, 0.5, 3.0])
 
 
+@pytest.mark.usefixtures("path")
 @pytest.mark.parametrize(("last_n", "penalised"), [(1, {2}), (2, {1, 2}), (-1, {0, 1, 2}), (0, set())])
 def test_penalty_window(last_n: int, penalised: set[int]) -> None:
     logits = np.full((1, 5), 2.0)
@@ -139,6 +176,7 @@ def test_penalty_window(last_n: int, penalised: set[int]) -> None:
     assert set(np.flatnonzero(out == 1.0).tolist()) == penalised
 
 
+@pytest.mark.usefixtures("path")
 @pytest.mark.parametrize(
     ("size", "history", "banned"),
     [
@@ -156,6 +194,7 @@ def test_no_repeat_ngram(size: int, history: list[int], banned: set[int]) -> Non
     assert kept(chain, np.zeros((1, 6)), [history]) == [set(range(6)) - banned]
 
 
+@pytest.mark.usefixtures("path")
 def test_banned_ids_get_zero_probability() -> None:
     chain = SamplerChain(SamplerSettings(top_k=0), 6, banned_ids=[5])
     probs = chain.probabilities(np.zeros((2, 6)), [[], []], extra_banned=[0])
@@ -163,6 +202,7 @@ def test_banned_ids_get_zero_probability() -> None:
     assert 0 not in chain.sample(np.full((1, 6), -5.0) + np.eye(6)[0] * 100, [[]], np.random.default_rng(0), [0])
 
 
+@pytest.mark.usefixtures("path")
 def test_everything_removed_falls_back_to_the_best_allowed_original_logit() -> None:
     logits = np.array([[5.0, 1.0, 3.0, 2.0]])
     chain = SamplerChain(replace(SamplerSettings(), no_repeat_ngram_size=1, top_k=2), 4, banned_ids=[0])
@@ -176,6 +216,7 @@ def test_everything_removed_falls_back_to_the_best_allowed_original_logit() -> N
     assert chain.sample(logits, [[]], np.random.default_rng(0), extra_banned=[1, 2, 3]).tolist() == [2]
 
 
+@pytest.mark.usefixtures("path")
 def test_greedy_takes_the_argmax_after_penalties_and_ignores_filters() -> None:
     logits = np.array([[3.0, 2.9, 0.0, -1.0]])
     greedy = SamplerChain(SamplerSettings(temperature=0, repetition_penalty=2.0, typical_p=0.2, min_p=1.0), 4)
@@ -185,6 +226,7 @@ def test_greedy_takes_the_argmax_after_penalties_and_ignores_filters() -> None:
     assert np.isfinite(greedy.process(logits, [[]])).all()
 
 
+@pytest.mark.usefixtures("path")
 def test_llama_order_filters_before_temperature_hf_after() -> None:
     # raw p = [0.5, 0.2, 0.15, 0.1, 0.05]; at temperature 0.5 p ~ [0.74, 0.12, 0.07, 0.03, 0.01]
     values = {"temperature": 0.5, "top_p": 0.6}
@@ -201,6 +243,7 @@ def test_explicit_order_runs_only_the_listed_steps() -> None:
     assert resolve_order("HF") == PRESET_ORDERS["hf"]
 
 
+@pytest.mark.usefixtures("path")
 def test_huge_and_non_finite_inputs_never_give_nan() -> None:
     logits = np.array(
         [
@@ -263,6 +306,7 @@ HF_CASES = [
 ]
 
 
+@pytest.mark.usefixtures("path")
 @pytest.mark.parametrize(("step", "values", "make"), HF_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(HF_CASES)])
 @pytest.mark.parametrize("vocab", [5, 40, 3000])
 def test_each_step_matches_transformers(step: str, values: dict, make, vocab: int) -> None:
@@ -273,6 +317,7 @@ def test_each_step_matches_transformers(step: str, values: dict, make, vocab: in
     assert_same_distribution(ours, hf_apply([make()], logits, history))
 
 
+@pytest.mark.usefixtures("path")
 def test_whole_chain_in_hf_order_matches_transformers() -> None:
     rng = np.random.default_rng(11)
     ours_settings = SamplerSettings(
@@ -347,8 +392,13 @@ def sampler_cases(draw: st.DrawFn):
 def test_properties_hold_for_any_settings_and_logits(case) -> None:
     sampler, logits, history, banned, extra = case
     vocab = logits.shape[1]
-    chain = SamplerChain(sampler, vocab, banned_ids=banned)
+    check_properties(SamplerChain(sampler, vocab, banned_ids=banned), logits, history, banned, extra)
+    with general_path():
+        check_properties(SamplerChain(sampler, vocab, banned_ids=banned), logits, history, banned, extra)
 
+
+def check_properties(chain: SamplerChain, logits: np.ndarray, history: list, banned: list, extra: list) -> None:
+    vocab = logits.shape[1]
     processed = chain.process(logits, history, extra)
     assert processed.dtype == np.float32 and processed.shape == logits.shape
     assert not np.isnan(processed).any() and not np.isposinf(processed).any()
@@ -375,6 +425,7 @@ def test_properties_hold_for_any_settings_and_logits(case) -> None:
 # Draws
 
 
+@pytest.mark.usefixtures("path")
 def test_seeded_draws_are_reproducible() -> None:
     logits = np.random.default_rng(0).standard_normal((4, 100))
     chain = SamplerChain(SamplerSettings(seed=1234, top_k=0), 100)
@@ -387,6 +438,7 @@ def test_seeded_draws_are_reproducible() -> None:
     assert first != draws(np.random.default_rng(4321))
 
 
+@pytest.mark.usefixtures("path")
 def test_sampling_frequencies_follow_the_probabilities() -> None:
     logits = np.log(np.array([[0.4, 0.25, 0.15, 0.1, 0.07, 0.03]]))
     chain = SamplerChain(SamplerSettings(temperature=0.9, top_p=0.95, top_k=0), 6)
@@ -400,6 +452,129 @@ def test_sampling_frequencies_follow_the_probabilities() -> None:
     total = counts.sum()
     chi2 = (((counts - total * expected) ** 2)[support] / (total * expected[support])).sum()
     assert chi2 < 25.0  # 4 degrees of freedom: p ~ 5e-5 for a correct sampler
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The small-vocabulary path against the general one
+
+FULL = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repetition_penalty": 1.1}  # the demo's
+AGREEMENT_CASES = [
+    FULL,
+    {**FULL, "order": "hf"},
+    {"temperature": 1.3, "top_k": 0, "top_p": 0.8, "typical_p": 0.9, "presence_penalty": 0.4,
+     "frequency_penalty": 0.3, "penalty_last_n": 16},
+    {"temperature": 0.7, "top_k": 0, "min_p": 0.1, "no_repeat_ngram_size": 2, "repetition_penalty": 0.8},
+    {"temperature": 0.6, "top_k": 0},  # temperature alone: the small path does not sort
+    {"temperature": 1.0, "top_k": 0, "repetition_penalty": 1.5},  # nothing to filter
+    {"temperature": 0.0, "repetition_penalty": 1.3, "penalty_last_n": -1},  # greedy
+    {"order": "min_p,top_p,temperature", "temperature": 0.9, "min_p": 0.02, "top_p": 0.9},
+    {"order": "temperature,typical_p,top_k", "temperature": 2.0, "typical_p": 0.5, "top_k": 5},
+]
+
+
+@pytest.mark.parametrize("values", AGREEMENT_CASES, ids=[str(i) for i in range(len(AGREEMENT_CASES))])
+@pytest.mark.parametrize("vocab", [67, 300, 1500])
+def test_small_and_general_paths_agree(values: dict, vocab: int) -> None:
+    """Same kept tokens, logits, probabilities and seeded draws. The logits are continuous (no exact ties), where
+    summing in another order could move a cut by rounding; the tie rules are pinned by the hand tests above."""
+    settings = SamplerSettings(**values)
+    rng = np.random.default_rng(vocab)
+    small = SamplerChain(settings, vocab, banned_ids=[vocab - 1, 3])
+    with general_path():
+        general = SamplerChain(settings, vocab, banned_ids=[vocab - 1, 3])
+    assert not general._small
+    assert small._small or vocab > 1024  # what is compared on the narrower rows is really the small path
+    histories = [rng.integers(0, 50, size=100).tolist() for _ in range(3)]
+    histories[2] += [-1, vocab + 5]  # not token ids: ignored
+    for extra in ((), [0]):
+        for _ in range(3):
+            logits = (rng.standard_normal((3, vocab)) * 3).astype(np.float32)
+            np.testing.assert_array_equal(small.process(logits, histories, extra),
+                                          general.process(logits, histories, extra))
+            np.testing.assert_array_equal(small.probabilities(logits, histories, extra),
+                                          general.probabilities(logits, histories, extra))
+            draws = [np.random.default_rng(seed) for seed in (5, 5)]
+            for _ in range(10):
+                assert small.sample(logits, histories, draws[0], extra).tolist() == \
+                    general.sample(logits, histories, draws[1], extra).tolist()
+            for history in histories:  # the decode loop's pattern: the same lists, one token longer each call
+                history.append(int(rng.integers(0, 50)))
+
+
+def test_each_vocabulary_takes_the_cheaper_path() -> None:
+    full = SamplerSettings(**FULL)
+    assert SamplerChain(full, 67)._small and SamplerChain(full, 4096)._small  # a leading top-k cuts wide rows
+    assert not SamplerChain(full, 4097)._small and not SamplerChain(full, 50257)._small
+    nucleus = SamplerSettings(top_k=0, top_p=0.9)  # sorts whole rows: only up to 1024 wide
+    assert SamplerChain(nucleus, 1024)._small and not SamplerChain(nucleus, 1025)._small
+    assert SamplerChain(SamplerSettings(temperature=0.7, top_k=0), 4096)._small  # no sort at all
+    assert not SamplerChain(replace(full, order="top_k,penalties"), 67)._small  # bans after a filter
+
+
+def test_penalty_window_follows_a_history_edited_between_calls() -> None:
+    """The small path updates its penalty vectors by one token per call instead of recounting the window; whatever
+    happens to the history lists in between, the result must equal counting afresh."""
+    vocab = 20
+    settings = SamplerSettings(temperature=0.7, top_k=0, repetition_penalty=1.8, presence_penalty=0.3,
+                               frequency_penalty=0.2, penalty_last_n=8)
+    logits = (np.random.default_rng(0).standard_normal((2, vocab)) * 2).astype(np.float32)
+    tracked = SamplerChain(settings, vocab)
+    with general_path():
+        general = SamplerChain(settings, vocab)
+    rows = [[1, 2, 3], [4]]
+
+    def check() -> None:
+        fresh = SamplerChain(settings, vocab).process(logits, rows)  # a new chain counts from scratch
+        np.testing.assert_array_equal(tracked.process(logits, rows), fresh)
+        np.testing.assert_array_equal(general.process(logits, rows), fresh)
+
+    check()
+    for token in [4, 5, 6, 7, 8, 9, 1, 1, 1, 2, 2]:  # fills the window, then slides it
+        rows[0].append(token)
+        rows[1].append((token * 7) % vocab)
+        check()
+    edits = [
+        lambda: rows[0].__delitem__(slice(-3, None)),  # an undo
+        lambda: rows[0].extend([5, 5]),  # two tokens at once
+        lambda: rows[0].__setitem__(slice(None), [7] * 12),  # the same list refilled
+        lambda: rows[0].__setitem__(-2, 0),  # one token changed inside the window
+        lambda: rows[0].append(np.int64(3)),  # not a plain int: counted afresh from then on
+        lambda: rows[0].append(4),
+        lambda: rows[0].extend([-1, vocab + 3]),  # not token ids
+        lambda: rows[0].extend([2] * 9),  # ... which then leave the window
+        lambda: rows.__setitem__(0, [*rows[0], 6]),  # a new list object
+        lambda: rows.reverse(),  # the rows swap places in the batch
+    ]
+    for edit in edits:
+        edit()
+        check()
+
+
+@pytest.mark.usefixtures("path")
+def test_per_call_bans_are_remembered_yet_still_checked() -> None:
+    chain = SamplerChain(SamplerSettings(temperature=0.5, top_k=0), 6, banned_ids=[5])
+    logits = np.zeros((1, 6))
+    pairs, triples = list(itertools.combinations(range(5), 2)), list(itertools.combinations(range(5), 3))
+    for extra in [[0], (), [1, 2], [0], np.array([3]), [[4]], np.array([[1, 2]]), *pairs, *triples, *pairs]:
+        probs = chain.probabilities(logits, None, extra_banned=extra)[0]
+        assert set(np.flatnonzero(probs == 0).tolist()) == {5, *np.ravel(extra).tolist()}
+    for _ in range(2):  # a bad list is refused every time, not remembered
+        with pytest.raises(ValueError, match="extra_banned"):
+            chain.sample(logits, None, np.random.default_rng(0), extra_banned=[9])
+
+
+@pytest.mark.usefixtures("path")
+@pytest.mark.parametrize("boost", [{"repetition_penalty": 1e-10}, {"presence_penalty": -1e308},
+                                   {"frequency_penalty": -1e308}])
+def test_boosting_penalties_never_overflow_to_infinity(boost: dict) -> None:
+    logits = np.array([[1.5e308, 5.0, -1.0, 0.0]])  # float64 logits near the top of the range
+    chain = SamplerChain(SamplerSettings(top_k=0, **boost), 4)
+    processed = chain.process(logits, [[0, 1]])
+    assert not np.isnan(processed).any() and not np.isposinf(processed).any()
+    probs = chain.probabilities(logits, [[0, 1]])
+    assert np.isfinite(probs).all() and probs[0].argmax() == 0
+    np.testing.assert_allclose(probs.sum(), 1.0)
+    assert chain.sample(logits, [[0, 1]], np.random.default_rng(0)).tolist() == [0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
