@@ -11,6 +11,7 @@ import json
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter
@@ -145,6 +146,26 @@ def cmd_load(app: ReplApp, arg: str) -> None:
     app.note(f"loaded {path}: settings restored, {turns} turns replayed")
 
 
+def cmd_eval(app: ReplApp, arg: str) -> None:
+    from repl.evaluate import EvalError, evaluate_perplexity
+
+    path = Path(_path_argument(arg, "usage: :eval FILE (a held-out text file)")).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReplError(f"cannot read {path}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+    try:
+        result = evaluate_perplexity(app.session.model, text)
+    except EvalError as exc:
+        raise ReplError(str(exc)) from None
+    app.console.print(
+        f"{path}: perplexity {result.perplexity:.3f}, {result.nats_per_token:.4f} nats/token, "
+        f"{result.bits_per_char:.4f} bits/char over {result.n_tokens:,} tokens",
+        markup=False,
+        highlight=False,
+    )
+
+
 def cmd_model(app: ReplApp, arg: str) -> None:
     app.switch_model(_path_argument(arg, "usage: :model PATH"))
 
@@ -245,6 +266,7 @@ _COMMAND_LIST = [
     Command("regen", ":regen", "generate the last turn again", "", cmd_regen),
     Command("save", ":save FILE", "write the transcript and settings as JSON", "", cmd_save),
     Command("load", ":load FILE", "restore settings and replay the transcript from a :save file", "", cmd_load),
+    Command("eval", ":eval FILE", "perplexity of the loaded model on a text file (see textgen-eval)", "", cmd_eval),
     Command("model", ":model PATH", "switch to another model file (settings are kept; the text restarts)", "",
             cmd_model),
     Command("help", ":help [COMMAND]", "this list, or one command's details", "", cmd_help),

@@ -1,0 +1,67 @@
+"""In-process checks of REPL commands on the bundled demo model (no pty needed)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+from rich.console import Console
+
+from repl.app import ReplApp
+from repl.evaluate import evaluate_perplexity
+from repl.runtime import OnnxModel
+from repl.settings import Settings
+
+DEMO = "repl/demo/demo.onnx"
+
+
+@pytest.fixture(scope="module")
+def demo_model() -> OnnxModel:
+    from importlib.resources import files
+
+    return OnnxModel.open(files("repl.demo") / "demo.onnx", device="cpu")
+
+
+def make_app(model: OnnxModel) -> tuple[ReplApp, io.StringIO]:
+    out = io.StringIO()
+    console = Console(file=out, width=200, force_terminal=False, color_system=None)
+    return ReplApp(model, Settings(model.info.generation), history=False, console=console), out
+
+
+def test_eval_reports_the_same_perplexity_as_textgen_eval(demo_model, tmp_path):
+    text = "ROMEO:\nWhat light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
+    path = tmp_path / "held.txt"
+    path.write_text(text, encoding="utf-8")
+    app, out = make_app(demo_model)
+    app.handle(f":eval {path}")
+    expected = evaluate_perplexity(demo_model, text)
+    assert f"perplexity {expected.perplexity:.3f}" in out.getvalue()
+    # a char model trained on Shakespeare does far better than uniform guessing over its vocabulary
+    assert expected.perplexity < demo_model.info.vocab_size / 4
+    assert math.isfinite(expected.bits_per_char)
+
+
+def test_eval_bad_files_keep_the_session(demo_model, tmp_path):
+    app, out = make_app(demo_model)
+    binary = tmp_path / "b.bin"
+    binary.write_bytes(b"\xff\xfe\x00\xa0" * 10)
+    app.handle(f":eval {tmp_path / 'missing.txt'}")
+    app.handle(f":eval {binary}")
+    app.handle(":eval")
+    app.handle(":set temp 0.6")
+    app.handle(":show")
+    text = out.getvalue()
+    assert "No such file" in text
+    assert "cannot read" in text and "utf-8" in text
+    assert "usage: :eval FILE" in text
+    assert "Traceback" not in text
+    assert "0.6" in text
+
+
+def test_bundled_demo_model_is_a_small_char_lstm(demo_model):
+    info = demo_model.info
+    assert info.arch in ("lstm", "gru")
+    assert info.context_length == 0
+    assert demo_model.path.stat().st_size <= 5 * 1024 * 1024
+    assert demo_model.decode(demo_model.encode("ROMEO:\n")) == "ROMEO:\n"
