@@ -271,3 +271,22 @@ def test_no_history_writes_nothing(start, repl_env):
     term.child.close()
     assert term.child.exitstatus == 0
     assert not (Path(repl_env["XDG_STATE_HOME"]) / "textgen" / "history").exists()
+
+
+def test_demo_model_stop_regen_eval_and_traceback_free(start, tmp_path):
+    """The bundled demo model in a real terminal: stop sequences, :regen, :eval, then Ctrl-D."""
+    demo = REPO / "repl" / "demo" / "demo.onnx"
+    term = start("--seed", "3", "--max-tokens", "300", model=demo)
+    assert "lstm" in term.text
+    term.command(":stop ,", "stop sequences")  # stop at the first comma
+    term.child.sendline("ROMEO:")
+    term.expect(r"(\d+) tokens · [\d.]+ tok/s · stop_sequence")
+    term.command(":regen", "tok/s")
+    held = tmp_path / "held.txt"
+    held.write_text("JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n", encoding="utf-8")
+    term.command(f":eval {held}", "perplexity")
+    term.command(":unset stop", "stop")
+    term.child.sendline(":show")
+    term.expect(r"stop\s+\[\]\s+default")
+    assert term.quit() == 0
+    assert "Traceback" not in term.text
