@@ -1,0 +1,103 @@
+"""Does a token cost the same late in a text as early? RNN ms/token at position 2,000 vs 20 (the state does not
+grow), and GPT-2 ms/token with the KV cache at positions 16..512 beside recomputing the whole prefix without a
+cache (what a loop without a cache pays).
+
+    python benchmarks/flat_cost.py            # char-LSTM demo shape + GPT-2 small shape, rewrites its docs section
+    python benchmarks/flat_cost.py --smoke    # small shapes and positions, seconds, prints only
+
+All through repl.runtime's OnnxModel.run: the prefix is fed untimed, then single-token steps are timed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402 - the path line above makes `common` importable when run as a script
+    GPT2_SMALL,
+    GPT2_SMOKE,
+    Table,
+    decode_seconds_per_token,
+    demo_model,
+    fmt_ratio,
+    fmt_stats,
+    interleaved,
+    make_parser,
+    model_file,
+    open_model,
+    parse_args,
+    report,
+    run_main,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed GPT-2 steps per position (default 16; smoke 4)")
+    parser.add_argument("--rnn-steps", type=int, default=None,
+                        help="timed RNN steps per position (default 200; smoke 20): a step is ~0.1 ms, so a few "
+                        "steps mostly measure the cache misses left by feeding the prefix")
+    args = parse_args(parser, argv)
+    steps = args.steps or (4 if args.smoke else 16)
+    rnn_steps = args.rnn_steps or (20 if args.smoke else 200)
+    rnn_positions = (20, 200) if args.smoke else (20, 2000)
+    gpt_positions = (16, 64) if args.smoke else (16, 64, 128, 256, 512)
+    rnn_table, rnn_ratio = rnn_flatness(args, rnn_positions, rnn_steps)
+    gpt_table, gpt_ratio = gpt_cache_curve(args, gpt_positions, steps)
+    notes = [
+        f"RNN: a token at position {rnn_positions[-1]} costs {rnn_ratio} the time of one at {rnn_positions[0]}.",
+        f"GPT-2 with the KV cache: position {gpt_positions[-1]} costs {gpt_ratio} position {gpt_positions[0]}.",
+    ]
+    report(args, "flat_cost.py", "flat_cost", "Cost per token along the text", [rnn_table, gpt_table], notes)
+    return 0
+
+
+def rnn_flatness(args: Any, positions: Sequence[int], steps: int) -> tuple[Table, str]:
+    path, label = demo_model(args)
+    model = open_model(path, args.threads)
+    table = Table(f"{label}: ms/token by position ({steps} steps each)", ["position", "ms/token", "vs first"])
+    measured = interleaved({str(p): (lambda p=p: decode_seconds_per_token(model, p, steps)) for p in positions},
+                           args.repeats)
+    results = [measured[str(p)] for p in positions]
+    for position, stats in zip(positions, results, strict=True):
+        table.add(position, fmt_stats(stats.scaled(1000)), fmt_ratio(stats.median, results[0].median))
+    return table, fmt_ratio(results[-1].median, results[0].median)
+
+
+def gpt_cache_curve(args: Any, positions: Sequence[int], steps: int) -> tuple[Table, str]:
+    spec = GPT2_SMOKE if args.smoke else GPT2_SMALL
+    model = open_model(model_file(spec, args.cache_dir), args.threads)
+    table = Table(f"{spec.name}, fp32: ms/token by position",
+                  ["position", "with KV cache", "cache vs first position", "recompute without cache",
+                   "recompute / cache"])
+    runners = {f"cache {p}": (lambda p=p: decode_seconds_per_token(model, p, steps)) for p in positions}
+    runners.update({f"recompute {p}": (lambda p=p: recompute_seconds(model, p)) for p in positions})
+    measured = interleaved(runners, args.repeats)
+    cached = [measured[f"cache {p}"] for p in positions]
+    recomputed = [measured[f"recompute {p}"] for p in positions]
+    for position, with_cache, without in zip(positions, cached, recomputed, strict=True):
+        table.add(position, fmt_stats(with_cache.scaled(1000)), fmt_ratio(with_cache.median, cached[0].median),
+                  fmt_stats(without.scaled(1000)), fmt_ratio(without.median, with_cache.median))
+    table.notes.append(f"With cache: {steps} single-token steps after the prefix. Without: one run over the "
+                       "whole prefix plus the new token from an empty cache, per token.")
+    return table, fmt_ratio(cached[-1].median, cached[0].median)
+
+
+def recompute_seconds(model: Any, position: int) -> float:
+    """Seconds to get the next token's logits by re-reading all ``position + 1`` tokens with no cache."""
+    ids = np.ones((1, position + 1), dtype=np.int64)
+    started = time.perf_counter()
+    model.run(ids, model.initial_state(1), 0)
+    return time.perf_counter() - started
+
+
+if __name__ == "__main__":
+    run_main(main)

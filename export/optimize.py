@@ -1,0 +1,200 @@
+"""Graph-level speed levers for GPT-2 model files, each checked for parity and file size before it is written.
+
+* ``optimize_gpt2(src, dst)``: onnxruntime.transformers' GPT-2 fusion passes (SkipLayerNorm, BiasGelu /
+  FastGelu, Attention when its pattern matcher recognises our graph). ``opt_level`` 0 runs only those Python
+  fusions: on another GPT-2 graph, level 1's constant folding re-materialised the transposed LM-head weight and
+  stored the tied embedding twice (652 MB for GPT-2 small, see ../shared/NOTES.md). The result is refused when
+  its weights grow beyond ``MAX_SIZE_RATIO`` x the source's or its logits drift from the source's.
+* ``export_attention_op(checkpoint, reference, dst)``: an experiment, not the exporter: re-export a GPT-2
+  checkpoint with the dynamo exporter at opset 23, where ``scaled_dot_product_attention`` becomes the standard
+  ONNX ``Attention`` op (one kernel instead of MatMul/Softmax/MatMul per layer). The metadata is copied from
+  ``reference`` (the same checkpoint's regular export) and the logits must match it.
+
+Whether either lever is worth wiring into ``textgen-export`` is decided by benchmarks/gpt2_decode.py, whose
+numbers are in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from export.graph import initializer_bytes
+from models.checkpoint import atomic_write_bytes
+from repl.modelfile import ModelFileError, ModelInfo, decode_metadata
+
+MAX_SIZE_RATIO = 1.05  # an optimised graph may store at most this much more weight data than the source
+PARITY_TOLERANCE = 1e-3  # fusions reorder float arithmetic (FastGelu's tanh approximation): allow more than 1e-4
+ATTENTION_OPSET = 23
+MAX_PROTO_BYTES = 2**31 - 1
+
+
+class OptimizeError(Exception):
+    """The optimisation cannot produce a correct, compact model file; the message is one line for the user."""
+
+
+@dataclass
+class OptimizeResult:
+    path: Path
+    bytes: int
+    weight_bytes: int  # initializer bytes of the source file: the yardstick for the size check
+    max_abs_diff: float  # largest logit difference against the source over the parity inputs
+    fused: dict[str, int] = field(default_factory=dict)  # op type -> count of nodes the pass added
+
+
+def optimize_gpt2(src_onnx: Path | str, dst_onnx: Path | str, opt_level: int = 0) -> OptimizeResult:
+    """Run onnxruntime.transformers' GPT-2 optimizer on a textgen GPT-2 file and write the result to ``dst_onnx``."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    source, target = Path(src_onnx), Path(dst_onnx)
+    original = _load(source)
+    info = _gpt2_info(original, source)
+    config = info.model_config
+    heads, width = int(config.get("n_head", 0)), int(config.get("n_embd", 0))
+    if heads < 1 or width < 1:
+        raise OptimizeError(f"{source}: metadata lacks n_head/n_embd, which the GPT-2 optimizer needs")
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)  # it logs every fusion at INFO
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # and prints shape-inference failures it recovers from
+            optimized = optimize_model(str(source), model_type="gpt2", num_heads=heads, hidden_size=width,
+                                       opt_level=opt_level, use_gpu=False).model
+    except Exception as exc:  # noqa: BLE001 - the optimizer raises bare Exceptions and asserts
+        raise OptimizeError(f"the GPT-2 optimizer failed: {_first_line(exc)}") from exc
+    return _finish(original, optimized, source, target, fused=_added_ops(original, optimized))
+
+
+def export_attention_op(checkpoint: Path | str, reference_onnx: Path | str, dst_onnx: Path | str,
+                        opset: int = ATTENTION_OPSET) -> OptimizeResult:
+    """Experimental: export a textgen GPT-2 checkpoint with the dynamo exporter at ``opset`` (23: the ONNX
+    ``Attention`` op), take the metadata of ``reference_onnx`` (the regular export of the same checkpoint), check
+    parity against it and write ``dst_onnx``."""
+    import torch
+
+    from export.adapters import GPT2ExportAdapter, gpt2_signature
+    from export.graph import dedupe_initializers
+    from models.checkpoint import load_checkpoint
+    from models.registry import model_from_checkpoint
+
+    reference_path, target = Path(reference_onnx), Path(dst_onnx)
+    reference = _load(reference_path)
+    _gpt2_info(reference, reference_path)
+    data = load_checkpoint(checkpoint, expect_arch=("gpt2",))
+    model = model_from_checkpoint(data)
+    config = model.config
+    signature = gpt2_signature(config.n_layer, config.n_head, config.n_embd, config.vocab_size)
+    batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past_seq")
+    total = torch.export.Dim("total_seq")
+    # dynamic_shapes mirrors forward(input_ids, attention_mask, position_ids, *past_flat): a tuple for *past.
+    dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
+                      tuple({0: batch, 2: past} for _ in signature.state))
+    exporter_log = logging.getLogger("torch.onnx")
+    previous_level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # "torchvision is not installed" and similar notices, once per op
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                GPT2ExportAdapter(model).eval(), signature.example_args, input_names=signature.input_names,
+                output_names=signature.output_names, dynamic_shapes=dynamic_shapes, opset_version=opset,
+                dynamo=True, external_data=False, verbose=False,
+            )
+    except Exception as exc:  # noqa: BLE001 - torch.export raises many error types
+        raise OptimizeError(f"the opset-{opset} dynamo export failed: {_first_line(exc)}") from exc
+    finally:
+        exporter_log.setLevel(previous_level)
+    exported = program.model_proto
+    dedupe_initializers(exported)
+    return _finish(reference, exported, reference_path, target, fused=_added_ops(reference, exported))
+
+
+# --- shared tail: metadata, size, parity, write ----------------------------------------------------------------
+
+
+def _finish(original: onnx.ModelProto, candidate: onnx.ModelProto, source: Path, target: Path,
+            fused: dict[str, int]) -> OptimizeResult:
+    del candidate.metadata_props[:]
+    candidate.metadata_props.extend(original.metadata_props)
+    weight_bytes = initializer_bytes(original)
+    if candidate.ByteSize() > MAX_PROTO_BYTES:
+        raise OptimizeError("the optimised model is larger than 2 GB, the limit of one self-contained ONNX file")
+    candidate_weights = initializer_bytes(candidate)
+    if candidate_weights > MAX_SIZE_RATIO * weight_bytes:
+        raise OptimizeError(
+            f"the optimised graph would store {candidate_weights / weight_bytes:.2f}x the source's weight bytes "
+            f"(limit {MAX_SIZE_RATIO}x): a weight is stored twice; nothing was written"
+        )
+    model_bytes = candidate.SerializeToString()
+    max_diff = _parity(original.SerializeToString(), model_bytes)
+    if not max_diff <= PARITY_TOLERANCE:
+        raise OptimizeError(f"the optimised model's logits differ from the source's by {max_diff:.3g}; not written")
+    try:
+        atomic_write_bytes(target, lambda handle: handle.write(model_bytes))
+    except OSError as exc:
+        raise OptimizeError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    return OptimizeResult(target, len(model_bytes), weight_bytes, max_diff, fused)
+
+
+def _parity(reference_bytes: bytes, candidate_bytes: bytes) -> float:
+    """Largest logit difference over a prefill (batch 1, 5 tokens), a decode step on that cache, and a batch-2
+    step with left padding: the shapes the runtime feeds."""
+    from repl.runtime import OnnxModel
+
+    with tempfile.TemporaryDirectory(prefix="textgen-optimize-") as work:
+        paths = [Path(work) / "reference.onnx", Path(work) / "candidate.onnx"]
+        paths[0].write_bytes(reference_bytes)
+        paths[1].write_bytes(candidate_bytes)
+        models = [OnnxModel.open(path, device="cpu", threads=1) for path in paths]
+        rng = np.random.default_rng(0)
+        vocab = models[0].tokenizer_size
+        prompt = rng.integers(0, vocab, size=(1, 5), dtype=np.int64)
+        step = rng.integers(0, vocab, size=(1, 1), dtype=np.int64)
+        padded = rng.integers(0, vocab, size=(2, 4), dtype=np.int64)
+        mask = np.array([[0, 0, 1, 1], [1, 1, 1, 1]], dtype=np.int64)
+        worst = 0.0
+        outputs = []
+        for model in models:
+            first, state = model.run_all(prompt, model.initial_state(1), 0)
+            second, _ = model.run_all(step, state, 5)
+            third, _ = model.run_all(padded, model.initial_state(2), 0, attention_mask=mask)
+            outputs.append((first, second, third[:, -1]))
+        for expected, actual in zip(*outputs, strict=True):
+            worst = max(worst, float(np.max(np.abs(expected - actual))))
+        return worst
+
+
+def _added_ops(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, int]:
+    old, new = Counter(n.op_type for n in before.graph.node), Counter(n.op_type for n in after.graph.node)
+    return {op: count for op, count in sorted(new.items()) if count > old.get(op, 0)}
+
+
+def _load(path: Path) -> onnx.ModelProto:
+    if not path.is_file():
+        raise OptimizeError(f"model file not found: {path}")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - protobuf decode errors have several types
+        raise OptimizeError(f"{path} is not a readable ONNX model: {_first_line(exc)}") from exc
+
+
+def _gpt2_info(model: onnx.ModelProto, where: Path) -> ModelInfo:
+    try:
+        info = decode_metadata({prop.key: prop.value for prop in model.metadata_props}, where=str(where))
+    except ModelFileError as exc:
+        raise OptimizeError(str(exc)) from exc
+    if info.arch != "gpt2":
+        raise OptimizeError(f"{where} is a {info.arch} model; these optimisations are for GPT-2 files")
+    return info
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,424 @@
+"""Shrink a textgen model file's weights to int8 or int4 with onnxruntime's own quantization tools.
+
+``quantize_model(src, dst, "int8" | "int4")`` writes a new model file that is still a valid textgen file: the
+same graph inputs/outputs and all of the source's ``metadata_props`` (``textgen.source`` gains a ``quantized``
+entry saying how). Nothing here quantizes by hand; onnxruntime.quantization does the arithmetic:
+
+* int8: ``quant_pre_process`` then ``quantize_dynamic(op_types_to_quantize=["MatMul"])`` — int8 weights with one
+  per-tensor scale, activations quantized on the fly (MatMulInteger / DynamicQuantizeMatMul kernels).
+  ``MatMul`` only, because with the default op types the tied LM-head weight, which the embedding lookup also
+  reads through a Gather, was quantized as a Gather input and all of it dequantized on every step
+  (see ../shared/NOTES.md).
+* int4: ``MatMulNBitsQuantizer`` (blocks of 32 along K, accuracy_level 4 = int8 compute in the kernel).
+
+The tied embedding: the exporter stores GPT-2's embedding once, as the LM head's ``[n_embd, vocab]`` MatMul
+weight, and the token lookup gathers columns from it (export/graph.py). After quantization the MatMul reads the
+quantized copy but that Gather would still read the float32 table, which would then have to stay in the file
+(154 MB for GPT-2 small). So the lookup is rewired to the quantized twin: int8 gathers int8 columns and
+dequantizes only those (DequantizeLinear with the same per-tensor scale), int4 reads the MatMulNBits blocks
+through the ``com.microsoft`` GatherBlockQuantized op. The float32 table is then dropped; the lookup returns
+exactly the dequantized weights the LM head multiplies with.
+
+``perplexity_cost(fp32, quantized, text)`` measures what the smaller file costs in quality: per-token NLL of a
+held-out text through the runtime (repl.runtime, the same path the REPL uses), for both files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from models.checkpoint import atomic_write_bytes
+from repl.modelfile import KEY_SOURCE, ModelFileError, decode_metadata
+
+Mode = Literal["int8", "int4"]
+MODES: tuple[str, ...] = ("int8", "int4")
+INT4_BLOCK_SIZE = 32
+INT4_ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: 8.5 -> 5.8 ms/token on GPT-2 small (NOTES)
+MAX_PROTO_BYTES = 2**31 - 1
+QUANTIZED_MATMUL_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits")
+_NLL_CHUNK = 256  # tokens per runtime call while scoring text: bounds the [1, T, vocab] logits array
+
+
+class QuantizeError(Exception):
+    """The model cannot be quantized; the message is one line for the user."""
+
+
+def quantize_model(src_onnx: Path | str, dst_onnx: Path | str, mode: Mode) -> Path:
+    """Write ``src_onnx`` quantized to ``mode`` ("int8" or "int4") to ``dst_onnx`` (atomically) and return it.
+
+    The result keeps the source's metadata and is checked to open in the runtime before it is written."""
+    source, target = Path(src_onnx), Path(dst_onnx)
+    if mode not in MODES:
+        raise QuantizeError(f"unknown quantization {mode!r}; choose {' or '.join(MODES)}")
+    if not source.is_file():
+        raise QuantizeError(f"model file not found: {source}")
+    if target.exists() and target.resolve() == source.resolve():
+        raise QuantizeError(f"output {target} would overwrite the source; choose another name")
+    original = _load(source)
+    vocab_size = _textgen_vocab_size(original, source)
+    with tempfile.TemporaryDirectory(prefix="textgen-quantize-") as work, _quiet_quantizer():
+        quantized = _quantize_int8(source, Path(work)) if mode == "int8" else _quantize_int4(original)
+    _copy_metadata(original, quantized, mode)
+    if not quantized_lm_head(quantized, vocab_size):
+        raise QuantizeError(f"{source}: the {mode} quantizer left the LM-head MatMul in float32")
+    model_bytes = _serialize(quantized)
+    _check_loads(model_bytes, source)
+    try:
+        atomic_write_bytes(target, lambda handle: handle.write(model_bytes))
+    except OSError as exc:
+        raise QuantizeError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    return target
+
+
+# --- the two quantizers ----------------------------------------------------------------------------------------
+
+
+def _quantize_int8(source: Path, work: Path) -> onnx.ModelProto:
+    from onnxruntime.quantization import quant_pre_process, quantize_dynamic
+
+    prepared, quantized = work / "prepared.onnx", work / "quantized.onnx"
+    try:
+        # Symbolic shape inference gives up on the exporter's GPT-2 graph ("Incomplete symbolic shape
+        # inference"); dynamic quantization does not need it, ORT's optimizer pass and ONNX shapes suffice.
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True, all_tensors_to_one_file=True)
+        quantize_dynamic(str(prepared), str(quantized), op_types_to_quantize=["MatMul"])
+    except Exception as exc:  # noqa: BLE001 - the quantizer raises bare Exceptions and asserts
+        raise QuantizeError(f"int8 quantization failed: {_first_line(exc)}") from exc
+    model = onnx.load(str(quantized))
+    _share_tied_table_int8(model)
+    return model
+
+
+def _quantize_int4(original: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.ModelProto()
+    model.CopyFrom(original)  # the quantizer edits the proto in place
+    try:
+        quantizer = MatMulNBitsQuantizer(
+            model,
+            bits=4,
+            block_size=INT4_BLOCK_SIZE,
+            is_symmetric=False,
+            accuracy_level=INT4_ACCURACY_LEVEL,
+            op_types_to_quantize=("MatMul",),
+        )
+        quantizer.process()
+    except Exception as exc:  # noqa: BLE001
+        raise QuantizeError(f"int4 quantization failed: {_first_line(exc)}") from exc
+    result = quantizer.model.model
+    _share_tied_table_int4(result)
+    return result
+
+
+# --- the tied embedding: read the quantized twin instead of keeping float32 --------------------------------------
+
+
+def _share_tied_table_int8(model: onnx.ModelProto) -> None:
+    """Gather(W, ids) -> DequantizeLinear(Gather(W_quantized, ids), W_scale, W_zero_point) for every float table W
+    whose int8 twin quantize_dynamic created (per-tensor scale and zero point); then drop W if nothing reads it."""
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    new_nodes: list[onnx.NodeProto] = []
+    rewired: set[str] = set()
+    for node in graph.node:
+        table = node.input[0] if node.op_type == "Gather" and node.input else None
+        twin = _int8_twin(initializers, table) if table in initializers else None
+        if twin is None:
+            new_nodes.append(node)
+            continue
+        quantized, scale, zero_point = twin
+        gathered = f"{node.output[0]}__int8"
+        new_nodes.append(helper.make_node("Gather", [quantized, node.input[1]], [gathered], name=f"{node.name}__int8",
+                                          axis=_attribute(node, "axis", 0)))
+        new_nodes.append(helper.make_node("DequantizeLinear", [gathered, scale, zero_point], [node.output[0]],
+                                          name=f"{node.name}__dequantize"))
+        rewired.add(table)
+    graph.ClearField("node")
+    graph.node.extend(new_nodes)
+    _drop_unused_initializers(model, rewired)
+
+
+def _int8_twin(initializers: dict[str, onnx.TensorProto], name: str) -> tuple[str, str, str] | None:
+    """(quantized, scale, zero point) names when ``name`` has a per-tensor int8 twin; quantize_dynamic names them
+    ``{name}_quantized``, ``{name}_scale`` and ``{name}_zero_point``."""
+    table = initializers[name]
+    quantized = initializers.get(f"{name}_quantized")
+    scale = initializers.get(f"{name}_scale")
+    zero_point = initializers.get(f"{name}_zero_point")
+    if quantized is None or scale is None or zero_point is None or table.data_type != onnx.TensorProto.FLOAT:
+        return None
+    if list(quantized.dims) != list(table.dims) or quantized.data_type not in (onnx.TensorProto.INT8,
+                                                                              onnx.TensorProto.UINT8):
+        return None
+    if np.prod(scale.dims, dtype=np.int64) != 1 or np.prod(zero_point.dims, dtype=np.int64) != 1:
+        return None  # per-channel parameters would have to be gathered too
+    return quantized.name, scale.name, zero_point.name
+
+
+def _share_tied_table_int4(model: onnx.ModelProto) -> None:
+    """Gather(W, ids, axis=1) -> Transpose, where W [K, N] is also a MatMulNBits weight, becomes one
+    GatherBlockQuantized over the MatMulNBits blocks: its packed ``[N, K/2]`` rows are exactly W's columns."""
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    nbits = {node.input[1]: node for node in graph.node if node.op_type == "MatMulNBits"}
+    consumers = _consumers(graph)
+    replaced: dict[str, list[onnx.NodeProto]] = {}  # name of the Gather node -> nodes that stand in for it
+    removed: set[int] = set()
+    rewired: set[str] = set()
+    for node in graph.node:
+        if node.op_type != "Gather" or _attribute(node, "axis", 0) != 1 or node.input[0] not in initializers:
+            continue
+        table = node.input[0]
+        matmul = nbits.get(f"{table}_Q4")
+        readers = consumers.get(node.output[0], [])
+        if matmul is None or len(readers) != 1 or not _moves_first_axis_last(readers[0]):
+            continue
+        stand_in = _gather_block_quantized(model, matmul, node.input[1], readers[0].output[0], f"{node.name}__int4")
+        if stand_in is None:
+            continue
+        replaced[node.name or node.output[0]] = stand_in
+        removed.add(id(readers[0]))
+        rewired.add(table)
+    if not replaced:
+        return
+    new_nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if id(node) in removed:
+            continue
+        new_nodes.extend(replaced.get(node.name or node.output[0], [node]) if node.op_type == "Gather" else [node])
+    graph.ClearField("node")
+    graph.node.extend(new_nodes)
+    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _drop_unused_initializers(model, rewired)
+
+
+def _gather_block_quantized(model: onnx.ModelProto, matmul: onnx.NodeProto, ids: str, output: str,
+                            name: str) -> list[onnx.NodeProto] | None:
+    """Nodes computing ``W[:, ids]`` transposed to ``[*ids, K]`` from the MatMulNBits inputs of W, or None when
+    the block layout cannot be read as rows (K not a whole number of blocks)."""
+    k, n = _attribute(matmul, "K", 0), _attribute(matmul, "N", 0)
+    block, bits = _attribute(matmul, "block_size", 0), _attribute(matmul, "bits", 4)
+    if bits != 4 or block < 16 or k % block or k % 2:
+        return None
+    shape_name = f"{name}__rows_shape"
+    model.graph.initializer.append(numpy_helper.from_array(np.array([n, k // 2], dtype=np.int64), shape_name))
+    rows = f"{name}__rows"
+    inputs = [rows, ids, *matmul.input[2:4]]  # scales [N, K/block], optional packed zero points
+    return [
+        helper.make_node("Reshape", [matmul.input[1], shape_name], [rows], name=f"{name}__reshape"),
+        helper.make_node("GatherBlockQuantized", inputs, [output], name=name, domain="com.microsoft",
+                         gather_axis=0, quantize_axis=1, block_size=block, bits=bits),
+    ]
+
+
+def _moves_first_axis_last(node: onnx.NodeProto) -> bool:
+    """A Transpose [E, *ids] -> [*ids, E], which the exporter puts after the column gather."""
+    if node.op_type != "Transpose":
+        return False
+    perm = list(_attribute_ints(node, "perm"))
+    return len(perm) >= 2 and perm == [*range(1, len(perm)), 0]
+
+
+# --- checks ----------------------------------------------------------------------------------------------------
+
+
+def quantized_lm_head(model: onnx.ModelProto, vocab_size: int) -> bool:
+    """True when the vocab-sized output projection runs as a quantized kernel (MatMulInteger, MatMulNBits, ...)
+    on a stored quantized weight, i.e. the biggest per-token product really got smaller."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type not in QUANTIZED_MATMUL_OPS:
+            continue
+        if node.op_type == "MatMulNBits" and _attribute(node, "N", 0) == vocab_size:
+            return True
+        weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
+        if weight is not None and vocab_size in weight.dims:
+            return True
+    return False
+
+
+def _textgen_vocab_size(model: onnx.ModelProto, where: Path) -> int:
+    try:
+        info = decode_metadata({prop.key: prop.value for prop in model.metadata_props}, where=str(where))
+    except ModelFileError as exc:
+        raise QuantizeError(str(exc)) from exc
+    return info.vocab_size
+
+
+def _check_loads(model_bytes: bytes, source: Path) -> None:
+    """The quantized bytes must open in the runtime as a textgen model (graph matches metadata, kernels exist)."""
+    from repl.runtime import OnnxModel
+
+    with tempfile.TemporaryDirectory(prefix="textgen-quantize-check-") as work:
+        path = Path(work) / source.name
+        path.write_bytes(model_bytes)
+        try:
+            model = OnnxModel.open(path, device="cpu", threads=1)
+            model.run(np.zeros((1, 2), dtype=np.int64), model.initial_state(1), 0)
+        except Exception as exc:  # noqa: BLE001 - ModelLoadError, or onnxruntime's own types at run time
+            raise QuantizeError(f"the quantized model does not run in onnxruntime: {_first_line(exc)}") from exc
+
+
+# --- perplexity --------------------------------------------------------------------------------------------------
+
+
+def perplexity_cost(fp32_path: Path | str, q_path: Path | str, text: str, max_tokens: int | None = None,
+                    threads: int | None = None) -> tuple[float, float, float]:
+    """(perplexity of the float32 file, of the quantized file, relative increase ppl_q / ppl_fp32 - 1) on ``text``.
+
+    Both files score the same tokens the same way through the runtime (see ``text_nll``)."""
+    nll_fp32 = text_nll(fp32_path, text, max_tokens, threads)
+    nll_q = text_nll(q_path, text, max_tokens, threads)
+    ppl_fp32, ppl_q = math.exp(nll_fp32), math.exp(nll_q)
+    return ppl_fp32, ppl_q, ppl_q / ppl_fp32 - 1.0
+
+
+def text_nll(model_path: Path | str, text: str, max_tokens: int | None = None, threads: int | None = None) -> float:
+    """Mean negative log-likelihood (nats per token) of ``text`` under the model, as the runtime computes it.
+
+    The text is one document after an end-of-text token. Recurrent models read it in one pass; a GPT-2 reads it in
+    consecutive windows of ``context_length`` input tokens (each window also holds the next one as the last target,
+    so every token is predicted exactly once), each from an empty cache. Padding ids beyond the tokenizer are left
+    out of the softmax, as the sampler never draws them."""
+    from repl.runtime import OnnxModel
+
+    model = OnnxModel.open(model_path, device="cpu", threads=threads)
+    ids = [model.info.special.eos, *model.encode(text)]
+    if max_tokens is not None:
+        ids = ids[: max_tokens + 1]
+    if len(ids) < 2:
+        raise QuantizeError("the held-out text is too short to score (it needs at least one token)")
+    span = model.info.context_length or len(ids) - 1  # input tokens per window
+    total = 0.0
+    for start in range(0, len(ids) - 1, span):
+        total += _window_nll(model, ids[start : start + span + 1])
+    return total / (len(ids) - 1)
+
+
+def _window_nll(model: Any, ids: list[int]) -> float:
+    """Summed NLL of ids[1:] given the previous ids, fed in chunks from an empty state."""
+    state, past = model.initial_state(1), 0
+    usable = model.tokenizer_size
+    total = 0.0
+    for start in range(0, len(ids) - 1, _NLL_CHUNK):
+        chunk = ids[start : min(start + _NLL_CHUNK, len(ids) - 1)]
+        targets = np.asarray(ids[start + 1 : start + 1 + len(chunk)], dtype=np.int64)
+        logits, state = model.run_all(np.asarray([chunk], dtype=np.int64), state, past)
+        past += len(chunk)
+        scores = logits[0, :, :usable].astype(np.float64)
+        peak = scores.max(axis=-1, keepdims=True)
+        log_norm = peak[:, 0] + np.log(np.exp(scores - peak).sum(axis=-1))
+        total += float((log_norm - scores[np.arange(len(chunk)), targets]).sum())
+    return total
+
+
+# --- plumbing ---------------------------------------------------------------------------------------------------
+
+
+def _load(path: Path) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - protobuf decode errors have several types
+        raise QuantizeError(f"{path} is not a readable ONNX model: {_first_line(exc)}") from exc
+
+
+def _copy_metadata(original: onnx.ModelProto, quantized: onnx.ModelProto, mode: str) -> None:
+    """The source's metadata, verbatim except ``textgen.source`` which records the quantization."""
+    entries = {prop.key: prop.value for prop in original.metadata_props}
+    try:
+        source = json.loads(entries.get(KEY_SOURCE, "{}"))
+    except json.JSONDecodeError:
+        source = {}
+    if not isinstance(source, dict):
+        source = {}
+    source["quantized"] = _describe(mode)
+    entries[KEY_SOURCE] = json.dumps(source)
+    del quantized.metadata_props[:]
+    for key, value in entries.items():
+        quantized.metadata_props.add(key=key, value=value)
+
+
+def _describe(mode: str) -> dict[str, object]:
+    import onnxruntime
+
+    if mode == "int8":
+        method = "onnxruntime quantize_dynamic, MatMul weights int8 per tensor"
+        return {"mode": mode, "method": method, "onnxruntime": onnxruntime.__version__}
+    method = "onnxruntime MatMulNBitsQuantizer, MatMul weights 4-bit asymmetric"
+    return {"mode": mode, "method": method, "block_size": INT4_BLOCK_SIZE, "accuracy_level": INT4_ACCURACY_LEVEL,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def _serialize(model: onnx.ModelProto) -> bytes:
+    if model.ByteSize() > MAX_PROTO_BYTES:
+        raise QuantizeError("the quantized model is larger than 2 GB, the limit of one self-contained ONNX file")
+    return model.SerializeToString()
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    result: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            result.setdefault(name, []).append(node)
+    return result
+
+
+def _drop_unused_initializers(model: onnx.ModelProto, names: set[str]) -> None:
+    used = {name for node in model.graph.node for name in node.input}
+    unused = {name for name in names if name not in used}
+    if not unused:
+        return
+    kept = [init for init in model.graph.initializer if init.name not in unused]
+    model.graph.ClearField("initializer")
+    model.graph.initializer.extend(kept)
+    inputs = [value for value in model.graph.input if value.name not in unused]
+    model.graph.ClearField("input")
+    model.graph.input.extend(inputs)
+
+
+def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return attribute.i
+    return default
+
+
+def _attribute_ints(node: onnx.NodeProto, name: str) -> list[int]:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return list(attribute.ints)
+    return []
+
+
+@contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """onnxruntime's quantizers log every node at INFO level; keep that away from the user."""
+    loggers = [logging.getLogger(name) for name in ("onnxruntime.quantization", "onnxruntime")]
+    quantizer_module_logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    loggers.append(quantizer_module_logger)
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

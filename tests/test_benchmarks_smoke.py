@@ -1,0 +1,175 @@
+"""Every benchmark script runs in --smoke mode and produces its table, ratios and docs section.
+
+Speeds are not asserted (they depend on the machine and its load); what is asserted is that each script runs end
+to end, prints the rows and ratios it promises, and rewrites only its own section of a docs file. The scripts run
+in this process (imported from benchmarks/) with one shared model cache, except one run through the command line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+RATIO = re.compile(r"\d+\.\d\dx")
+
+
+def _load(name: str) -> ModuleType:
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class body runs
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+def _run(name: str, cache: Path, docs: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> str:
+    code = _load(name).main(["--smoke", "--cache-dir", str(cache), "--docs", str(docs), *extra])
+    assert code == 0
+    return capsys.readouterr().out
+
+
+def _section(docs: Path, key: str) -> str:
+    text = docs.read_text()
+    assert text.count(f"<!-- benchmark:{key} -->") == 1 and text.count(f"<!-- /benchmark:{key} -->") == 1
+    section = text.split(f"<!-- benchmark:{key} -->")[1].split(f"<!-- /benchmark:{key} -->")[0]
+    assert "Command: `python benchmarks/" in section and "--smoke" in section
+    assert "- machine: " in section and "- versions: torch" in section
+    assert re.search(r"^\|---", section, re.MULTILINE)  # a markdown table
+    return section
+
+
+def test_gpt2_decode(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    docs = tmp_path / "bench.md"
+    # The graph levers' exports take ~20 s here; export.optimize itself is tested in test_quantize.py.
+    out = _run("gpt2_decode", cache, docs, capsys, "--no-graph-levers")
+    for row in ("ours fp32", "ours int8", "ours int4", "PyTorch eager + KV cache", "Hugging Face transformers",
+                "IO binding", "intra-op threads 1", "CPU memory arena off", "spinning off"):
+        assert row in out, row
+    assert "opset 23" not in out
+    for runner in ("ours fp32", "Hugging Face transformers generate"):  # same weights, same fed ids: same text
+        line = next(line for line in out.splitlines() if line.startswith(runner))
+        assert re.search(r"\s(\d+)/\1\s*$", line), line
+    assert len(RATIO.findall(out)) >= 10
+    assert re.search(r"ours int8 .*%", out)  # % of the bandwidth bound
+    assert "Memory bandwidth measured here" in out
+    section = _section(docs, "gpt2_decode")
+    assert "| ours int4 |" in section and "bandwidth bound ms/token" in section
+
+
+def test_tiny_decode(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    docs = tmp_path / "bench.md"
+    out = _run("tiny_decode", cache, docs, capsys)
+    assert out.count("ours (repl.generate.Session), full chain") == 2  # tiny GPT and char LSTM
+    assert out.count("PyTorch eager loop, same chain") == 2 and out.count("Hugging Face") == 1  # no HF LSTM
+    assert "nanoGPT" in out and "550 tok/s" in out
+    assert len(RATIO.findall(out)) >= 7
+    _section(docs, "tiny_decode")
+
+
+def test_flat_cost(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    docs = tmp_path / "bench.md"
+    out = _run("flat_cost", cache, docs, capsys)
+    assert "recompute without cache" in out
+    assert re.search(r"position 200 costs \d+\.\d\dx", out)
+    assert re.search(r"position 64 costs \d+\.\d\dx", out)
+    _section(docs, "flat_cost")
+
+
+def test_batch(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    docs = tmp_path / "bench.md"
+    out = _run("batch", cache, docs, capsys, "--n", "4")
+    assert "batch 4 (Session.generate_n)" in out and "batch 1 (Session.generate)" in out
+    assert len(RATIO.findall(out)) >= 2
+    _section(docs, "batch")
+
+
+def test_startup(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    docs = tmp_path / "bench.md"
+    out = _run("startup", cache, docs, capsys)
+    row = next(line for line in out.splitlines() if line.startswith("textgen-repl --prompt"))
+    assert row.rstrip().endswith("no")  # torch stayed out of the REPL's path
+    assert "Slowest packages imported" in out
+    _section(docs, "startup")
+
+
+def test_startup_torch_check_can_fail() -> None:
+    startup = _load("startup")
+    seen, top = startup.imports_of([sys.executable, "-X", "importtime", "-c", "import torch"])
+    assert seen and any(entry.startswith("torch ") for entry in top)
+    seen, _ = startup.imports_of([sys.executable, "-X", "importtime", "-c", "import json"])
+    assert not seen
+
+
+def test_quantize_cost(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    docs = tmp_path / "bench.md"
+    out = _run("quantize_cost", cache, docs, capsys)
+    assert len(re.findall(r"  (int8|int4)  ", out)) == 4  # the file column of 2 models x 2 modes
+    assert len(re.findall(r"[+-]\d+\.\d\d%", out)) == 4
+    _section(docs, "quantize_cost")
+
+
+def test_cuda_skips_cleanly_or_reports(cache: Path, tmp_path: Path) -> None:
+    docs = tmp_path / "bench.md"
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "cuda.py"), "--smoke", "--cache-dir", str(cache),
+                             "--docs", str(docs)], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    if result.stdout.startswith("skipped: "):
+        assert len(result.stdout.strip().splitlines()) == 1 and not docs.exists()
+        assert "Traceback" not in result.stderr
+    else:
+        assert "ours, onnxruntime CUDA provider" in result.stdout
+        _section(docs, "cuda")
+
+
+def test_sections_are_rewritten_in_place(tmp_path: Path) -> None:
+    common = _load("common")
+    docs = tmp_path / "bench.md"
+    common.write_section(docs, "a", "## A\nfirst\n")
+    common.write_section(docs, "b", "## B\nother\n")
+    common.write_section(docs, "a", "## A\nsecond\n")
+    text = docs.read_text()
+    assert text.startswith("# Benchmarks")
+    assert "second" in text and "first" not in text and "other" in text
+    assert text.index("## A") < text.index("## B")  # rewritten where it was
+    assert text.count("<!-- benchmark:a -->") == 1
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--cache-dir", __file__], "cannot use --cache-dir"),
+])
+def test_bad_arguments_are_one_line_errors(arguments: list[str], message: str) -> None:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "batch.py"), "--smoke", *arguments],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_project_errors_become_one_line(tmp_path: Path) -> None:
+    """A domain error from the project (here the quantizer refusing a file) is one line and exit code 2."""
+    script = tmp_path / "failing.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(BENCHMARKS)!r})\n"
+        "from common import run_main\n"
+        "from export.quantize import quantize_model\n"
+        "run_main(lambda argv: quantize_model('missing.onnx', 'out.onnx', 'int8'))\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                            check=False, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: model file not found: missing.onnx"

@@ -1,0 +1,281 @@
+"""export.quantize (int8 / int4 model files) and export.optimize (GPT-2 graph levers) on tiny exported models.
+
+The models go through the real checkpoint -> export_checkpoint path, so the GPT-2 has the exporter's tied
+embedding (the LM head's [n_embd, vocab] weight, read by a column Gather) that quantization must keep shared.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import FIXTURE_ALPHABET, char_tokenizer
+from onnx import helper
+
+from export.onnx_export import export_checkpoint
+from export.optimize import OptimizeError, export_attention_op, optimize_gpt2
+from export.quantize import QuantizeError, perplexity_cost, quantize_model, quantized_lm_head, text_nll
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.gpt2 import GPT2, GPT2Config
+from models.registry import model_from_checkpoint
+from models.rnn import RNNConfig, RNNLanguageModel
+from repl.modelfile import KEY_SOURCE
+from repl.runtime import OnnxModel
+
+N_EMBD = 64  # a multiple of the int4 block (32), as real widths are
+CONTEXT = 32
+TEXT = "abc def, ghij.\nja bic hed, fag.\ncab jid hie gaf.\nbad jeh fig cab, dig hij.\n"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """fp32/int8/int4 files of a tiny GPT-2 and a tiny LSTM, plus their checkpoints."""
+    root = tmp_path_factory.mktemp("quantize")
+    tokenizer = char_tokenizer(FIXTURE_ALPHABET)
+    vocab = tokenizer.get_vocab_size()
+    torch.manual_seed(0)
+    models = {
+        "gpt2": GPT2(GPT2Config(vocab_size=vocab, context_length=CONTEXT, n_layer=1, n_head=2, n_embd=N_EMBD)),
+        "lstm": RNNLanguageModel(RNNConfig(vocab_size=vocab, cell="lstm", embedding_size=16, hidden_size=N_EMBD,
+                                           num_layers=1)),
+    }
+    paths: dict[str, Path] = {}
+    for arch, model in models.items():
+        if arch == "lstm":
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.mul_(2.0)  # peakier than the default init, so logits are not all near zero
+        checkpoint = root / f"{arch}.bin"
+        save_checkpoint({"arch": arch, "model_config": model.config.to_dict(), "tokenizer": tokenizer.to_str(),
+                         "special_tokens": {"eos": 0, "unk": 1, "bos": None}, "model": model.state_dict()},
+                        checkpoint)
+        paths[f"{arch}.bin"] = checkpoint
+        paths[arch] = export_checkpoint(checkpoint, root / f"{arch}.onnx").path
+        for mode in ("int8", "int4"):
+            paths[f"{arch}.{mode}"] = quantize_model(paths[arch], root / f"{arch}.{mode}.onnx", mode)
+    return paths
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    return {prop.key: prop.value for prop in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def _logits(path: Path) -> np.ndarray:
+    model = OnnxModel.open(path, device="cpu", threads=1)
+    ids = np.array([[0, *model.encode(TEXT[:20])]], dtype=np.int64)
+    logits, state = model.run_all(ids, model.initial_state(1), 0)
+    step, _ = model.run(np.array([[5]], dtype=np.int64), state, ids.shape[1])
+    return np.concatenate([logits[0], step])
+
+
+# --- files load, keep the contract, and stay close to fp32 -------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "lstm"])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_file_loads_and_keeps_metadata(files: dict[str, Path], arch: str, mode: str) -> None:
+    original, quantized = _metadata(files[arch]), _metadata(files[f"{arch}.{mode}"])
+    assert set(quantized) == set(original)
+    for key, value in original.items():
+        if key != KEY_SOURCE:
+            assert quantized[key] == value, key
+    source = json.loads(quantized[KEY_SOURCE])
+    assert source["quantized"]["mode"] == mode
+    assert {k: v for k, v in source.items() if k != "quantized"} == json.loads(original[KEY_SOURCE])
+    model = OnnxModel.open(files[f"{arch}.{mode}"], device="cpu", threads=1)
+    assert model.info.arch == arch
+    assert files[f"{arch}.{mode}"].stat().st_size < files[arch].stat().st_size
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "lstm"])
+@pytest.mark.parametrize(("mode", "relative_limit"), [("int8", 0.05), ("int4", 0.2)])
+def test_quantized_logits_stay_close_to_fp32(files: dict[str, Path], arch: str, mode: str,
+                                             relative_limit: float) -> None:
+    reference, quantized = _logits(files[arch]), _logits(files[f"{arch}.{mode}"])
+    assert quantized.shape == reference.shape
+    peak = float(np.abs(reference).max())
+    assert peak > 0.1  # the comparison means something
+    assert float(np.abs(quantized - reference).max()) <= relative_limit * peak
+    assert not np.array_equal(quantized, reference)  # the weights really changed
+
+
+def test_int8_quantizes_the_lm_head_matmul(files: dict[str, Path]) -> None:
+    model = onnx.load(str(files["gpt2.int8"]))
+    vocab = int(_metadata(files["gpt2"])["textgen.vocab_size"])
+    assert quantized_lm_head(model, vocab)
+    initializers = {init.name: init for init in model.graph.initializer}
+    heads = [node for node in model.graph.node if node.op_type == "MatMulInteger"
+             and node.input[1] in initializers and vocab in initializers[node.input[1]].dims]
+    assert len(heads) == 1
+    assert initializers[heads[0].input[1]].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    # No per-step dequantization of a whole weight (the NOTES pitfall) and no float copy of the tied table left.
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear":
+            assert node.input[0] not in initializers
+    assert not [init for init in model.graph.initializer
+                if init.data_type == onnx.TensorProto.FLOAT and sorted(init.dims) == sorted([N_EMBD, vocab])]
+
+
+def test_unquantized_head_is_detected(files: dict[str, Path]) -> None:
+    vocab = int(_metadata(files["gpt2"])["textgen.vocab_size"])
+    assert not quantized_lm_head(onnx.load(str(files["gpt2"])), vocab)
+    assert quantized_lm_head(onnx.load(str(files["gpt2.int4"])), vocab)
+    assert quantized_lm_head(onnx.load(str(files["lstm.int8"])), vocab)
+
+
+# --- the tied embedding reads exactly the weights the LM head multiplies with ----------------------------------
+
+
+def _run_with_output(path: Path, output: str) -> np.ndarray:
+    """Run the GPT-2 file on ids 0..vocab-1 and return the intermediate tensor ``output``."""
+    model = onnx.load(str(path))
+    model.graph.output.append(helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    info = OnnxModel.open(path, device="cpu", threads=1).info
+    ids = np.arange(info.vocab_size, dtype=np.int64)[None, :]
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+             "position_ids": np.zeros_like(ids)}  # one position for all: only the lookup matters here
+    feeds.update({spec.input: np.zeros(spec.initial_shape(1), dtype=np.float32) for spec in info.state})
+    return session.run([output], feeds)[0]
+
+
+def test_int8_tied_lookup_is_the_dequantized_lm_head(files: dict[str, Path]) -> None:
+    model = onnx.load(str(files["gpt2.int8"]))
+    initializers = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    dequantize = next(node for node in model.graph.node if node.op_type == "DequantizeLinear")
+    gather = next(node for node in model.graph.node if node.output[0] == dequantize.input[0])
+    table = gather.input[0]
+    assert any(node.op_type == "MatMulInteger" and node.input[1] == table for node in model.graph.node)
+    weight = initializers[table].astype(np.float32)  # [n_embd, vocab], what the LM head multiplies with
+    scale, zero_point = initializers[dequantize.input[1]], initializers[dequantize.input[2]].astype(np.float32)
+    expected = (weight - zero_point) * scale
+    looked_up = _run_with_output(files["gpt2.int8"], dequantize.output[0])  # [n_embd, 1, vocab]
+    np.testing.assert_allclose(looked_up[:, 0, :], expected, rtol=1e-6, atol=0)
+
+
+def _decode_matmul_nbits(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None) -> np.ndarray:
+    """MatMulNBits' 4-bit layout (ORT contrib op docs): B [N, blocks, blob] with two values per byte, low nibble
+    first; scales [N, blocks]; zero points packed the same way along blocks (default 8). Returns [N, K]."""
+    n, blocks, blob = packed.shape
+    values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, blob * 2).astype(np.float32)
+    if zero_points is None:
+        zero = np.full((n, blocks), 8.0, dtype=np.float32)
+    else:
+        zero = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+    return ((values - zero[:, :, None].astype(np.float32)) * scales.reshape(n, blocks)[:, :, None]).reshape(n, -1)
+
+
+def test_int4_tied_lookup_is_the_dequantized_lm_head(files: dict[str, Path]) -> None:
+    model = onnx.load(str(files["gpt2.int4"]))
+    initializers = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    lookup = next(node for node in model.graph.node if node.op_type == "GatherBlockQuantized")
+    reshape = next(node for node in model.graph.node if node.output[0] == lookup.input[0])
+    head = next(node for node in model.graph.node if node.op_type == "MatMulNBits"
+                and node.input[1] == reshape.input[0])  # the LM head: the same packed blocks
+    zero_points = initializers[head.input[3]] if len(head.input) > 3 and head.input[3] else None
+    expected = _decode_matmul_nbits(initializers[head.input[1]], initializers[head.input[2]], zero_points)
+    looked_up = _run_with_output(files["gpt2.int4"], lookup.output[0])  # [1, vocab, n_embd]
+    np.testing.assert_allclose(looked_up[0], expected, rtol=1e-6, atol=0)
+    fp32_table = load_checkpoint(files["gpt2.bin"])["model"]["transformer.wte.weight"].numpy()
+    assert float(np.abs(expected - fp32_table).max()) < 0.1 * float(np.abs(fp32_table).max())
+
+
+def test_quantized_gpt2_drops_the_float_table(files: dict[str, Path]) -> None:
+    vocab = int(_metadata(files["gpt2"])["textgen.vocab_size"])
+    for mode in ("int8", "int4"):
+        model = onnx.load(str(files[f"gpt2.{mode}"]))
+        shapes = [sorted(init.dims) for init in model.graph.initializer if init.data_type == onnx.TensorProto.FLOAT]
+        assert sorted([N_EMBD, vocab]) not in shapes, mode
+
+
+# --- perplexity ------------------------------------------------------------------------------------------------
+
+
+def _torch_nll(checkpoint: Path, ids: list[int], span: int) -> float:
+    """Reference: cross-entropy of the PyTorch model over windows of ``span`` inputs (plus the next target)."""
+    data = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(data)
+    usable = len(json.loads(data["tokenizer"])["model"]["vocab"])
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, span):
+            piece = torch.tensor([ids[start:start + span + 1]])
+            logits = model(piece[:, :-1])[0][0, :, :usable]
+            total += float(torch.nn.functional.cross_entropy(logits, piece[0, 1:], reduction="sum"))
+    return total / (len(ids) - 1)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "lstm"])
+def test_text_nll_matches_pytorch_cross_entropy(files: dict[str, Path], arch: str) -> None:
+    model = OnnxModel.open(files[arch], device="cpu", threads=1)
+    ids = [model.info.special.eos, *model.encode(TEXT)]
+    assert len(ids) > 2 * CONTEXT  # the GPT-2 needs several windows
+    span = CONTEXT if arch == "gpt2" else len(ids) - 1
+    assert text_nll(files[arch], TEXT, threads=1) == pytest.approx(_torch_nll(files[f"{arch}.bin"], ids, span),
+                                                                 abs=1e-4)
+
+
+def test_perplexity_cost_reports_both_perplexities(files: dict[str, Path]) -> None:
+    ppl_fp32, ppl_q, increase = perplexity_cost(files["gpt2"], files["gpt2.int4"], TEXT, threads=1)
+    assert ppl_fp32 == pytest.approx(math.exp(text_nll(files["gpt2"], TEXT, threads=1)), rel=1e-12)
+    assert ppl_q == pytest.approx(math.exp(text_nll(files["gpt2.int4"], TEXT, threads=1)), rel=1e-12)
+    assert increase == pytest.approx(ppl_q / ppl_fp32 - 1)
+    assert ppl_q != ppl_fp32
+    assert perplexity_cost(files["lstm"], files["lstm"], TEXT, threads=1)[2] == 0.0
+    limited = perplexity_cost(files["lstm"], files["lstm.int8"], TEXT, max_tokens=10, threads=1)
+    assert limited[0] != perplexity_cost(files["lstm"], files["lstm.int8"], TEXT, threads=1)[0]
+
+
+# --- errors ---------------------------------------------------------------------------------------------------------
+
+
+def test_quantize_errors_are_one_line(files: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(QuantizeError, match="unknown quantization"):
+        quantize_model(files["lstm"], tmp_path / "x.onnx", "int2")  # type: ignore[arg-type]
+    with pytest.raises(QuantizeError, match="not found"):
+        quantize_model(tmp_path / "missing.onnx", tmp_path / "x.onnx", "int8")
+    stripped = onnx.load(str(files["lstm"]))
+    del stripped.metadata_props[:]
+    onnx.save(stripped, str(tmp_path / "plain.onnx"))
+    with pytest.raises(QuantizeError, match="not a textgen model file") as caught:
+        quantize_model(tmp_path / "plain.onnx", tmp_path / "x.onnx", "int8")
+    assert "\n" not in str(caught.value)
+    with pytest.raises(QuantizeError, match="overwrite the source"):
+        quantize_model(files["lstm"], files["lstm"], "int8")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+# --- export.optimize -------------------------------------------------------------------------------------------
+
+
+def test_optimize_gpt2_keeps_size_metadata_and_logits(files: dict[str, Path], tmp_path: Path) -> None:
+    result = optimize_gpt2(files["gpt2"], tmp_path / "opt.onnx")
+    assert result.path.exists() and result.fused  # the pass changed something
+    assert result.max_abs_diff <= 1e-3
+    assert _metadata(result.path) == _metadata(files["gpt2"])
+    weights = sum(len(init.raw_data) for init in onnx.load(str(result.path)).graph.initializer)
+    assert weights <= 1.05 * result.weight_bytes
+    np.testing.assert_allclose(_logits(result.path), _logits(files["gpt2"]), atol=1e-3)
+
+
+def test_optimize_refuses_non_gpt2(files: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(OptimizeError, match="lstm model"):
+        optimize_gpt2(files["lstm"], tmp_path / "opt.onnx")
+    assert not (tmp_path / "opt.onnx").exists()
+
+
+def test_attention_op_export_matches_the_regular_export(files: dict[str, Path], tmp_path: Path) -> None:
+    result = export_attention_op(files["gpt2.bin"], files["gpt2"], tmp_path / "attention.onnx")
+    graph = onnx.load(str(result.path))
+    assert any(node.op_type == "Attention" for node in graph.graph.node)
+    assert max(opset.version for opset in graph.opset_import if opset.domain in ("", "ai.onnx")) == 23
+    assert _metadata(result.path) == _metadata(files["gpt2"])
+    np.testing.assert_allclose(_logits(result.path), _logits(files["gpt2"]), atol=1e-4)
