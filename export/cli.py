@@ -26,14 +26,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tolerance", type=float, default=1e-4, help="largest allowed ONNX-vs-PyTorch logit difference (1e-4)"
     )
+    parser.add_argument(
+        "--quantize", choices=("int8", "int4"), default=None,
+        help="also write a quantized copy beside the fp32 file (NAME.int8.onnx / NAME.int4.onnx; CPU decoding)",
+    )
+    parser.add_argument(
+        "--eval-text", metavar="FILE", default=None,
+        help="with --quantize: held-out text to measure the quantized file's perplexity cost on",
+    )
     return parser
+
+
+# Perplexity increase above which a quantized file is reported as too lossy (issue 6's limits).
+QUANTIZE_LIMITS = {"int8": 0.02, "int4": 0.05}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from export.onnx_export import ExportError
+    from export.quantize import QuantizeError
     from models.checkpoint import CheckpointError
 
-    errors: list[type[BaseException]] = [CheckpointError, ExportError]
+    errors: list[type[BaseException]] = [CheckpointError, ExportError, QuantizeError]
     try:
         from models.hf_gpt2 import HFImportError
     except ImportError:  # no HF importer in this installation; directories are then refused with ExportError
@@ -48,18 +61,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(args.checkpoint).exists():  # answer at once, before paying for importing torch
         print(f"error: checkpoint not found: {args.checkpoint}", file=sys.stderr)
         return EXIT_USER_ERROR
+    if args.eval_text and not args.quantize:
+        print("error: --eval-text goes with --quantize", file=sys.stderr)
+        return EXIT_USER_ERROR
     try:
         from export.onnx_export import export_checkpoint
 
         result = export_checkpoint(args.checkpoint, args.output, opset=args.opset, tolerance=args.tolerance)
+        print(f"wrote {result.path} ({_human_size(result.bytes)}, {result.arch})")
+        print(f"verified with onnxruntime {result.provider}: max abs logit diff {result.max_abs_diff:.3g}")
+        if args.quantize:
+            return _quantize(result.path, args.quantize, args.eval_text)
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except _user_errors() as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
-    print(f"wrote {result.path} ({_human_size(result.bytes)}, {result.arch})")
-    print(f"verified with onnxruntime {result.provider}: max abs logit diff {result.max_abs_diff:.3g}")
+    return 0
+
+
+def _quantize(fp32_path: Path, mode: str, eval_text: str | None) -> int:
+    """Write NAME.MODE.onnx beside the fp32 file; with eval_text, report (and judge) its perplexity cost."""
+    from export.quantize import QuantizeError, perplexity_cost, quantize_model
+
+    target = fp32_path.with_name(f"{fp32_path.stem}.{mode}.onnx")
+    quantize_model(fp32_path, target, mode)  # type: ignore[arg-type]
+    print(f"wrote {target} ({_human_size(target.stat().st_size)}, {mode})")
+    if eval_text is None:
+        return 0
+    try:
+        text = Path(eval_text).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise QuantizeError(f"cannot read --eval-text {eval_text}: {exc}") from None
+    ppl_fp32, ppl_q, increase = perplexity_cost(fp32_path, target, text)
+    print(f"perplexity on {eval_text}: fp32 {ppl_fp32:.4f}, {mode} {ppl_q:.4f} ({increase:+.2%})")
+    limit = QUANTIZE_LIMITS[mode]
+    if increase > limit:
+        print(f"warning: {mode} costs {increase:.2%} perplexity, above the {limit:.0%} limit; prefer the fp32 file",
+              file=sys.stderr)
     return 0
 
 

@@ -446,3 +446,23 @@ def test_cli_verification_failure_is_one_line(tmp_path: Path, capsys: pytest.Cap
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: verification failed"), captured.err
     assert captured.out == "" and not (tmp_path / "gru.onnx").exists()
+
+
+def test_cli_quantize_writes_a_runnable_copy_and_reports_its_cost(tmp_path: Path, capsys) -> None:
+    from export.cli import main
+    from repl.runtime import OnnxModel
+
+    checkpoint = tmp_path / "q.bin"
+    write_rnn_checkpoint(checkpoint, "gru")
+    held = tmp_path / "held.txt"
+    held.write_text("the cat sat on the mat\n" * 5, encoding="utf-8")
+    assert main(["--checkpoint", str(checkpoint), "--quantize", "int8", "--eval-text", str(held)]) == 0
+    out = capsys.readouterr().out
+    quantized = tmp_path / "q.int8.onnx"
+    assert f"wrote {quantized}" in out and "perplexity on" in out and "int8" in out
+    model = OnnxModel.open(quantized, device="cpu")
+    assert model.info.arch == "gru"
+    logits, _ = model.run(np.array([model.encode("the cat")], dtype=np.int64), model.initial_state(1), 0)
+    assert np.isfinite(logits).all()
+    assert main(["--checkpoint", str(checkpoint), "--eval-text", str(held)]) == 2
+    assert "--eval-text goes with --quantize" in capsys.readouterr().err
