@@ -3,11 +3,15 @@
 Every problem the user can fix (a bad corpus, tokenizer, checkpoint, Hugging Face directory or flag value) ends
 as ONE line ``error: ...`` on stderr and exit status 2, never a traceback. SIGINT exits 130 and SIGTERM 143 after
 the current step, with the latest state saved to ``OUT.last``.
+
+The same command under ``torchrun --nproc_per_node N -m train ...`` trains data-parallel (see
+train.distributed): rank 0 prints and writes; an error on another rank is printed as ``rank N: error: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -19,6 +23,7 @@ from models.checkpoint import CheckpointError
 from train.batches import DataSizeError
 from train.config import TrainConfig, TrainingError
 from train.corpus import FORMATS, CorpusError
+from train.distributed import is_main_process
 from train.presets import ARCH_DEFAULTS, FINETUNE_DEFAULTS, PRESETS, preset_names, resolve_preset_data
 from train.tokenizer import TokenizerError
 
@@ -154,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    console = Console()
+    console = Console(quiet=not is_main_process())  # under torchrun only rank 0 prints notes and progress
     errors = (UsageError, CorpusError, TokenizerError, CheckpointError, HFImportError, TrainingError, DataSizeError)
     try:
         config, resume, notes = resolve_config(args)
@@ -173,5 +178,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _fail(message: str) -> int:
     first_line = message.strip().splitlines()[0] if message.strip() else "training failed"
-    print(f"error: {first_line}", file=sys.stderr)
+    rank = "" if is_main_process() else f"rank {os.environ.get('RANK')}: "
+    print(f"{rank}error: {first_line}", file=sys.stderr)
     return EXIT_BAD_INPUT

@@ -16,6 +16,10 @@ position (epoch, batch index), the RNN state carried between windows, the best v
 config. Training N steps, stopping (signal or ``stop_at_step``), then resuming to 2N gives the same weights on
 CPU with a fixed seed as training 2N steps at once. Evaluations never touch the training RNG (samples use their
 own generator), and an evaluation skipped by an interruption is run first on resume.
+
+Under torchrun the same loop trains with DistributedDataParallel; train.distributed describes how batches,
+evaluation, stopping decisions and checkpoint writing are shared out between the processes. Resuming with the
+same number of processes continues exactly as well (per-rank RNG and RNN states are stored in the checkpoint).
 """
 
 from __future__ import annotations
@@ -39,16 +43,19 @@ from torch.nn import functional as F
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.registry import build_model
 from models.rnn import RNNConfig, RNNLanguageModel, State, detach_state
+from train import distributed
 from train.batches import (
     BlockBatcher,
     DataCursor,
     DataPosition,
+    DataSizeError,
     StreamBatcher,
     gpt_eval_windows,
     rnn_eval_streams,
 )
 from train.config import TrainConfig, TrainConfigError, TrainingError
 from train.data import PreparedData, prepare_data
+from train.distributed import Cluster, interleave_states, parameter_checksum, rank_slice_of_state
 from train.metrics import (
     MetricsLog,
     bits_per_char,
@@ -89,6 +96,7 @@ class TrainResult:
     last_checkpoint: Path  # OUT.last
     stop_reason: str
     signal: int | None = None  # the signal that interrupted the run, if any
+    checksums: tuple[str, ...] = ()  # distributed runs: every rank's final parameter checksum, in rank order
 
 
 def load_resume_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -127,22 +135,37 @@ def train(
     """Run training as configured. ``resume`` is a checkpoint from load_resume_checkpoint. ``stop_at_step`` stops
     after that step exactly as an interruption would (no evaluation, last checkpoint written), which is how
     interrupted-and-resumed runs are reproduced in tests. Raises the domain errors of the corpus, tokenizer,
-    checkpoint and Hugging Face import modules, TrainConfigError and DataSizeError."""
+    checkpoint and Hugging Face import modules, TrainConfigError and DataSizeError.
+
+    Started by torchrun (its environment variables set), the run is one rank of a distributed data-parallel run
+    (see train.distributed); only rank 0 prints."""
     config.validate()
-    console = console or Console()
-    reporter = ProgressReporter(console, live)
-    trainer = Trainer(config, resume, reporter)
-    with _StopSignals() as signals, reporter:
-        return trainer.run(signals, stop_at_step)
+    cluster = distributed.start(_resolve_device(config.device))
+    try:
+        if not cluster.is_main:
+            console, live = Console(quiet=True), False
+        console = console or Console()
+        reporter = ProgressReporter(console, live)
+        trainer = Trainer(config, resume, reporter, cluster)
+        with _StopSignals(second_acts_at_once=not cluster.distributed) as signals, reporter:
+            return trainer.run(signals, stop_at_step)
+    finally:
+        distributed.finish(cluster)
 
 
 class _StopSignals:
     """SIGINT/SIGTERM ask the loop to stop after the current step. A second signal acts at once (the original
     handlers are back by then): Ctrl-C twice raises KeyboardInterrupt; the checkpoint files stay intact because
-    every write is atomic."""
+    every write is atomic.
 
-    def __init__(self) -> None:
+    Under torchrun (``second_acts_at_once=False``) later signals are only recorded: the terminal's Ctrl-C reaches
+    torchrun, not the workers (they run in their own sessions), and torchrun sends SIGTERM to the workers still
+    running as soon as one exits with a non-zero status, which must not kill a rank that is finishing its own
+    orderly stop. torchrun SIGKILLs workers that have not exited 30 s after its signal."""
+
+    def __init__(self, second_acts_at_once: bool = True) -> None:
         self.received: int | None = None
+        self.second_acts_at_once = second_acts_at_once
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignals:
@@ -152,8 +175,10 @@ class _StopSignals:
         return self
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signum
-        self._restore()
+        if self.received is None:
+            self.received = signum
+        if self.second_acts_at_once:
+            self._restore()
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():
@@ -167,17 +192,22 @@ class _StopSignals:
 class Trainer:
     """Everything one run holds. Construction loads data and model; ``run`` trains."""
 
-    def __init__(self, config: TrainConfig, resume: dict[str, Any] | None, reporter: ProgressReporter) -> None:
+    def __init__(self, config: TrainConfig, resume: dict[str, Any] | None, reporter: ProgressReporter,
+                 cluster: Cluster | None = None) -> None:
         self.config = config
         self.reporter = reporter
         self.out = Path(config.out)
         self.last_out = last_checkpoint_path(config.out)
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.device = _resolve_device(config.device)
-        seed_everything(config.seed)
+        self.cluster = cluster or Cluster.single(_resolve_device(config.device))
+        self.device = self.cluster.device
+        seed_everything(config.seed)  # the same initial weights on every rank
         self.data, self.model, self.model_config = self._load_data_and_model(resume)
         self.model.to(self.device)
+        if self.cluster.distributed:
+            seed_everything(config.seed + self.cluster.rank)  # per-rank randomness (dropout) from here on
+        self.train_model = self.cluster.wrap(self.model)  # forward passes in training; self.model everywhere else
         self.optimizer = self._make_optimizer()
         self.schedule = LRSchedule(config.schedule, config.lr, config.warmup_steps)
         self.budget = Budget(config.max_steps, config.time_budget, config.epochs)
@@ -186,7 +216,7 @@ class Trainer:
         self.amp_dtype, self.scaler = self._amp()
         self.block_len = self._block_len()
         self.cursor = DataCursor(self._batcher())
-        self.val_inputs, self.val_targets = self._validation_data()
+        self.val_inputs, self.val_targets, self.val_count = self._validation_data()
         self.generation = generation_defaults(config.arch, self.data.kind)
         # progress through the run (all restored on resume)
         self.step = 0
@@ -200,7 +230,12 @@ class Trainer:
         self.last_metrics: dict[str, Any] | None = None
         if resume is not None:
             self._restore(resume)
-        self.metrics_log = MetricsLog(metrics_path(config.out), append=resume is not None)
+        self.metrics_log = MetricsLog(metrics_path(config.out), append=resume is not None) if self.is_main else None
+
+    @property
+    def is_main(self) -> bool:
+        """The process that writes files and prints (the only one outside torchrun)."""
+        return self.cluster.is_main
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -217,7 +252,7 @@ class Trainer:
             return data, model, dict(resume["model_config"])
         if config.init_from is not None:
             return self._load_pretrained()
-        data = prepare_data(config)
+        data = self._prepare_fresh_data()
         vocab = data.tokenizer.get_vocab_size(with_added_tokens=True)
         if config.is_rnn:
             rnn_config = RNNConfig(vocab_size=vocab, cell=config.arch, embedding_size=config.embedding_size,
@@ -228,6 +263,18 @@ class Trainer:
         gpt_config = GPT2Config(vocab_size=vocab, context_length=config.context_length, n_layer=config.n_layer,
                                 n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout)
         return data, GPT2(gpt_config), gpt_config.to_dict()
+
+    def _prepare_fresh_data(self) -> PreparedData:
+        """Build the tokenizer from the corpus; in a distributed run rank 0 builds it and every other rank uses
+        rank 0's, so all of them agree on the vocabulary whatever the tokenizer trainer does."""
+        if not self.cluster.distributed:
+            return prepare_data(self.config)
+        data = prepare_data(self.config) if self.is_main else None
+        shared = self.cluster.broadcast((data.tokenizer.to_str(), dict(data.special)) if data is not None else None)
+        if data is not None:
+            return data
+        tokenizer_json, special = shared
+        return prepare_data(self.config, _tokenizer_from_json(tokenizer_json), special)
 
     def _load_pretrained(self) -> tuple[PreparedData, nn.Module, dict[str, Any]]:
         from models.gpt2 import GPT2
@@ -263,17 +310,27 @@ class Trainer:
             return self.config.seq_len
         return min(self.config.context_length, self.model.config.context_length)
 
-    def _batcher(self) -> StreamBatcher | BlockBatcher:
+    def _batcher(self) -> distributed.Batcher:
+        """The global batch (``batch_size`` rows per process), of which this process reads its own rows."""
         ids = self.data.train_ids.to(self.device)
+        rows = self.config.batch_size * self.cluster.world_size
         if self.config.is_rnn:
-            return StreamBatcher(ids, self.config.batch_size, self.config.seq_len)
-        return BlockBatcher(ids, self.config.batch_size, self.block_len, self.config.seed)
+            batcher: StreamBatcher | BlockBatcher = StreamBatcher(ids, rows, self.config.seq_len)
+        else:
+            batcher = BlockBatcher(ids, rows, self.block_len, self.config.seed)
+        if self.cluster.distributed and batcher.batch(0, 0)[0].shape[0] < self.cluster.world_size:
+            raise DataSizeError(f"the training split is too small to give each of the {self.cluster.world_size} "
+                                f"processes a block of {self.block_len} tokens; use fewer processes or more text")
+        return self.cluster.shard(batcher)
 
-    def _validation_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _validation_data(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This process's validation rows and the number of predictions over ALL processes' rows."""
         ids = self.data.val_ids.to(self.device)
         if self.config.is_rnn:
-            return rnn_eval_streams(ids, self.config.eval_tokens)
-        return gpt_eval_windows(ids, self.block_len, self.config.eval_tokens)
+            inputs, targets = rnn_eval_streams(ids, self.config.eval_tokens)
+        else:
+            inputs, targets = gpt_eval_windows(ids, self.block_len, self.config.eval_tokens)
+        return self.cluster.local_rows(inputs), self.cluster.local_rows(targets), targets.numel()
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["train"]
@@ -290,11 +347,32 @@ class Trainer:
             self.best_step = state.get("best_step")
             self.evals_without_improvement = int(state.get("evals_without_improvement", 0))
             self.last_eval_step = state.get("last_eval_step")
-            rnn_state = state.get("rnn_state")
-            self.rnn_state = tuple(t.to(self.device) for t in rnn_state) if rnn_state else None
-            restore_rng_state(state["rng"])  # last: building the model and data above drew random numbers
+            self.rnn_state = self._restored_rnn_state(state.get("rnn_state"))
+            restore_rng_state(self._restored_rng_state(state))  # last: building the model and data drew numbers
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"the checkpoint's training state cannot be restored: {_first_line(exc)}") from exc
+
+    def _restored_rnn_state(self, saved: list[torch.Tensor] | None) -> State | None:
+        """This process's streams of the saved (global) RNN state. A state saved by a run with a different
+        number of processes does not fit the stream layout: start from zeros (the data order differs anyway)."""
+        if not saved:
+            return None
+        expected_rows = self.config.batch_size * self.cluster.world_size
+        if saved[0].shape[1] != expected_rows:
+            self.reporter.say(f"note: the checkpoint's RNN state is for {saved[0].shape[1]} streams, this run has "
+                              f"{expected_rows}; continuing from a zero state")
+            return None
+        local = rank_slice_of_state(list(saved), self.cluster.rank, self.cluster.world_size)
+        return tuple(t.to(self.device) for t in local)
+
+    def _restored_rng_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        by_rank = state.get("rng_by_rank")
+        if isinstance(by_rank, list) and len(by_rank) == self.cluster.world_size:
+            return by_rank[self.cluster.rank]
+        if self.cluster.rank > 0:  # no state saved for this rank: a fresh, still rank-specific stream
+            seed_everything(self.config.seed + self.cluster.rank + 7919 * int(state["step"]))
+            return capture_rng_state()
+        return state["rng"]
 
     # ------------------------------------------------------------------------------------------------ run
 
@@ -310,15 +388,17 @@ class Trainer:
             lr = self.schedule.lr(self.step, self.budget.fraction(self.step, self.seconds, self.cursor.epochs_done()))
             step_start = time.monotonic()
             loss, tokens = self._train_step(lr)
-            window.add(loss, tokens, time.monotonic() - step_start)
+            # All ranks agree on the loss, the clock and any signal, so they all take the same decisions below.
+            agreed = self.cluster.agree_step(loss, tokens, base_seconds + time.monotonic() - start, signals.received)
+            window.add(agreed.loss, agreed.tokens, time.monotonic() - step_start)
             self.step += 1
-            self.tokens_seen += tokens
-            self.seconds = base_seconds + time.monotonic() - start
-            if not math.isfinite(loss):
-                raise TrainingError(f"the loss became {loss} at step {self.step}; try a smaller --lr")
-            self._show_progress(loss, lr, window)
-            if signals.received is not None:
-                return self._interrupted(f"interrupted by {signal.Signals(signals.received).name}", signals.received)
+            self.tokens_seen += agreed.tokens
+            self.seconds = agreed.seconds
+            if not math.isfinite(agreed.loss):
+                raise TrainingError(f"the loss became {agreed.loss} at step {self.step}; try a smaller --lr")
+            self._show_progress(agreed.loss, lr, window)
+            if agreed.signal is not None:
+                return self._interrupted(f"interrupted by {signal.Signals(agreed.signal).name}", agreed.signal)
             if stop_at_step is not None and self.step >= stop_at_step:
                 return self._interrupted(f"stopped at step {self.step}", None)
             if self._evaluation_due():
@@ -339,10 +419,15 @@ class Trainer:
         parameters = sum(p.numel() for p in self.model.parameters())
         say(f"model: {config.arch} {_shape(self.model_config, config.arch)}, {parameters / 1e6:.2f}M parameters "
             f"({parameters * 4 / 2**20:.1f} MiB fp32)")
-        per_step = self.config.batch_size * self.block_len * config.grad_accum
+        world = self.cluster.world_size
+        per_step = self.config.batch_size * self.block_len * config.grad_accum * world
         layout = "streams" if config.is_rnn else "blocks"
-        say(f"batches: {config.batch_size} {layout} x {self.block_len} tokens x {config.grad_accum} accumulation = "
-            f"{per_step:,} tokens/step, {self.cursor.batcher.batches_per_epoch(0):,} batches/epoch")
+        processes = f" x {world} processes" if self.cluster.distributed else ""
+        say(f"batches: {config.batch_size} {layout} x {self.block_len} tokens x {config.grad_accum} accumulation"
+            f"{processes} = {per_step:,} tokens/step, {self.cursor.batcher.batches_per_epoch(0):,} batches/epoch")
+        if self.cluster.distributed:
+            say(f"distributed: {world} processes ({self.cluster.backend}); each reads its own {config.batch_size} of "
+                f"the {config.batch_size * world} {layout} per step; rank 0 writes files")
         precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[self.amp_dtype]
         say(f"device: {self.device} ({precision}, {torch.get_num_threads()} threads); "
             f"budget: {self.budget.describe()}; lr {config.lr:g} ({config.schedule}, warmup {config.warmup_steps})")
@@ -355,13 +440,15 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         total_loss, tokens = 0.0, 0
-        for _ in range(self.config.grad_accum):
+        for micro in range(self.config.grad_accum):
             inputs, targets, starts_epoch = self.cursor.next()
-            with self._autocast():
-                logits = self._forward_train(inputs, starts_epoch)
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
-            scaled = loss / self.config.grad_accum
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            last = micro == self.config.grad_accum - 1
+            with self.cluster.no_gradient_sync(self.train_model, last):
+                with self._autocast():
+                    logits = self._forward_train(inputs, starts_epoch)
+                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+                scaled = loss / self.config.grad_accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total_loss += loss.item()
             tokens += targets.numel()
         if self.scaler is not None:
@@ -378,10 +465,10 @@ class Trainer:
 
     def _forward_train(self, inputs: torch.Tensor, starts_epoch: bool) -> torch.Tensor:
         if not self.config.is_rnn:
-            return self.model(inputs)[0]
+            return self.train_model(inputs)[0]
         if starts_epoch or self.rnn_state is None:
             self.rnn_state = self.model.initial_state(inputs.shape[0], self.device)
-        logits, state = self.model(inputs, self.rnn_state)
+        logits, state = self.train_model(inputs, self.rnn_state)
         self.rnn_state = detach_state(state)  # truncated BPTT: keep the values, cut the graph
         return logits
 
@@ -414,10 +501,12 @@ class Trainer:
             else:
                 total = self._gpt_val_total()
         self.model.train(was_training)
-        return total / self.val_targets.numel()
+        return self.cluster.total(total) / self.val_count
 
     def _rnn_val_total(self) -> float:
         total, state = 0.0, None
+        if self.val_inputs.shape[0] == 0:  # more processes than validation streams: nothing for this one
+            return total
         for start in range(0, self.val_inputs.shape[1], RNN_EVAL_CHUNK):
             chunk = slice(start, start + RNN_EVAL_CHUNK)
             logits, state = self.model(self.val_inputs[:, chunk], state)
@@ -446,10 +535,12 @@ class Trainer:
         record = self._metrics_record(val_loss, window)
         record["best"] = improved
         self.last_metrics = record
-        self.metrics_log.write(record)
+        if self.metrics_log is not None:
+            self.metrics_log.write(record)
         window.reset()
         self.reporter.say(_eval_line(record, improved))
-        self._print_samples()
+        if self.is_main:
+            self._print_samples()
         if improved:
             self._save(self.out)
         self._save(self.last_out)
@@ -464,7 +555,7 @@ class Trainer:
             "val_ppl": perplexity(val_loss),
             "lr": self.optimizer.param_groups[0]["lr"],
             "tokens_per_s": round(window.tokens_per_s, 1),
-            "val_tokens": self.val_targets.numel(),
+            "val_tokens": self.val_count,
         }
         if self.data.char_level:
             record["val_bpc"] = bits_per_char(val_loss)
@@ -480,10 +571,19 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ saving
 
     def _save(self, path: Path) -> None:
-        save_checkpoint(self._payload(), path)
+        """Every rank takes part (its RNG and RNN state are gathered); rank 0 writes."""
+        per_rank = self.cluster.gather({
+            "rng": capture_rng_state(),
+            "rnn_state": [t.detach().cpu() for t in self.rnn_state] if self.rnn_state is not None else None,
+        })
+        if self.is_main:
+            save_checkpoint(self._payload(per_rank), path)
 
-    def _payload(self) -> dict[str, Any]:
+    def _payload(self, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+        # self.model is the bare module (never the DDP wrapper): names carry no "module." prefix.
         model_state = {name: tensor.detach().cpu() for name, tensor in self.model.state_dict().items()}
+        rnn_states = [part["rnn_state"] for part in per_rank]
+        rnn_state = interleave_states(rnn_states) if all(s is not None for s in rnn_states) else None
         return {
             "arch": self.config.arch,
             "model_config": self.model_config,
@@ -498,9 +598,11 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.schedule.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "rng": capture_rng_state(),
+                "rng": per_rank[0]["rng"],
+                "rng_by_rank": [part["rng"] for part in per_rank] if self.cluster.distributed else None,
+                "world_size": self.cluster.world_size,
                 "data_position": self.cursor.position.to_dict(),
-                "rnn_state": [t.detach().cpu() for t in self.rnn_state] if self.rnn_state is not None else None,
+                "rnn_state": rnn_state,
                 "config": self.config.to_dict(),
                 "best_val_loss": self.best_val_loss,
                 "best_step": self.best_step,
@@ -513,12 +615,26 @@ class Trainer:
 
     def _interrupted(self, reason: str, signum: int | None) -> TrainResult:
         self._save(self.last_out)
+        checksums = self._check_ranks_in_sync()
         self.reporter.say(f"{reason} after step {self.step}; saved the latest state to {self.last_out} "
                           f"(continue with --resume {self.last_out})")
-        return self._result(reason, signum)
+        return self._result(reason, signum, checksums)
+
+    def _check_ranks_in_sync(self) -> tuple[str, ...]:
+        """Distributed runs: compare every rank's weights (a checksum each) and fail loudly if they differ."""
+        if not self.cluster.distributed:
+            return ()
+        checksums = tuple(self.cluster.gather(parameter_checksum(self.model)))
+        if len(set(checksums)) != 1:
+            raise TrainingError(f"the processes ended with different weights (checksums {', '.join(checksums)}); "
+                                f"{self.last_out} holds rank 0's")
+        self.reporter.say(f"ranks in sync: parameter checksum {checksums[0]} on all {len(checksums)} processes")
+        return checksums
 
     def _finish(self, stop_reason: str) -> TrainResult:
-        self._plot()
+        checksums = self._check_ranks_in_sync()
+        if self.is_main:
+            self._plot()
         summary = f"done ({stop_reason}): {self.step} steps in {format_seconds(self.seconds)}"
         if self.best_val_loss is not None:
             summary += f"; best val loss {self.best_val_loss:.4f} (ppl {perplexity(self.best_val_loss):.2f}"
@@ -528,14 +644,14 @@ class Trainer:
         else:
             summary += f"; latest state in {self.last_out}"
         self.reporter.say(summary)
-        return self._result(stop_reason, None)
+        return self._result(stop_reason, None, checksums)
 
     def _plot(self) -> None:
         plot_losses(metrics_path(self.out), loss_plot_path(self.out), f"{self.out.name}: {self.config.arch}")
 
-    def _result(self, reason: str, signum: int | None) -> TrainResult:
+    def _result(self, reason: str, signum: int | None, checksums: tuple[str, ...] = ()) -> TrainResult:
         return TrainResult(self.step, self.seconds, self.best_val_loss, self.best_step, self.out, self.last_out,
-                           reason, signum)
+                           reason, signum, checksums)
 
 
 class _RateWindow:
