@@ -1,0 +1,88 @@
+"""The checkpoint file: round trip, atomic writes, and refusal of anything that is not plain tensors."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.registry import model_from_checkpoint
+from models.rnn import RNNConfig, RNNLanguageModel
+
+
+def payload(model: RNNLanguageModel) -> dict:
+    return {
+        "arch": "lstm",
+        "model_config": model.config.to_dict(),
+        "tokenizer": '{"model": "stand-in"}',
+        "special_tokens": {"eos": 5, "unk": 6, "bos": None},
+        "model": model.state_dict(),
+        "generation": {"temperature": 0.8},
+        "train": {"step": 7, "rng": {"python": [1, 2, 3]}, "optimizer": {"state": {}, "param_groups": []}},
+    }
+
+
+@pytest.fixture
+def model() -> RNNLanguageModel:
+    torch.manual_seed(0)
+    return RNNLanguageModel(RNNConfig(vocab_size=7, embedding_size=4, hidden_size=8, num_layers=2))
+
+
+def test_round_trip_restores_weights_config_and_training_state(model, tmp_path: Path) -> None:
+    path = tmp_path / "lstm.bin"
+    save_checkpoint(payload(model), path)
+    loaded = load_checkpoint(path, expect_arch=("lstm", "gru"))
+    assert loaded["train"]["step"] == 7 and loaded["special_tokens"]["eos"] == 5
+    restored = model_from_checkpoint(loaded)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(restored(ids)[0], model.eval()(ids)[0])
+    assert [p.name for p in tmp_path.iterdir()] == ["lstm.bin"]  # no temp file left behind
+
+
+class _Payload:
+    def __reduce__(self):  # what a malicious pickle does: run code on load
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickle_payload_is_refused_and_never_executed(tmp_path: Path) -> None:
+    marker = tmp_path / "executed"
+    evil = _Payload()
+    evil.marker = str(marker)
+    path = tmp_path / "evil.bin"
+    with path.open("wb") as handle:
+        torch.save({"format": "textgen-checkpoint", "version": 1, "boom": evil}, handle)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    raw = tmp_path / "raw.pkl"
+    raw.write_bytes(pickle.dumps(evil))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(raw)
+    assert not marker.exists()
+
+
+def test_damaged_foreign_and_newer_files_are_refused(model, tmp_path: Path) -> None:
+    good = tmp_path / "good.bin"
+    save_checkpoint(payload(model), good)
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(CheckpointError, match="not a textgen checkpoint"):
+        load_checkpoint(foreign)
+    newer = tmp_path / "newer.bin"
+    torch.save({**torch.load(good, weights_only=True), "version": 99}, newer)
+    with pytest.raises(CheckpointError, match="version 99"):
+        load_checkpoint(newer)
+    with pytest.raises(CheckpointError, match="holds a lstm model, expected gpt2"):
+        load_checkpoint(good, expect_arch=("gpt2",))
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        load_checkpoint(empty)
