@@ -31,6 +31,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from models.checkpoint import atomic_write_bytes
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/quality.py` puts benchmarks/ first, not the repo root
     sys.path.insert(0, str(REPO_ROOT))
@@ -220,15 +222,7 @@ def write_section(path: Path, text: str) -> None:
         updated = head + block + rest.split(MARK_END, 1)[1]
     else:
         updated = current.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(updated)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, lambda handle: handle.write(updated.encode("utf-8")))
 
 
 # --------------------------------------------------------------------------------------------------- main
