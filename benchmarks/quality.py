@@ -31,11 +31,12 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from models.checkpoint import atomic_write_bytes
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/quality.py` puts benchmarks/ first, not the repo root
     sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.common import cpu_model  # noqa: E402 - importable once the repo root is on the path
+from models.checkpoint import atomic_write_bytes  # noqa: E402
 
 DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 SHAKESPEARE = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -179,20 +180,10 @@ def environment() -> list[str]:
             versions.append(f"{name} not installed")
     return [
         f"date (UTC): {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M')}",
-        f"machine: {_cpu_model()}; {len(os.sched_getaffinity(0))} usable logical CPUs; {platform.system()} "
+        f"machine: {cpu_model()}; {len(os.sched_getaffinity(0))} usable logical CPUs; {platform.system()} "
         f"{platform.machine()}",
         f"python: {platform.python_version()}; versions: {', '.join(versions)}",
     ]
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def section(runs: Sequence[PresetRun], argv: Sequence[str], smoke: bool) -> str:
