@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -233,6 +234,9 @@ def _run(args: argparse.Namespace) -> int:
         settings = build_settings(model.info.generation, args)
         for warning in settings.warnings:
             _notice(warning)
+        # Everything loaded so far lives as long as the process: keep it out of the collector's full passes,
+        # which otherwise walk ~170k objects (~0.1 s, a visible stall mid-stream) every so often.
+        gc.freeze()
         if interactive:
             from repl.app import ReplApp
 

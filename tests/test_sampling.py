@@ -509,6 +509,12 @@ def test_each_vocabulary_takes_the_cheaper_path() -> None:
     assert SamplerChain(nucleus, 1024)._small and not SamplerChain(nucleus, 1025)._small
     assert SamplerChain(SamplerSettings(temperature=0.7, top_k=0), 4096)._small  # no sort at all
     assert not SamplerChain(replace(full, order="top_k,penalties"), 67)._small  # bans after a filter
+    # sample() on the small path: prefix cuts as counts (any order of top-k, top-p, min-p, temperature) ...
+    assert SamplerChain(full, 67)._prefix_pick and SamplerChain(replace(full, order="hf"), 67)._prefix_pick
+    assert not SamplerChain(replace(full, typical_p=0.9), 67)._prefix_pick  # typical-p keeps a subset
+    # ... or straight from the dense row when nothing cuts
+    assert SamplerChain(SamplerSettings(temperature=0.7, top_k=0), 67)._dense_pick
+    assert not SamplerChain(SamplerSettings(temperature=0.0), 67)._dense_pick  # greedy: argmax
 
 
 def test_penalty_window_follows_a_history_edited_between_calls() -> None:
