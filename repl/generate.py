@@ -309,33 +309,43 @@ class Session:
         rows = [list(context) for _ in range(n)]
         fed = _Fed(self.model.reorder_state(base.state, np.zeros(n, dtype=np.int64)), base.start, base.end,
                    np.repeat(base.logits, n, axis=0))
-        streams = [TextStream(self._decode_fast, plan.stops, None, context) for _ in range(n)]
+        # Text is decoded as it comes only where a stop sequence must be spotted; otherwise once at the end.
+        streams = None
+        if plan.stops:
+            streams = [TextStream(self._decode_fast, plan.stops, None, context) for _ in range(n)]
         reasons: list[str | None] = [None] * n
         counts = [0] * n
+        eos = self._eos
         try:
             for step in range(plan.max_new):
                 chain = plan.chain_at(step)
                 picked = chain.sample(fed.logits, rows, plan.rng)
                 if on_step is not None:
                     _report_step(on_step, chain, fed.logits, rows, picked, reasons, first_row)
-                for index, row in enumerate(rows):
+                for index, (row, token) in enumerate(zip(rows, picked.tolist(), strict=True)):
                     if reasons[index] is not None:
-                        row.append(self._eos)  # filler keeps the batch rectangular; not part of the result
+                        row.append(eos)  # filler keeps the batch rectangular; not part of the result
                         continue
-                    token = int(picked[index])
                     row.append(token)
                     counts[index] += 1
-                    if token == self._eos:
+                    if token == eos:
                         reasons[index] = "eos"
-                    elif streams[index].push(token):
+                    elif streams is not None and streams[index].push(token):
                         reasons[index] = "stop_sequence"
                 if all(reasons) or step + 1 == plan.max_new:
                     break
                 fed = self._advance(rows, fed, slides)
         except KeyboardInterrupt:
             reasons = [reason or "interrupted" for reason in reasons]
-        return [_BatchRow(row[len(context):len(context) + counts[index]], reasons[index] or "max_tokens",
-                          streams[index].finish(emit=False)) for index, row in enumerate(rows)]
+        results = []
+        for index, row in enumerate(rows):
+            tokens = row[len(context):len(context) + counts[index]]
+            if streams is not None:
+                text = streams[index].finish(emit=False)
+            else:
+                text = self._text_after(context, tokens[:-1] if reasons[index] == "eos" else tokens)
+            results.append(_BatchRow(tokens, reasons[index] or "max_tokens", text))
+        return results
 
     def next_token_probs(self, top: int) -> list[tuple[int, str, float]]:
         """The ``top`` most likely next tokens after the current context under the current sampler settings:
@@ -385,6 +395,14 @@ class Session:
     def _empty(self, batch: int) -> _Fed:
         return _Fed(self.model.initial_state(batch), 0, 0, None)
 
+    def _text_after(self, context: Sequence[int], tokens: Sequence[int]) -> str:
+        """What a TextStream over ``context`` would have produced for ``tokens``, decoded in one go: the text of
+        context tail + tokens past the text of the context tail (tokenizers that join with spaces add one)."""
+        tail = list(context[-_DECODE_CONTEXT:])
+        head = self._decode_fast(tail)
+        full = self._decode_fast(tail + list(tokens))
+        return full[len(head):] if full.startswith(head) else self._decode_fast(list(tokens))
+
     def _token_text(self, token: int) -> str:
         text = self.model.decode([token])
         if text or token >= self.model.tokenizer_size:
@@ -411,6 +429,8 @@ class Session:
         if len(rows) == 1 and begin == length - 1:
             ids = self._step_ids
             ids[0, 0] = rows[0][-1]
+        elif begin == length - 1:  # a batch decode step: each row's last token
+            ids = np.array([row[-1] for row in rows], dtype=np.int64)[:, None]
         else:
             ids = np.array([row[begin:] for row in rows], dtype=np.int64)
         logits, state = self.model.run(ids, state, past)

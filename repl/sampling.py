@@ -28,6 +28,12 @@ Speed: the decode loop calls this once per token, so there are two paths with th
   scales, without masks or further sorts. The repetition/presence/frequency penalties are whole-row vectors
   updated by one token per step. The default chain costs about a fifth of what it costs on the general path.
 
+``sample`` on the small path goes further when every filter keeps a prefix of the sorted candidates (top-k,
+top-p, min-p, temperature: any order but typical-p): the cuts become counts (list bisection, top-p last and only
+when it can still matter), top-p's exponentials are reused for the draw, a handful of survivors are drawn in
+plain Python, and with no filter at all the draw comes straight from the dense row. Batches (``--n``) on these
+paths run as [B, V] array operations, each row picking what it would pick alone.
+
 Both paths draw in token-id order, so a seed picks the same token on either. Work arrays and the penalty windows
 are kept across calls, so a SamplerChain serves one thread at a time.
 """
@@ -917,6 +923,10 @@ class SamplerChain:
         self._final_temperature = last if isinstance(last, TemperatureStep) else None
         self._prefix_filters = self._sorted_filters[:-1] if self._final_temperature else self._sorted_filters
         self._scaled_midway = any(isinstance(step, TemperatureStep) for step in self._prefix_filters)
+        # Batches (``--n``) on these paths run as [B, V] arrays, a few numpy calls per step for all rows.
+        self._whole_batch = self._dense_pick or (
+            self._prefix_pick and self._prefilter is None and not self._scaled_midway
+        )
         self._cut_plan = _CutPlan.of(self._prefix_filters)
         # min-p's cut (max logit + log min_p, finite) stops before the removed ids anyway, and top-k / top-p pass
         # them through harmlessly (zero weight); a temperature in between must not see them.
@@ -1000,6 +1010,8 @@ class SamplerChain:
             pick = self._pick if self._prefix_pick else self._pick_dense
             if rows == 1:  # rng.random() gives the same stream as rng.random(1), and is cheaper
                 return np.array([pick(original[0], history[0], 0, bans, rng.random())], dtype=np.int64)
+            if self._whole_batch:
+                return self._pick_rows(original, history, bans, rng.random(rows))
             return np.array([pick(original[index], history[index], index, bans, uniform)
                              for index, uniform in enumerate(rng.random(rows).tolist())], dtype=np.int64)
         picked = np.empty(rows, dtype=np.int64)
@@ -1213,6 +1225,76 @@ class SamplerChain:
                 weights = None
         return count, weights, neg, order
 
+    def _pick_rows(
+        self, original: np.ndarray, history: Sequence[Sequence[int]], bans: _Bans, uniforms: np.ndarray
+    ) -> np.ndarray:
+        """``_pick`` / ``_pick_dense`` for a whole batch at once: the same cuts and the same id-order draw as
+        [B, V] array operations (removed candidates get weight 0, which leaves every running sum unchanged),
+        so each row picks what it would alone, up to rounding. Rows with NaN or +inf logits, or with nothing
+        left, are done one by one the careful way."""
+        neg = np.subtract(bans.negated_mask, original, dtype=np.float64)
+        for index, step_row in enumerate(neg):
+            for step in self._banning:
+                edited = step.edit_small_negated(step_row, history[index], index)
+                if edited is not step_row:
+                    step_row[:] = edited
+        if self._dense_pick:
+            ranked, first = None, neg.min(axis=1)  # -(max logit); NaN if the row holds one
+        else:
+            ranked = neg.argsort(axis=1, kind="stable")
+            neg = np.take_along_axis(neg, ranked, axis=1)
+            first = neg[:, 0]
+        careful = ~np.isfinite(first)
+        if ranked is not None:
+            careful |= np.isnan(neg[:, -1])
+        if careful.any():
+            neg[careful] = 0.0  # keeps the arithmetic below quiet; these rows are redone one by one
+        if ranked is None:
+            weights = self._dense_weights(neg)
+            picked = _draw_rows(weights, uniforms)
+        else:
+            weights = self._prefix_weights(neg)
+            dense = np.zeros_like(weights)
+            np.put_along_axis(dense, ranked, weights, axis=1)  # back to id order, as the single-row draw sums
+            picked = _draw_rows(dense, uniforms)
+        if careful.any():
+            pick = self._pick_dense if self._dense_pick else self._pick
+            for index in np.flatnonzero(careful).tolist():
+                picked[index] = pick(original[index], history[index], index, bans, float(uniforms[index]))
+        return picked
+
+    def _dense_weights(self, neg: np.ndarray) -> np.ndarray:
+        """exp((logit - max logit) / T) per row of the (negated) batch, 0 for removed ids."""
+        weights = np.subtract(neg.min(axis=1, keepdims=True), neg)
+        if self._dense_temperature is not None:
+            weights *= 1.0 / self._dense_temperature.temperature
+        return np.exp(weights, out=weights)
+
+    def _prefix_weights(self, neg: np.ndarray) -> np.ndarray:
+        """The draw weights of each sorted row (negated logits, ascending): exp((max - logit) / T) for the
+        candidates the prefix filters keep (``_cut`` for all rows at once), 0 for the rest."""
+        rows, size = neg.shape
+        plan = self._cut_plan
+        finite = (neg < np.inf).sum(axis=1)  # removed ids (+inf) sort last
+        count_k = count_m = finite
+        if plan.kth is not None and plan.kth < size:
+            count_k = np.minimum(finite, (neg <= neg[:, plan.kth : plan.kth + 1]).sum(axis=1))  # ties kept
+        if plan.shift is not None:
+            count_m = np.minimum(finite, (neg <= neg[:, :1] + plan.shift).sum(axis=1))
+        count = np.minimum(count_k, count_m)
+        columns = np.arange(size)
+        weights = np.exp(np.subtract(neg[:, :1], neg))
+        if plan.top_p is not None:
+            top_p_input = np.minimum(count_k if plan.k_before_p else finite, count_m if plan.m_before_p else finite)
+            mass = np.where(columns < top_p_input[:, None], weights, 0.0)
+            cumulative = np.cumsum(mass, axis=1)
+            target = plan.top_p * cumulative[:, -1:]
+            count = np.minimum(count, (cumulative < target).sum(axis=1) + 1)  # searchsorted(side="left") + 1
+        if self._final_temperature is not None:
+            np.power(weights, 1.0 / self._final_temperature.temperature, out=weights)
+        weights[columns >= count[:, None]] = 0.0
+        return weights
+
     def _pick_dense(self, original: np.ndarray, history: Sequence[int], slot: int, bans: _Bans, uniform: float) -> int:
         """``sample`` for one row when no filter cuts (temperature alone, or nothing): the draw straight from the
         whole row, negated while it is banned as in ``_sorted_candidates``."""
@@ -1374,6 +1456,20 @@ def _draw(ids: np.ndarray | None, values: np.ndarray, uniform: float, scratch: _
     if index >= weights.size or weights[index] == 0:  # rounding at the top end
         index = int(np.flatnonzero(weights)[-1])
     return index if ids is None else int(ids[index])
+
+
+def _draw_rows(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """``_draw`` for each row of a [B, V] weight array in id order (every row has a positive weight)."""
+    cumulative = weights.cumsum(axis=1)
+    targets = uniforms * cumulative[:, -1]
+    picked = (cumulative <= targets[:, None]).sum(axis=1)  # searchsorted(side="right"), row by row
+    size = weights.shape[1]
+    hit = np.minimum(picked, size - 1)
+    missed = (picked >= size) | (np.take_along_axis(weights, hit[:, None], axis=1)[:, 0] == 0)
+    if missed.any():  # rounding at the top end
+        for row in missed.nonzero()[0].tolist():
+            picked[row] = int(weights[row].nonzero()[0][-1])
+    return picked.astype(np.int64, copy=False)
 
 
 def _draw_sorted(order: np.ndarray, neg: np.ndarray, uniform: float) -> int:

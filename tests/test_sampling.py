@@ -663,3 +663,26 @@ def test_hand_computed_typical_constants() -> None:
     entropy = -(PROBS * np.log(PROBS)).sum()
     assert math.isclose(entropy, 1.3331, abs_tol=1e-4)
     np.testing.assert_allclose(np.abs(-np.log(PROBS) - entropy), [0.640, 0.276, 0.564, 0.970, 1.663], atol=1e-3)
+
+
+@pytest.mark.parametrize("values", [FULL, {"temperature": 0.7, "top_k": 0}, {**FULL, "presence_penalty": 0.5},
+                                    {"order": "min_p,top_p,temperature", "min_p": 0.1, "top_p": 0.5, "top_k": 0}])
+def test_a_batch_picks_what_each_row_picks_alone(values: dict) -> None:
+    """Batches on the small path run as [B, V] arrays (``_pick_rows``); each row must draw the token it would
+    draw in a batch of one, given the same uniform (rng.random(B) is B calls of rng.random())."""
+    vocab, batch = 67, 6
+    rng = np.random.default_rng(7)
+    together = SamplerChain(SamplerSettings(**values), vocab, banned_ids=[vocab - 1, 3])
+    assert together._whole_batch
+    alone = [SamplerChain(SamplerSettings(**values), vocab, banned_ids=[vocab - 1, 3]) for _ in range(batch)]
+    histories = [rng.integers(0, 50, size=80).tolist() for _ in range(batch)]
+    for _ in range(40):
+        logits = (rng.standard_normal((batch, vocab)) * 3).astype(np.float32)
+        logits[0, 5] = np.nan if _ % 10 == 0 else logits[0, 5]  # a row done the careful way now and then
+        seed = int(rng.integers(1 << 30))
+        picked = together.sample(logits, histories, np.random.default_rng(seed))
+        draws = np.random.default_rng(seed)
+        expected = [int(chain.sample(logits[i : i + 1], [histories[i]], draws)[0]) for i, chain in enumerate(alone)]
+        assert picked.tolist() == expected
+        for history in histories:
+            history.append(int(rng.integers(0, 50)))
