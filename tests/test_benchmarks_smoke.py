@@ -173,3 +173,26 @@ def test_project_errors_become_one_line(tmp_path: Path) -> None:
                             check=False, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: model file not found: missing.onnx"
+
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="needs ../shared/data/tinyshakespeare.txt")
+def test_quality_smoke_writes_only_its_section(tmp_path: Path) -> None:
+    """quality.py trains each preset for 2 s through the real CLI, prints the table and rewrites only its own
+    marked section of a docs file (the rest of the file is kept byte for byte)."""
+    docs = tmp_path / "bench.md"
+    docs.write_text("# Benchmarks\n\nintro\n\n<!-- quality:start -->\nold table\n<!-- quality:end -->\n\ntail\n")
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), "--smoke", "--docs", str(docs)],
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    for preset in ("shakespeare-char", "shakespeare-gpt2"):
+        assert preset in result.stdout
+    text = docs.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n\n<!-- quality:start -->\n")
+    assert text.endswith("<!-- quality:end -->\n\ntail\n")
+    assert "old table" not in text and "nanoGPT" in text
+    section = text.split("<!-- quality:start -->")[1].split("<!-- quality:end -->")[0]
+    assert re.search(r"^\|---", section, re.MULTILINE)
+    assert re.search(r"shakespeare-char.*\| \d\.\d{3}", section)  # a measured validation loss
