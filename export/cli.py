@@ -1,7 +1,8 @@
 """`textgen-export` / `python -m export`: turn a checkpoint or Hugging Face GPT-2 directory into one .onnx file.
 
 User errors (unusable checkpoint, unusable HF directory, failed verification) print one `error: ...` line on
-stderr and exit with code 2; there is never a traceback for them.
+stderr and exit with code 2; there is never a traceback for them. When a GPT-2's opset-23 Attention-op graph
+cannot be used and the slower TorchScript graph is written instead, one `notice: ...` line on stderr says why.
 """
 
 from __future__ import annotations
@@ -22,7 +23,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint file from textgen-train, or an HF GPT-2 dir")
     parser.add_argument("--output", help="where to write the .onnx file (default: beside the checkpoint)")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; 14..20)")
+    parser.add_argument(
+        "--opset", type=int, default=None,
+        help="ONNX opset of the TorchScript graph (RNNs, GPT-2 with --attention decomposed): default 17, 14..20; "
+        "GPT-2's Attention-op graph is always opset 23, and an explicit 14..20 selects the decomposed graph",
+    )
+    parser.add_argument(
+        "--attention", choices=("auto", "op", "decomposed"), default="auto",
+        help="GPT-2 only. auto (default): the ONNX Attention op (opset 23, dynamo exporter; faster CPU decoding, "
+        "needs onnxruntime >= 1.23), falling back with a notice to the decomposed graph if that export "
+        "or its check fails; op: the Attention op or an error; decomposed: MatMul/Softmax attention "
+        "(TorchScript exporter, opset 17, any onnxruntime >= 1.18)",
+    )
     parser.add_argument(
         "--tolerance", type=float, default=1e-4, help="largest allowed ONNX-vs-PyTorch logit difference (1e-4)"
     )
@@ -65,10 +77,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --eval-text goes with --quantize", file=sys.stderr)
         return EXIT_USER_ERROR
     try:
-        from export.onnx_export import export_checkpoint
+        from export.onnx_export import ATTENTION_OPSET, export_checkpoint
 
-        result = export_checkpoint(args.checkpoint, args.output, opset=args.opset, tolerance=args.tolerance)
-        print(f"wrote {result.path} ({_human_size(result.bytes)}, {result.arch})")
+        result = export_checkpoint(args.checkpoint, args.output, opset=args.opset, tolerance=args.tolerance,
+                                   attention=args.attention)
+        if result.fallback:
+            reason = _one_line(result.fallback)
+            print(f"notice: the opset-{ATTENTION_OPSET} Attention-op graph was not used ({reason}); wrote the "
+                  "decomposed-attention graph instead (correct, slower on CPU)", file=sys.stderr)
+        graph = f"opset {result.opset}" + (", ONNX Attention op" if result.attention_op else "")
+        print(f"wrote {result.path} ({_human_size(result.bytes)}, {result.arch}, {graph})")
         print(f"verified with onnxruntime {result.provider}: max abs logit diff {result.max_abs_diff:.3g}")
         if args.quantize:
             return _quantize(result.path, args.quantize, args.eval_text)

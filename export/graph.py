@@ -6,6 +6,10 @@
   folding turns ``h @ wte.T`` into a second, transposed copy of the embedding (652 MB instead of 497 MB for GPT-2
   small). We keep the transposed copy (the big per-token MatMul reads it directly) and rewrite the embedding
   lookups to gather columns from it, which costs one small Transpose of the gathered rows per step.
+* `fold_weight_transposes`: the dynamo exporter (onnxscript's optimizer) does not fold ``Transpose(wte)`` when
+  the embedding has more than 8192 elements and another node (the lookup) reads it too, so the LM head would
+  transpose 154 MB per session (GPT-2 small) and the quantizers would find no MatMul weight to quantize. Folding
+  it here gives the TorchScript layout, which `dedupe_initializers` then stores once.
 """
 
 from __future__ import annotations
@@ -42,6 +46,30 @@ def check_signature(model: onnx.ModelProto, signature: GraphSignature) -> None:
 def _check_names(kind: str, actual: list[str], expected: list[str]) -> None:
     if actual != expected:
         raise GraphCheckError(f"exported graph {kind} are {actual}, expected {expected}")
+
+
+def fold_weight_transposes(model: onnx.ModelProto) -> int:
+    """Replace every 2-D ``Transpose(initializer)`` node by a transposed initializer. Returns the nodes folded."""
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    kept: list[onnx.NodeProto] = []
+    sources: set[str] = set()
+    for node in graph.node:
+        source = initializers.get(node.input[0]) if node.op_type == "Transpose" and node.input else None
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+        if source is None or len(source.dims) != 2 or perm != [1, 0]:
+            kept.append(node)
+            continue
+        graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(source).T.copy(), node.output[0]))
+        sources.add(source.name)
+    if not sources:
+        return 0
+    folded = len(graph.node) - len(kept)
+    del graph.node[:]
+    graph.node.extend(kept)
+    still_read = {name for node in graph.node for name in node.input} | {value.name for value in graph.output}
+    _remove_initializers(model, sources - still_read)
+    return folded
 
 
 def dedupe_initializers(model: onnx.ModelProto) -> int:

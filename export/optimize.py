@@ -1,17 +1,15 @@
-"""Graph-level speed levers for GPT-2 model files, each checked for parity and file size before it is written.
+"""A graph-level speed lever for GPT-2 model files, checked for parity and file size before it is written.
 
 * ``optimize_gpt2(src, dst)``: onnxruntime.transformers' GPT-2 fusion passes (SkipLayerNorm, BiasGelu /
   FastGelu, Attention when its pattern matcher recognises our graph). ``opt_level`` 0 runs only those Python
   fusions: on another GPT-2 graph, level 1's constant folding re-materialised the transposed LM-head weight and
   stored the tied embedding twice (652 MB for GPT-2 small, see ../shared/NOTES.md). The result is refused when
   its weights grow beyond ``MAX_SIZE_RATIO`` x the source's or its logits drift from the source's.
-* ``export_attention_op(checkpoint, reference, dst)``: an experiment, not the exporter: re-export a GPT-2
-  checkpoint with the dynamo exporter at opset 23, where ``scaled_dot_product_attention`` becomes the standard
-  ONNX ``Attention`` op (one kernel instead of MatMul/Softmax/MatMul per layer). The metadata is copied from
-  ``reference`` (the same checkpoint's regular export) and the logits must match it.
 
-Whether either lever is worth wiring into ``textgen-export`` is decided by benchmarks/gpt2_decode.py, whose
-numbers are in docs/benchmarks.md.
+The other lever measured here, exporting GPT-2 at opset 23 so that ``scaled_dot_product_attention`` becomes the
+standard ONNX ``Attention`` op, started as an experiment in this module and is now the exporter's default GPT-2
+graph (export/onnx_export.py, ``--attention``). benchmarks/gpt2_decode.py measures both against the decomposed-
+attention graph; the numbers and verdicts are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ import contextlib
 import io
 import logging
 import tempfile
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +31,6 @@ from repl.modelfile import ModelFileError, ModelInfo, decode_metadata
 
 MAX_SIZE_RATIO = 1.05  # an optimised graph may store at most this much more weight data than the source
 PARITY_TOLERANCE = 1e-3  # fusions reorder float arithmetic (FastGelu's tanh approximation): allow more than 1e-4
-ATTENTION_OPSET = 23
 MAX_PROTO_BYTES = 2**31 - 1
 
 
@@ -72,51 +68,7 @@ def optimize_gpt2(src_onnx: Path | str, dst_onnx: Path | str, opt_level: int = 0
     return _finish(original, optimized, source, target, fused=_added_ops(original, optimized))
 
 
-def export_attention_op(checkpoint: Path | str, reference_onnx: Path | str, dst_onnx: Path | str,
-                        opset: int = ATTENTION_OPSET) -> OptimizeResult:
-    """Experimental: export a textgen GPT-2 checkpoint with the dynamo exporter at ``opset`` (23: the ONNX
-    ``Attention`` op), take the metadata of ``reference_onnx`` (the regular export of the same checkpoint), check
-    parity against it and write ``dst_onnx``."""
-    import torch
-
-    from export.adapters import GPT2ExportAdapter, gpt2_signature
-    from export.graph import dedupe_initializers
-    from models.checkpoint import load_checkpoint
-    from models.registry import model_from_checkpoint
-
-    reference_path, target = Path(reference_onnx), Path(dst_onnx)
-    reference = _load(reference_path)
-    _gpt2_info(reference, reference_path)
-    data = load_checkpoint(checkpoint, expect_arch=("gpt2",))
-    model = model_from_checkpoint(data)
-    config = model.config
-    signature = gpt2_signature(config.n_layer, config.n_head, config.n_embd, config.vocab_size)
-    batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past_seq")
-    total = torch.export.Dim("total_seq")
-    # dynamic_shapes mirrors forward(input_ids, attention_mask, position_ids, *past_flat): a tuple for *past.
-    dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
-                      tuple({0: batch, 2: past} for _ in signature.state))
-    exporter_log = logging.getLogger("torch.onnx")
-    previous_level = exporter_log.level
-    exporter_log.setLevel(logging.ERROR)  # "torchvision is not installed" and similar notices, once per op
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                GPT2ExportAdapter(model).eval(), signature.example_args, input_names=signature.input_names,
-                output_names=signature.output_names, dynamic_shapes=dynamic_shapes, opset_version=opset,
-                dynamo=True, external_data=False, verbose=False,
-            )
-    except Exception as exc:  # noqa: BLE001 - torch.export raises many error types
-        raise OptimizeError(f"the opset-{opset} dynamo export failed: {_first_line(exc)}") from exc
-    finally:
-        exporter_log.setLevel(previous_level)
-    exported = program.model_proto
-    dedupe_initializers(exported)
-    return _finish(reference, exported, reference_path, target, fused=_added_ops(reference, exported))
-
-
-# --- shared tail: metadata, size, parity, write ----------------------------------------------------------------
+# --- the tail: metadata, size, parity, write -------------------------------------------------------------------
 
 
 def _finish(original: onnx.ModelProto, candidate: onnx.ModelProto, source: Path, target: Path,

@@ -14,10 +14,11 @@ entry saying how). Nothing here quantizes by hand; onnxruntime.quantization does
 The tied embedding: the exporter stores GPT-2's embedding once, as the LM head's ``[n_embd, vocab]`` MatMul
 weight, and the token lookup gathers columns from it (export/graph.py). After quantization the MatMul reads the
 quantized copy but that Gather would still read the float32 table, which would then have to stay in the file
-(154 MB for GPT-2 small). So the lookup is rewired to the quantized twin: int8 gathers int8 columns and
-dequantizes only those (DequantizeLinear with the same per-tensor scale), int4 reads the MatMulNBits blocks
-through the ``com.microsoft`` GatherBlockQuantized op. The float32 table is then dropped; the lookup returns
-exactly the dequantized weights the LM head multiplies with.
+(154 MB for GPT-2 small). So the lookup is rewired to the quantized twin: int8 gathers int8 columns, transposes
+them to rows and dequantizes only those (DequantizeLinear with the same per-tensor scale), int4 reads the
+MatMulNBits blocks through the ``com.microsoft`` GatherBlockQuantized op. Both exporter graphs (TorchScript opset
+17 and dynamo opset 23) have this Gather(axis=1) + Transpose lookup and their ``MatMul`` weights as initializers.
+The float32 table is then dropped; the lookup returns exactly the dequantized weights the LM head multiplies with.
 
 ``perplexity_cost(fp32, quantized, text)`` measures what the smaller file costs in quality: per-token NLL of a
 held-out text through the runtime (repl.runtime, the same path the REPL uses), for both files.
@@ -130,24 +131,52 @@ def _share_tied_table_int8(model: onnx.ModelProto) -> None:
     whose int8 twin quantize_dynamic created (per-tensor scale and zero point); then drop W if nothing reads it."""
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
+    consumers = _consumers(graph)
+    graph_outputs = {value.name for value in graph.output}
     new_nodes: list[onnx.NodeProto] = []
     rewired: set[str] = set()
+    moved: set[int] = set()  # ids of Transpose nodes re-emitted next to their Gather
     for node in graph.node:
+        if id(node) in moved:
+            continue
         table = node.input[0] if node.op_type == "Gather" and node.input else None
         twin = _int8_twin(initializers, table) if table in initializers else None
         if twin is None:
             new_nodes.append(node)
             continue
-        quantized, scale, zero_point = twin
-        gathered = f"{node.output[0]}__int8"
-        new_nodes.append(helper.make_node("Gather", [quantized, node.input[1]], [gathered], name=f"{node.name}__int8",
-                                          axis=_attribute(node, "axis", 0)))
-        new_nodes.append(helper.make_node("DequantizeLinear", [gathered, scale, zero_point], [node.output[0]],
-                                          name=f"{node.name}__dequantize"))
+        readers = consumers.get(node.output[0], [])
+        transpose = readers[0] if len(readers) == 1 and readers[0].op_type == "Transpose" else None
+        if transpose is not None and node.output[0] not in graph_outputs:
+            moved.add(id(transpose))
+        else:
+            transpose = None
+        new_nodes.extend(_int8_lookup(node, twin, transpose))
         rewired.add(table)
     graph.ClearField("node")
     graph.node.extend(new_nodes)
     _drop_unused_initializers(model, rewired)
+
+
+def _int8_lookup(gather: onnx.NodeProto, twin: tuple[str, str, str],
+                 transpose: onnx.NodeProto | None) -> list[onnx.NodeProto]:
+    """Gather from the int8 twin, then DequantizeLinear. With the lookup's Transpose (the exporter's column
+    gather), the Transpose moves the int8 values and the DequantizeLinear comes last: a quarter of the bytes to
+    move, and onnxruntime's QDQ propagation would otherwise push a QuantizeLinear/DequantizeLinear pair through
+    the Transpose, which fails to load at opset >= 21 ("output_dtype INT8 does not match y_zero_point type
+    UINT8", onnxruntime 1.31)."""
+    quantized, scale, zero_point = twin
+    gathered = f"{gather.output[0]}__int8"
+    nodes = [helper.make_node("Gather", [quantized, gather.input[1]], [gathered], name=f"{gather.name}__int8",
+                              axis=_attribute(gather, "axis", 0))]
+    output = gather.output[0]
+    if transpose is not None:
+        output = transpose.output[0]
+        nodes.append(helper.make_node("Transpose", [gathered], [f"{output}__int8"], name=f"{transpose.name}__int8",
+                                      perm=_attribute_ints(transpose, "perm")))
+        gathered = f"{output}__int8"
+    nodes.append(helper.make_node("DequantizeLinear", [gathered, scale, zero_point], [output],
+                                  name=f"{gather.name}__dequantize"))
+    return nodes
 
 
 def _int8_twin(initializers: dict[str, onnx.TensorProto], name: str) -> tuple[str, str, str] | None:

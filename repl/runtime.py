@@ -168,7 +168,10 @@ def _create_session(path: Path, providers: list[str], threads: int | None) -> or
         options = _session_options(threads, path.stat().st_size)
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several pybind types for unreadable files
-        raise ModelLoadError(f"{path} is not a readable ONNX model: {_one_line(exc)}") from exc
+        message = _one_line(exc)
+        if "opset" in message.lower():  # e.g. a GPT-2 file with the opset-23 Attention op on an old runtime
+            message += f" (textgen GPT-2 files need onnxruntime >= 1.23; this is {ort.__version__})"
+        raise ModelLoadError(f"{path} is not a readable ONNX model: {message}") from exc
     finally:
         ort.set_default_logger_severity(_QUIET)
 

@@ -311,6 +311,164 @@ def test_gpt2_tied_embedding_stored_once(gpt2_export) -> None:
     assert result.bytes <= 1.05 * parameter_bytes
 
 
+def ai_onnx_opset(proto: onnx.ModelProto) -> int:
+    return max(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
+
+
+def graph_interface(proto: onnx.ModelProto) -> list[tuple[str, int, list[str | int]]]:
+    """(name, dtype, dims) of every graph input and output: what docs/model-file.md fixes."""
+    return [(value.name, value.type.tensor_type.elem_type,
+             [dim.dim_param or dim.dim_value for dim in value.type.tensor_type.shape.dim])
+            for value in [*proto.graph.input, *proto.graph.output]]
+
+
+def test_gpt2_default_export_is_one_opset_23_file_with_attention_ops(gpt2_export) -> None:
+    model, result, _, _ = gpt2_export
+    assert result.attention_op and result.opset == 23 and result.fallback is None
+    proto = onnx.load(str(result.path), load_external_data=False)
+    assert ai_onnx_opset(proto) == 23
+    attention = [node for node in proto.graph.node if node.op_type == "Attention"]
+    assert len(attention) == model.config.n_layer
+    assert not any(node.op_type == "Softmax" for node in proto.graph.node)  # nothing decomposed left
+    # The LM head multiplies with a stored [n_embd, vocab] weight, not a per-session Transpose of the embedding
+    # (the dynamo exporter leaves that unfolded above 8192 elements; this vocabulary has 8192 x 32).
+    shapes = {init.name: list(init.dims) for init in proto.graph.initializer}
+    heads = [node for node in proto.graph.node if node.op_type == "MatMul"
+             and shapes.get(node.input[1]) == [model.config.n_embd, model.config.vocab_size]]
+    assert len(heads) == 1
+    assert not any(node.op_type == "Transpose" and node.input[0] in shapes for node in proto.graph.node)
+    assert not any(init.data_location == onnx.TensorProto.EXTERNAL for init in proto.graph.initializer)
+    assert sorted(p.name for p in result.path.parent.iterdir()) == ["gpt2.bin", "gpt2.onnx"]  # no .data file
+
+
+def test_gpt2_attention_and_decomposed_graphs_share_the_interface(gpt2_export, tmp_path: Path) -> None:
+    _, result, session, info = gpt2_export
+    decomposed = export_checkpoint(result.path.with_suffix(".bin"), tmp_path / "decomposed.onnx",
+                                   attention="decomposed")
+    assert not decomposed.attention_op and decomposed.opset == 17 and decomposed.fallback is None
+    proto, reference = onnx.load(str(result.path)), onnx.load(str(decomposed.path))
+    assert ai_onnx_opset(reference) == 17
+    assert not any(node.op_type == "Attention" for node in reference.graph.node)
+    assert graph_interface(proto) == graph_interface(reference)
+    assert {p.key: p.value for p in proto.metadata_props} == {p.key: p.value for p in reference.metadata_props}
+    ids = np.random.default_rng(3).integers(0, info.vocab_size, (2, 5))
+    other, _ = read_model(decomposed.path)
+    expected, _ = run_step(other, info, gpt2_feeds(ids, 0), zeros_state(info, 2))
+    logits, _ = run_step(session, info, gpt2_feeds(ids, 0), zeros_state(info, 2))
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+
+
+def write_small_gpt2_checkpoint(path: Path) -> None:
+    from models.gpt2 import GPT2, GPT2Config
+
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    config = GPT2Config(vocab_size=tokenizer.get_vocab_size() + 2, context_length=16, n_layer=1, n_head=2, n_embd=16)
+    save_checkpoint({"arch": "gpt2", "model_config": gpt2_config_dict(config), "tokenizer": tokenizer.to_str(),
+                     "special_tokens": special_ids(tokenizer), "model": GPT2(config).state_dict()}, path)
+
+
+@pytest.fixture
+def dynamo_export_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dynamo exporter raises (as on torch versions it cannot handle the KV cache); TorchScript still works."""
+    original = torch.onnx.export
+
+    def export(*args, **kwargs):
+        if kwargs.get("dynamo"):
+            raise RuntimeError("simulated dynamo failure\nsecond line of a long torch.export message")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+
+
+def assert_decomposed_gpt2(path: Path) -> None:
+    proto = onnx.load(str(path))
+    assert ai_onnx_opset(proto) == 17
+    assert not any(node.op_type == "Attention" for node in proto.graph.node)
+    assert read_model(path)[1].arch == "gpt2"
+
+
+@pytest.mark.skipif(not HAS_GPT2, reason="models/gpt2.py is not written yet")
+def test_gpt2_falls_back_when_the_dynamo_export_raises(tmp_path: Path, dynamo_export_fails, capsys) -> None:
+    from export.cli import main
+
+    checkpoint = tmp_path / "small.bin"
+    write_small_gpt2_checkpoint(checkpoint)
+    result = export_checkpoint(checkpoint, tmp_path / "lib.onnx")
+    assert not result.attention_op and result.opset == 17
+    assert result.fallback == "the opset-23 dynamo exporter failed: simulated dynamo failure"
+    assert_decomposed_gpt2(result.path)
+    assert main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "cli.onnx")]) == 0
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("notice: the opset-23 Attention-op graph was not used"), lines
+    assert "simulated dynamo failure" in lines[0] and "Traceback" not in captured.err
+    assert "opset 17" in captured.out and "Attention op" not in captured.out
+    assert_decomposed_gpt2(tmp_path / "cli.onnx")
+
+
+@pytest.mark.skipif(not HAS_GPT2, reason="models/gpt2.py is not written yet")
+def test_gpt2_falls_back_when_the_attention_graph_fails_parity(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import export.onnx_export as exporter
+
+    original = exporter._export_attention_graph
+
+    def corrupted(model, signature) -> onnx.ModelProto:
+        # Simulate an exporter bug in the new graph only: one weight no longer matches PyTorch's.
+        proto = original(model, signature)
+        init = max(proto.graph.initializer, key=lambda tensor: len(tensor.raw_data))
+        # Negated, not shifted: a constant shift of a weight that reads a LayerNorm output (which sums to zero
+        # with the initial scale 1 and shift 0) would change nothing.
+        init.CopyFrom(onnx.numpy_helper.from_array(-onnx.numpy_helper.to_array(init), init.name))
+        return proto
+
+    monkeypatch.setattr(exporter, "_export_attention_graph", corrupted)
+    checkpoint = tmp_path / "small.bin"
+    write_small_gpt2_checkpoint(checkpoint)
+    result = export_checkpoint(checkpoint)
+    assert result.fallback.startswith("verification failed: ONNX and PyTorch logits differ")
+    assert "nothing was written" not in result.fallback  # something was: the decomposed graph
+    assert result.max_abs_diff <= 1e-4
+    assert_decomposed_gpt2(result.path)
+
+
+@pytest.mark.skipif(not HAS_GPT2, reason="models/gpt2.py is not written yet")
+def test_gpt2_attention_op_mode_does_not_fall_back(tmp_path: Path, dynamo_export_fails) -> None:
+    checkpoint = tmp_path / "small.bin"
+    write_small_gpt2_checkpoint(checkpoint)
+    with pytest.raises(ExportError, match="dynamo exporter failed: simulated dynamo failure$"):
+        export_checkpoint(checkpoint, attention="op")
+    assert not (tmp_path / "small.onnx").exists()
+
+
+@pytest.mark.skipif(not HAS_GPT2, reason="models/gpt2.py is not written yet")
+def test_attention_and_opset_choices(tmp_path: Path, dynamo_export_fails) -> None:
+    gpt2, lstm = tmp_path / "small.bin", tmp_path / "lstm.bin"
+    write_small_gpt2_checkpoint(gpt2)
+    write_rnn_checkpoint(lstm, "lstm")
+    with pytest.raises(ExportError, match="needs opset 23, not 17"):
+        export_checkpoint(gpt2, opset=17, attention="op")
+    with pytest.raises(ExportError, match="only for GPT-2's Attention op"):
+        export_checkpoint(lstm, opset=23)
+    with pytest.raises(ExportError, match="only for GPT-2's Attention op"):
+        export_checkpoint(gpt2, opset=23, attention="decomposed")
+    with pytest.raises(ExportError, match="attention must be one of"):
+        export_checkpoint(gpt2, attention="fused")  # type: ignore[arg-type]
+    # An explicit pre-23 opset asks for the TorchScript graph: no dynamo attempt, so no fallback notice.
+    result = export_checkpoint(gpt2, opset=18)
+    assert result.opset == 18 and not result.attention_op and result.fallback is None
+    # RNNs ignore --attention: they have none.
+    assert export_checkpoint(lstm, attention="op").opset == 17
+
+
+def test_cli_help_documents_the_attention_choice() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "--attention {auto,op,decomposed}" in text and "opset 23" in text and "onnxruntime >= 1.23" in text
+
+
 # --- Hugging Face GPT-2 directory ----------------------------------------------------------------------------
 
 

@@ -2,6 +2,8 @@
 
 The models go through the real checkpoint -> export_checkpoint path, so the GPT-2 has the exporter's tied
 embedding (the LM head's [n_embd, vocab] weight, read by a column Gather) that quantization must keep shared.
+The GPT-2 file is the exporter's default graph (opset 23, ONNX Attention op); ``decomposed`` holds the fallback
+graph (TorchScript, opset 17), whose node and initializer names differ, quantized the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from conftest import FIXTURE_ALPHABET, char_tokenizer
 from onnx import helper
 
 from export.onnx_export import export_checkpoint
-from export.optimize import OptimizeError, export_attention_op, optimize_gpt2
+from export.optimize import OptimizeError, optimize_gpt2
 from export.quantize import QuantizeError, perplexity_cost, quantize_model, quantized_lm_head, text_nll
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.gpt2 import GPT2, GPT2Config
@@ -29,6 +31,7 @@ from repl.modelfile import KEY_SOURCE
 from repl.runtime import OnnxModel
 
 N_EMBD = 64  # a multiple of the int4 block (32), as real widths are
+GPT2_PADDING = 128  # output ids beyond the tokenizer: (16 + 128) x 64 > 8192 embedding elements
 CONTEXT = 32
 TEXT = "abc def, ghij.\nja bic hed, fag.\ncab jid hie gaf.\nbad jeh fig cab, dig hij.\n"
 
@@ -41,7 +44,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     vocab = tokenizer.get_vocab_size()
     torch.manual_seed(0)
     models = {
-        "gpt2": GPT2(GPT2Config(vocab_size=vocab, context_length=CONTEXT, n_layer=1, n_head=2, n_embd=N_EMBD)),
+        # Padded vocabulary: above 8192 embedding elements the dynamo exporter leaves the LM head's Transpose(wte)
+        # unfolded, as it does for real vocabularies; the exporter must fold it so the head can be quantized.
+        "gpt2": GPT2(GPT2Config(vocab_size=vocab + GPT2_PADDING, context_length=CONTEXT, n_layer=1, n_head=2,
+                                n_embd=N_EMBD)),
         "lstm": RNNLanguageModel(RNNConfig(vocab_size=vocab, cell="lstm", embedding_size=16, hidden_size=N_EMBD,
                                            num_layers=1)),
     }
@@ -59,6 +65,17 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         paths[arch] = export_checkpoint(checkpoint, root / f"{arch}.onnx").path
         for mode in ("int8", "int4"):
             paths[f"{arch}.{mode}"] = quantize_model(paths[arch], root / f"{arch}.{mode}.onnx", mode)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def decomposed(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same GPT-2 checkpoint exported with decomposed attention (the fallback graph), and its int8/int4 files."""
+    root = tmp_path_factory.mktemp("decomposed")
+    fp32 = export_checkpoint(files["gpt2.bin"], root / "gpt2.onnx", attention="decomposed").path
+    paths = {"gpt2": fp32}
+    for mode in ("int8", "int4"):
+        paths[f"gpt2.{mode}"] = quantize_model(fp32, root / f"gpt2.{mode}.onnx", mode)
     return paths
 
 
@@ -126,7 +143,8 @@ def test_unquantized_head_is_detected(files: dict[str, Path]) -> None:
     vocab = int(_metadata(files["gpt2"])["textgen.vocab_size"])
     assert not quantized_lm_head(onnx.load(str(files["gpt2"])), vocab)
     assert quantized_lm_head(onnx.load(str(files["gpt2.int4"])), vocab)
-    assert quantized_lm_head(onnx.load(str(files["lstm.int8"])), vocab)
+    lstm_vocab = int(_metadata(files["lstm"])["textgen.vocab_size"])
+    assert quantized_lm_head(onnx.load(str(files["lstm.int8"])), lstm_vocab)
 
 
 # --- the tied embedding reads exactly the weights the LM head multiplies with ----------------------------------
@@ -150,15 +168,20 @@ def _run_with_output(path: Path, output: str) -> np.ndarray:
 def test_int8_tied_lookup_is_the_dequantized_lm_head(files: dict[str, Path]) -> None:
     model = onnx.load(str(files["gpt2.int8"]))
     initializers = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    producers = {output: node for node in model.graph.node for output in node.output}
     dequantize = next(node for node in model.graph.node if node.op_type == "DequantizeLinear")
-    gather = next(node for node in model.graph.node if node.output[0] == dequantize.input[0])
+    # int8 columns are gathered, transposed to rows, then dequantized (no DequantizeLinear before a Transpose,
+    # which onnxruntime's QDQ propagation breaks at opset 23).
+    transpose = producers[dequantize.input[0]]
+    gather = producers[transpose.input[0]]
+    assert transpose.op_type == "Transpose" and gather.op_type == "Gather"
     table = gather.input[0]
     assert any(node.op_type == "MatMulInteger" and node.input[1] == table for node in model.graph.node)
     weight = initializers[table].astype(np.float32)  # [n_embd, vocab], what the LM head multiplies with
     scale, zero_point = initializers[dequantize.input[1]], initializers[dequantize.input[2]].astype(np.float32)
     expected = (weight - zero_point) * scale
-    looked_up = _run_with_output(files["gpt2.int8"], dequantize.output[0])  # [n_embd, 1, vocab]
-    np.testing.assert_allclose(looked_up[:, 0, :], expected, rtol=1e-6, atol=0)
+    looked_up = _run_with_output(files["gpt2.int8"], dequantize.output[0])  # [1, vocab, n_embd]
+    np.testing.assert_allclose(looked_up[0], expected.T, rtol=1e-6, atol=0)
 
 
 def _decode_matmul_nbits(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None) -> np.ndarray:
@@ -272,10 +295,49 @@ def test_optimize_refuses_non_gpt2(files: dict[str, Path], tmp_path: Path) -> No
     assert not (tmp_path / "opt.onnx").exists()
 
 
-def test_attention_op_export_matches_the_regular_export(files: dict[str, Path], tmp_path: Path) -> None:
-    result = export_attention_op(files["gpt2.bin"], files["gpt2"], tmp_path / "attention.onnx")
-    graph = onnx.load(str(result.path))
+def test_default_gpt2_file_is_the_attention_graph_and_matches_decomposed(files: dict[str, Path],
+                                                                        decomposed: dict[str, Path]) -> None:
+    graph = onnx.load(str(files["gpt2"]))
     assert any(node.op_type == "Attention" for node in graph.graph.node)
     assert max(opset.version for opset in graph.opset_import if opset.domain in ("", "ai.onnx")) == 23
-    assert _metadata(result.path) == _metadata(files["gpt2"])
-    np.testing.assert_allclose(_logits(result.path), _logits(files["gpt2"]), atol=1e-4)
+    assert not any(node.op_type == "Attention" for node in onnx.load(str(decomposed["gpt2"])).graph.node)
+    assert _metadata(decomposed["gpt2"]) == _metadata(files["gpt2"])
+    np.testing.assert_allclose(_logits(files["gpt2"]), _logits(decomposed["gpt2"]), atol=1e-4)
+
+
+# --- both GPT-2 graphs: every MatMul quantized, the tied table shared --------------------------------------------
+
+
+def _weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    initializers = {init.name for init in model.graph.initializer}
+    return [node for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in initializers]
+
+
+@pytest.mark.parametrize("graph", ["attention", "decomposed"])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_every_gpt2_weight_matmul_is_quantized(files: dict[str, Path], decomposed: dict[str, Path], graph: str,
+                                               mode: str) -> None:
+    paths = files if graph == "attention" else decomposed
+    fp32, quantized = onnx.load(str(paths["gpt2"])), onnx.load(str(paths[f"gpt2.{mode}"]))
+    weight_matmuls = len(_weight_matmuls(fp32))
+    assert weight_matmuls == 4 + 1  # one layer's qkv, attention output, two MLP products; the LM head
+    assert _weight_matmuls(quantized) == []
+    kernel = "MatMulInteger" if mode == "int8" else "MatMulNBits"
+    assert sum(node.op_type == kernel for node in quantized.graph.node) == weight_matmuls
+    vocab = int(_metadata(paths["gpt2"])["textgen.vocab_size"])
+    assert quantized_lm_head(quantized, vocab)
+    float_tables = [init for init in quantized.graph.initializer if init.data_type == onnx.TensorProto.FLOAT
+                    and sorted(init.dims) == sorted([N_EMBD, vocab])]
+    assert float_tables == []  # the tied lookup reads the quantized head
+    lookup = "DequantizeLinear" if mode == "int8" else "GatherBlockQuantized"
+    assert sum(node.op_type == lookup for node in quantized.graph.node) == 1
+    attention_ops = sum(node.op_type == "Attention" for node in quantized.graph.node)
+    assert attention_ops == (1 if graph == "attention" else 0)
+
+
+@pytest.mark.parametrize(("mode", "relative_limit"), [("int8", 0.05), ("int4", 0.2)])
+def test_quantized_decomposed_gpt2_stays_close_to_fp32(decomposed: dict[str, Path], mode: str,
+                                                       relative_limit: float) -> None:
+    reference, quantized = _logits(decomposed["gpt2"]), _logits(decomposed[f"gpt2.{mode}"])
+    peak = float(np.abs(reference).max())
+    assert float(np.abs(quantized - reference).max()) <= relative_limit * peak
