@@ -1239,7 +1239,8 @@ class SamplerChain:
                 if edited is not step_row:
                     step_row[:] = edited
         if self._dense_pick:
-            ranked, first = None, neg.min(axis=1)  # -(max logit); NaN if the row holds one
+            ranked, lowest = None, neg.min(axis=1, keepdims=True)  # -(max logit); NaN if the row holds one
+            first = lowest[:, 0]
         else:
             ranked = neg.argsort(axis=1, kind="stable")
             neg = np.take_along_axis(neg, ranked, axis=1)
@@ -1247,25 +1248,29 @@ class SamplerChain:
         careful = ~np.isfinite(first)
         if ranked is not None:
             careful |= np.isnan(neg[:, -1])
-        if careful.any():
-            neg[careful] = 0.0  # keeps the arithmetic below quiet; these rows are redone one by one
+        any_careful = bool(careful.any())
+        if any_careful:  # keeps the arithmetic below quiet; these rows are redone one by one
+            neg[careful] = 0.0
+            if ranked is None:
+                lowest[careful] = 0.0
         if ranked is None:
-            weights = self._dense_weights(neg)
+            weights = self._dense_weights(neg, lowest)
             picked = _draw_rows(weights, uniforms)
         else:
             weights = self._prefix_weights(neg)
             dense = np.zeros_like(weights)
             np.put_along_axis(dense, ranked, weights, axis=1)  # back to id order, as the single-row draw sums
             picked = _draw_rows(dense, uniforms)
-        if careful.any():
+        if any_careful:
             pick = self._pick_dense if self._dense_pick else self._pick
             for index in np.flatnonzero(careful).tolist():
                 picked[index] = pick(original[index], history[index], index, bans, float(uniforms[index]))
         return picked
 
-    def _dense_weights(self, neg: np.ndarray) -> np.ndarray:
-        """exp((logit - max logit) / T) per row of the (negated) batch, 0 for removed ids."""
-        weights = np.subtract(neg.min(axis=1, keepdims=True), neg)
+    def _dense_weights(self, neg: np.ndarray, lowest: np.ndarray) -> np.ndarray:
+        """exp((logit - max logit) / T) per row of the (negated) batch, 0 for removed ids; ``lowest`` is each
+        row's minimum as a [B, 1] column."""
+        weights = np.subtract(lowest, neg)
         if self._dense_temperature is not None:
             weights *= 1.0 / self._dense_temperature.temperature
         return np.exp(weights, out=weights)
@@ -1463,11 +1468,11 @@ def _draw_rows(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     cumulative = weights.cumsum(axis=1)
     targets = uniforms * cumulative[:, -1]
     picked = (cumulative <= targets[:, None]).sum(axis=1)  # searchsorted(side="right"), row by row
+    # The first entry whose running sum exceeds the target has a positive weight (else the entry before it would
+    # exceed the target too), so only rounding at the top end (target >= the total) needs fixing.
     size = weights.shape[1]
-    hit = np.minimum(picked, size - 1)
-    missed = (picked >= size) | (np.take_along_axis(weights, hit[:, None], axis=1)[:, 0] == 0)
-    if missed.any():  # rounding at the top end
-        for row in missed.nonzero()[0].tolist():
+    if picked.max() >= size:
+        for row in (picked >= size).nonzero()[0].tolist():
             picked[row] = int(weights[row].nonzero()[0][-1])
     return picked.astype(np.int64, copy=False)
 
