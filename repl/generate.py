@@ -443,12 +443,12 @@ class Session:
         history, eos = self.history, self._eos
         streaming = on_text is not None or bool(plan.stops)
         stream = TextStream(self._decode_fast, plan.stops, on_text, history[:first_new]) if streaming else None
-        rng, context = plan.rng, [history]
+        rng, rows = plan.rng, (history,)
         reason, generated = "max_tokens", 0
         try:
             while generated < plan.max_new:
-                self._fed = self._advance(context, self._fed, on_slide)
-                token = int(plan.chain_at(generated).sample(self._fed.logits, context, rng)[0])
+                self._fed = self._advance(rows, self._fed, on_slide)
+                token = plan.chain_at(generated).sample_one(self._fed.logits, history, rng)
                 history.append(token)
                 generated += 1
                 if token == eos:

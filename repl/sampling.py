@@ -1035,6 +1035,16 @@ class SamplerChain:
                 picked[index] = _draw(ids, values, uniforms[index], self._scratch)
         return picked
 
+    def sample_one(self, logits: np.ndarray, history: Sequence[int], rng: np.random.Generator) -> int:
+        """``sample`` for a batch of one ([1, V] logits, one history), as a plain int: the decode loop's call,
+        without wrapping the history or the result on the small path's fast routes."""
+        if self._prefix_pick or self._dense_pick:
+            original = np.asarray(logits)
+            if original.shape == (1, self.vocab_size):
+                pick = self._pick if self._prefix_pick else self._pick_dense
+                return pick(original[0], history, 0, self._base_bans, rng.random())
+        return int(self.sample(logits, [history], rng)[0])
+
     # -- internals -----------------------------------------------------------------------------------------------
 
     def _check_batch(

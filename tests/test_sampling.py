@@ -686,3 +686,20 @@ def test_a_batch_picks_what_each_row_picks_alone(values: dict) -> None:
         assert picked.tolist() == expected
         for history in histories:
             history.append(int(rng.integers(0, 50)))
+
+
+@pytest.mark.parametrize("values", [FULL, {"temperature": 0.7, "top_k": 0}, {**FULL, "typical_p": 0.9},
+                                    {"temperature": 0.0, "repetition_penalty": 1.3}])
+@pytest.mark.parametrize("vocab", [67, 5000])
+def test_sample_one_is_sample_for_one_row(values: dict, vocab: int) -> None:
+    """The decode loop's ``sample_one`` (a plain int, no [1]-lists) draws what ``sample`` draws for that row."""
+    rng = np.random.default_rng(3)
+    one, batch = (SamplerChain(SamplerSettings(**values), vocab, banned_ids=[vocab - 1]) for _ in range(2))
+    history = rng.integers(0, 50, size=90).tolist()
+    for _ in range(25):
+        logits = (rng.standard_normal((1, vocab)) * 3).astype(np.float32)
+        seed = int(rng.integers(1 << 30))
+        token = one.sample_one(logits, history, np.random.default_rng(seed))
+        assert type(token) is int
+        assert token == int(batch.sample(logits, [history], np.random.default_rng(seed))[0])
+        history.append(token)
