@@ -8,10 +8,13 @@ goes on; Ctrl-C stops a generation, Ctrl-D exits.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +97,7 @@ class ReplApp:
         self.last_tokens_per_s: float | None = None
         self._ends_with_newline = True
         self._notices: list[str] = []  # notices of the running turn, shown after its text (once each)
+        self._interrupt_requested = False  # set by Ctrl-C while an input is handled
 
     # ------------------------------------------------------------------ main loop
 
@@ -123,6 +127,31 @@ class ReplApp:
 
     def handle(self, line: str) -> None:
         """One input: a command or text to continue. Never lets an exception end the session (except :quit)."""
+        with self._ctrl_c_remembered():
+            self._handle(line)
+
+    @contextlib.contextmanager
+    def _ctrl_c_remembered(self) -> Iterator[None]:
+        """While an input is handled, Ctrl-C raises KeyboardInterrupt as usual and is also remembered: Python drops
+        an exception raised while a finalizer runs ("Exception ignored in ..."), and a Ctrl-C that lands there
+        must still stop the generation, at the next piece of text (see write_text)."""
+        self._interrupt_requested = False
+
+        def on_sigint(signum: int, frame: object) -> None:
+            self._interrupt_requested = True
+            raise KeyboardInterrupt
+
+        try:
+            previous = signal.signal(signal.SIGINT, on_sigint)
+        except ValueError:  # not the main thread (embedded use): keep Python's own handling
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _handle(self, line: str) -> None:
         try:
             if line.lstrip().startswith(":") and not line.lstrip().startswith(BLOCK_QUOTE):
                 command, arg = parse_command(line)
@@ -162,6 +191,9 @@ class ReplApp:
 
     def write_text(self, text: str) -> None:
         """Generated text: written as is, so '[bold]' or ':smile:' in it appear literally."""
+        if self._interrupt_requested:  # a Ctrl-C whose KeyboardInterrupt was lost (see _ctrl_c_remembered)
+            self._interrupt_requested = False
+            raise KeyboardInterrupt
         if text:
             self.console.file.write(text)
             self.console.file.flush()

@@ -65,3 +65,33 @@ def test_bundled_demo_model_is_a_small_char_lstm(demo_model):
     assert info.context_length == 0
     assert demo_model.path.stat().st_size <= 5 * 1024 * 1024
     assert demo_model.decode(demo_model.encode("ROMEO:\n")) == "ROMEO:\n"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped exception, on purpose
+def test_a_ctrl_c_whose_exception_is_lost_still_stops_the_turn(demo_model):
+    """Python drops an exception raised inside a finalizer ("Exception ignored in ..."), so a Ctrl-C landing
+    there must still stop the generation: the REPL's SIGINT handler remembers it and the next text piece stops the
+    turn, which keeps its text and reports 'interrupted'."""
+    import os
+    import signal
+
+    app, out = make_app(demo_model)
+    app.handle(":set max_tokens 100000")
+    written = []
+    original_write = ReplApp.write_text
+
+    def write_and_lose_a_ctrl_c(self: ReplApp, text: str) -> None:
+        written.append(text)
+        if len(written) == 20:
+            class Finalized:
+                def __del__(self) -> None:
+                    os.kill(os.getpid(), signal.SIGINT)  # delivered here: the KeyboardInterrupt is dropped
+
+            Finalized()
+        original_write(self, text)
+
+    app.write_text = write_and_lose_a_ctrl_c.__get__(app)
+    app.handle("ROMEO:")
+    assert 20 <= len(written) < 100
+    assert " · interrupted" in out.getvalue()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after the input
