@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ppl = math.exp(text_nll(path, text, threads=args.threads))  # what perplexity_cost computes, fp32 once
             table.add(label, mode, fmt_mb(path.stat().st_size), fmt(ppl, 4), f"{100 * (ppl / base - 1):+.2f}%")
     table.notes.append("int8: onnxruntime quantize_dynamic, MatMul weights (LM head included) int8 per tensor. "
-                       "int4: MatMulNBits, 4-bit blocks of 32, accuracy_level 4. Embedding/LSTM weights stay fp32 "
+                       "int4: MatMulNBits, 4-bit blocks of 128, accuracy_level 4. Embedding/LSTM weights stay fp32 "
                        "except a GPT-2's tied embedding, which reads the quantized LM head.")
     report(args, "quantize_cost.py", "quantize_cost", "Quantization: quality cost", [table])
     return 0

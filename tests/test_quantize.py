@@ -341,3 +341,18 @@ def test_quantized_decomposed_gpt2_stays_close_to_fp32(decomposed: dict[str, Pat
     reference, quantized = _logits(decomposed["gpt2"]), _logits(decomposed[f"gpt2.{mode}"])
     peak = float(np.abs(reference).max())
     assert float(np.abs(quantized - reference).max()) <= relative_limit * peak
+
+
+@pytest.mark.parametrize(("rows", "block"), [((128, 384), 128), ((64, 384), 32)])
+def test_int4_blocks_are_128_unless_a_weight_is_narrower(rows: tuple[int, int], block: int) -> None:
+    """Blocks of 128 (faster on GPT-2 small); 32 when some MatMul has K < 128, which the quantizer would skip."""
+    from onnx import TensorProto, helper
+
+    from export.quantize import _int4_block_size
+
+    weights = [onnx.numpy_helper.from_array(np.zeros((k, 16), dtype=np.float32), f"w{i}") for i, k in enumerate(rows)]
+    nodes = [helper.make_node("MatMul", [f"x{i}", f"w{i}"], [f"y{i}"]) for i in range(len(rows))]
+    inputs = [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [1, k]) for i, k in enumerate(rows)]
+    outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, 16]) for i in range(len(rows))]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=weights)
+    assert _int4_block_size(helper.make_model(graph)) == block
