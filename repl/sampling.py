@@ -29,9 +29,10 @@ Speed: the decode loop calls this once per token, so there are two paths with th
   updated by one token per step. The default chain costs about a fifth of what it costs on the general path.
 
 ``sample`` on the small path goes further when every filter keeps a prefix of the sorted candidates (top-k,
-top-p, min-p, temperature: any order but typical-p): the cuts become counts (list bisection, top-p last and only
-when it can still matter), top-p's exponentials are reused for the draw, a handful of survivors are drawn in
-plain Python, and with no filter at all the draw comes straight from the dense row. Batches (``--n``) on these
+top-p and min-p in any order, temperature last, as in the default order): the cuts become counts (list
+bisection, top-p last and only when it can still matter), top-p's exponentials are reused for the draw, a
+handful of survivors are drawn in plain Python, and with no filter at all the draw comes straight from the
+dense row. Batches (``--n``) on these
 paths run as [B, V] array operations, each row picking what it would pick alone.
 
 Both paths draw in token-id order, so a seed picks the same token on either. Work arrays and the penalty windows
@@ -525,29 +526,31 @@ class PenaltiesStep(_BanningStep):
         return values
 
     def edit_small(self, row: np.ndarray, history: Sequence[int], slot: int) -> np.ndarray:
-        if self.last_n < 0 or type(history) is not list or slot >= _MAX_PENALTY_WINDOWS:
+        if not self._trackable(history, slot):
             self.edit(row, history)  # whole history, arrays, huge batches: count afresh
             return row
-        window = history[-self.last_n :]
-        if not window:
-            return row
-        return self._tracked(window, slot, row.size).apply(row)
+        tracked = self._tracked(history, slot, row.size)
+        return row if tracked is None else tracked.apply(row)
 
     def edit_small_negated(self, neg: np.ndarray, history: Sequence[int], slot: int) -> np.ndarray:
-        if self.last_n < 0 or type(history) is not list or slot >= _MAX_PENALTY_WINDOWS:
+        if not self._trackable(history, slot):
             return super().edit_small_negated(neg, history, slot)
+        tracked = self._tracked(history, slot, neg.size)
+        return neg if tracked is None else tracked.apply(neg, negated=True)
+
+    def _trackable(self, history: Sequence[int], slot: int) -> bool:
+        return self.last_n >= 0 and type(history) is list and slot < _MAX_PENALTY_WINDOWS
+
+    def _tracked(self, history: list, slot: int, vocab_size: int) -> _PenaltyWindow | None:
+        """The penalty vectors of batch row ``slot`` for ``history``: followed by one token from the last call
+        when possible, else rebuilt; None when the window is empty."""
         tracked = self._windows.get(slot)
-        if tracked is not None and tracked.follow(history):  # the decode loop: one token more than last time
-            return tracked.apply_negated(neg)
+        if tracked is not None and tracked.follow(history):
+            return tracked
         window = history[-self.last_n :]
         if not window:
-            return neg
-        return self._tracked(window, slot, neg.size).apply_negated(neg)
-
-    def _tracked(self, window: list, slot: int, vocab_size: int) -> _PenaltyWindow:
-        tracked = self._windows.get(slot)
-        if tracked is None or not tracked.advance(window):
-            tracked = self._windows[slot] = _PenaltyWindow(self, window, vocab_size)
+            return None
+        tracked = self._windows[slot] = _PenaltyWindow(self, window, vocab_size)
         return tracked
 
 
@@ -575,38 +578,19 @@ class _PenaltyWindow:
         # Only plain ints are tracked one by one; anything else (numpy ints, ...) is counted afresh each time.
         self.incremental = all(type(token) is int for token in window)
 
-    def advance(self, window: list) -> bool:
-        """Move to ``window``; False when it is not the previous one slid by one token (rebuild instead)."""
+    def follow(self, history: list) -> bool:
+        """Move to the window ending ``history`` when that is the previous window, unchanged or slid by one appended
+        token; else False (the caller rebuilds). The window list is our own and is updated in place."""
+        window, last_n = self.window, self.step.last_n
         if not self.incremental:
             return False
-        previous = self.window
-        if window == previous:
-            return True
-        dropped = len(previous) - len(window) + 1  # 1 once the window is full, 0 while it still grows
-        added = window[-1]
-        if type(added) is not int or dropped not in (0, 1):
-            return False
-        if window[:-1] != previous[dropped:]:
-            return False
-        if dropped:
-            self._count(previous[0], -1)
-        self._count(added, 1)
-        self.window = window
-        return True
-
-    def follow(self, history: list) -> bool:
-        """``advance`` to the window ending ``history`` when that is the previous window slid by one appended token
-        (else False: the caller rebuilds). One slice and one list comparison; the window list is our own and is
-        updated in place."""
-        window = self.window
-        if not self.incremental or history[-self.step.last_n - 1 : -1] != window:
-            return False
+        if history[-last_n - 1 : -1] != window:
+            return history[-last_n:] == window  # the same history again (e.g. :probs, then a turn)
         added = history[-1]
         if type(added) is not int:
             return False
-        if len(window) == self.step.last_n:
-            dropped = window.pop(0)
-            self._count(dropped, -1)
+        if len(window) == last_n:
+            self._count(window.pop(0), -1)
         window.append(added)
         self._count(added, 1)
         return True
@@ -621,42 +605,31 @@ class _PenaltyWindow:
         if step.presence or step.frequency:
             self.subtrahend[token] = step.presence + step.frequency * count if count else 0.0
 
-    def apply(self, row: np.ndarray) -> np.ndarray:
-        """The penalised row: ``row`` itself or a new array."""
+    def apply(self, row: np.ndarray, negated: bool = False) -> np.ndarray:
+        """The penalised row (``row`` itself or a new array). ``negated``: the row holds -logits and the result
+        is exactly the negation of the plain one (-min(a, b) = max(-a, -b), -(x - s) = -x + s)."""
         if not self.step.boosts:
-            return self._penalized(row)
+            return self._penalized(row, negated)
         with np.errstate(over="ignore"):  # as in PenaltiesStep._penalize
-            return np.minimum(self._penalized(row), _FLOAT64_MAX, out=row)
+            if negated:
+                return np.maximum(self._penalized(row, negated), -_FLOAT64_MAX, out=row)
+            return np.minimum(self._penalized(row, negated), _FLOAT64_MAX, out=row)
 
-    def apply_negated(self, neg: np.ndarray) -> np.ndarray:
-        """``apply`` on the negated row, exactly negated: -min(a, b) = max(-a, -b), -(x - s) = -x + s."""
-        if not self.step.boosts:
-            return self._penalized_negated(neg)
-        with np.errstate(over="ignore"):  # as in apply
-            return np.maximum(self._penalized_negated(neg), -_FLOAT64_MAX, out=neg)
-
-    def _penalized_negated(self, neg: np.ndarray) -> np.ndarray:
+    def _penalized(self, row: np.ndarray, negated: bool) -> np.ndarray:
         step = self.step
         if step.repetition != 1.0:
-            divided = neg / self.divisor
-            multiplied = np.multiply(neg, self.divisor, out=self.product)
-            pick = np.maximum if step.repetition > 1 else np.minimum
-            neg = pick(divided, multiplied, out=divided)
-        if step.presence or step.frequency:
-            neg += self.subtrahend
-        return neg
-
-    def _penalized(self, row: np.ndarray) -> np.ndarray:
-        step = self.step
-        if step.repetition != 1.0:
-            # HF's rule (x > 0 -> x / p, else x * p) is the smaller of the two for p > 1 and the larger for p < 1;
-            # ids outside the window have p = 1, where both are x. Three calls, bit-identical to the where form.
+            # HF's rule (x > 0 -> x / p, else x * p) is the smaller of the two for p > 1 and the larger for p < 1
+            # (on -x: the larger and the smaller); ids outside the window have p = 1, where both are x. Three
+            # calls, bit-identical to the where form.
             divided = row / self.divisor
             multiplied = np.multiply(row, self.divisor, out=self.product)
-            pick = np.minimum if step.repetition > 1 else np.maximum
+            pick = np.minimum if (step.repetition > 1) != negated else np.maximum
             row = pick(divided, multiplied, out=divided)
         if step.presence or step.frequency:
-            row -= self.subtrahend
+            if negated:
+                row += self.subtrahend
+            else:
+                row -= self.subtrahend
         return row
 
 
@@ -800,9 +773,6 @@ class TemperatureStep(_Filter):
         return neg / self.temperature, order
 
 
-_PREFIX_FILTERS = (TopKStep, TopPStep, MinPStep, TemperatureStep)  # keep a prefix of sorted candidates (or scale)
-
-
 def _tail(history: Sequence[int], count: int) -> Sequence[int]:
     try:
         return history[-count:]
@@ -913,27 +883,23 @@ class SamplerChain:
             # sorting a whole wide row costs more than the general path's bins
             and (cuts or not self._sorting or self.vocab_size <= _SORT_ALL_LIMIT)
         )
-        # sample() on the small path: prefix cuts as counts, one exp shared by top-p and the draw (see _pick).
-        self._prefix_pick = (
-            self._small and self._sorting and not self.greedy
-            and all(isinstance(step, _PREFIX_FILTERS) for step in self._sorted_filters)
-        )
-        self._dense_pick = self._small and not self._sorting and not self.greedy
+        # sample() on the small path: prefix cuts as counts, one exp shared by top-p and the draw (see _pick). Top-k,
+        # top-p and min-p in any order, temperature last or absent; a temperature between filters (the "hf"
+        # order, for comparing with transformers) takes _small_row, which scales before the later filters.
         last = self._sorted_filters[-1] if self._sorted_filters else None
         self._final_temperature = last if isinstance(last, TemperatureStep) else None
         self._prefix_filters = self._sorted_filters[:-1] if self._final_temperature else self._sorted_filters
-        self._scaled_midway = any(isinstance(step, TemperatureStep) for step in self._prefix_filters)
-        # Batches (``--n``) on these paths run as [B, V] arrays, a few numpy calls per step for all rows.
-        self._whole_batch = self._dense_pick or (
-            self._prefix_pick and self._prefilter is None and not self._scaled_midway
+        self._prefix_pick = (
+            self._small and self._sorting and not self.greedy
+            and all(isinstance(step, (TopKStep, TopPStep, MinPStep)) for step in self._prefix_filters)
         )
+        self._dense_pick = self._small and not self._sorting and not self.greedy
+        # Batches (``--n``) on these paths run as [B, V] arrays, a few numpy calls per step for all rows.
+        self._whole_batch = self._dense_pick or (self._prefix_pick and self._prefilter is None)
         self._cut_plan = _CutPlan.of(self._prefix_filters)
         # min-p's cut (max logit + log min_p, finite) stops before the removed ids anyway, and top-k / top-p pass
-        # them through harmlessly (zero weight); a temperature in between must not see them.
-        self._cut_removed = not (
-            any(isinstance(step, MinPStep) for step in self._prefix_filters)
-            and not any(isinstance(step, TemperatureStep) for step in self._prefix_filters)
-        )
+        # them through harmlessly (zero weight)
+        self._cut_removed = self._cut_plan.shift is None
 
     def _build_step(self, name: str) -> _BanningStep | _Filter | None:
         """The step object for ``name``, or None where the settings make it a no-op."""
@@ -1110,6 +1076,23 @@ class SamplerChain:
         (descending, equal ones by lower id, as the general path's stable sorts order them); then top-k, top-p
         and min-p each keep a prefix, typical-p a subset and temperature scales, so no filter sorts again or
         builds a mask. Every numpy call here is one of a few dozen per token: at V ~ 65 calls are the cost."""
+        if self._sorting:
+            order, neg = self._small_sorted(original, history, slot, bans)
+            for step in self._sorted_filters:
+                neg, order = step.narrow_sorted(neg, order)
+            return order, neg
+        row = self._small_banned(original, history, slot, bans)
+        if row is None:
+            return None, self._small_fallback(original, bans.extra)
+        if self._dense_temperature is not None:
+            self._dense_temperature.divide_in_place(row)
+        return None, row
+
+    def _small_banned(
+        self, original: np.ndarray, history: Sequence[int], slot: int, bans: _Bans
+    ) -> np.ndarray | None:
+        """The row with the bans, NaN/+inf cleaned and the banning steps applied (a reused buffer), or None when
+        nothing is left."""
         # Copy and ban in one call: x + 0.0 == x, and whatever a banned id held (+inf, NaN) becomes -inf or NaN,
         # which _sanitize turns into -inf.
         row = np.add(original, bans.mask, out=self._row)
@@ -1118,15 +1101,23 @@ class SamplerChain:
             _sanitize(row)
             peak = row.max()
         if peak == -np.inf:
-            return self._small_fallback(original, bans.extra)
+            return None
         for step in self._banning:
             row = step.edit_small(row, history, slot)
             if row[row.argmax()] == -np.inf:
-                return self._small_fallback(original, bans.extra)
-        if not self._sorting:
-            if self._dense_temperature is not None:
-                self._dense_temperature.divide_in_place(row)
-            return None, row
+                return None
+        return row
+
+    def _small_sorted(
+        self, original: np.ndarray, history: Sequence[int], slot: int, bans: _Bans
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, negated logits) of every finite candidate after the banning steps (and a leading top-k / min-p
+        cut on wide rows), sorted once: most likely first, equal ones by lower id, as the general path's stable
+        sorts order them. At least one candidate (the fallback when nothing is left)."""
+        row = self._small_banned(original, history, slot, bans)
+        if row is None:
+            token, value = self._fallback_choice(original, bans.extra)
+            return np.array([token], dtype=np.int64), np.array([-value])
         neg = np.negative(row, out=self._neg)
         if self._prefilter is None:
             order = neg.argsort(kind="stable")
@@ -1137,22 +1128,16 @@ class SamplerChain:
             by_logit = neg.argsort(kind="stable")
             order, neg = kept[by_logit], neg[by_logit]
         finite = neg.searchsorted(np.inf)  # removed ids (+inf here) sort last
-        neg, order = neg[:finite], order[:finite]
-        for step in self._sorted_filters:
-            neg, order = step.narrow_sorted(neg, order)
-        return order, neg
+        return order[:finite], neg[:finite]
 
     def _pick(self, original: np.ndarray, history: Sequence[int], slot: int, bans: _Bans, uniform: float) -> int:
-        """``sample`` for one row when every filter keeps a prefix of the sorted candidates (top-k, top-p, min-p,
-        temperature in any order): the cuts are counts into one sorted array, the probabilities top-p computes
-        are raised to 1/T for the draw instead of exponentiating again, and a lone survivor needs no draw. Same
-        choices as ``_small_row`` + ``_draw_sorted`` (the weights differ by rounding only); about half the numpy
-        calls, which at V ~ 65 are the whole cost."""
+        """``sample`` for one row when every filter keeps a prefix of the sorted candidates (top-k, top-p, min-p in
+        any order, then an optional temperature): the cuts are counts into one sorted array, the probabilities
+        top-p computes are raised to 1/T for the draw instead of exponentiating again, and a lone survivor needs
+        no draw. Same choices as ``_small_row`` + ``_draw_sorted`` (the weights differ by rounding only); about half
+        the numpy calls, which at V ~ 65 are the whole cost."""
         order, neg = self._sorted_candidates(original, history, slot, bans)
-        if self._scaled_midway:
-            count, weights, neg, order = self._cut_in_order(order, neg)
-        else:
-            count, weights = self._cut(neg)
+        count, weights = self._cut(neg)
         if count == 1:
             return int(order[0])
         if count <= _PYTHON_DRAW_LIMIT:
@@ -1212,28 +1197,6 @@ class SamplerChain:
         if cumulative.item(count - 2) < target:  # top-p's cut lies at ``count`` or beyond: no search needed
             return count, weights
         return int(cumulative.searchsorted(target, "left")) + 1, weights
-
-    def _cut_in_order(
-        self, order: np.ndarray, neg: np.ndarray
-    ) -> tuple[int, np.ndarray | None, np.ndarray, np.ndarray]:
-        """``_cut`` for a temperature before other filters (the "hf" order): the steps one by one, the later ones
-        on the scaled logits."""
-        count = neg.size
-        weights = None
-        for step in self._prefix_filters:
-            if type(step) is TopKStep:
-                if count > step.k:
-                    count = int(neg.searchsorted(neg[step.k - 1], side="right"))
-            elif type(step) is MinPStep:
-                count = min(count, int(neg.searchsorted(neg[0] - step.log_min_p, side="right")))
-            elif type(step) is TopPStep:
-                weights = np.exp(np.subtract(neg[0], neg[:count]))
-                cumulative = _running_sum(weights)
-                count = int(cumulative.searchsorted(step.top_p * cumulative[-1], side="left")) + 1
-            else:
-                neg, order = step.narrow_sorted(neg[:count], order[:count])
-                weights = None
-        return count, weights, neg, order
 
     def _pick_rows(
         self, original: np.ndarray, history: Sequence[Sequence[int]], bans: _Bans, uniforms: np.ndarray
@@ -1333,8 +1296,8 @@ class SamplerChain:
     def _sorted_candidates(
         self, original: np.ndarray, history: Sequence[int], slot: int, bans: _Bans
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The first half of ``_small_row`` for ``_pick``: (ids, negated logits) of every finite candidate after
-        the banning steps (and a leading cut on wide rows), most likely first, at least one."""
+        """``_small_sorted`` for ``_pick``, cheaper: the row is negated while it is banned and NaN / +inf rows are
+        caught after the sort. Removed ids stay at the end when a min-p cut will drop them anyway."""
         # The row is negated while it is banned (one call for both), and the banning steps work on it negated.
         neg = np.subtract(bans.negated_mask, original, out=self._neg)
         for step in self._banning:
@@ -1348,49 +1311,23 @@ class SamplerChain:
             by_logit = neg.argsort(kind="stable")
             order, neg = kept[by_logit], neg[by_logit]
         if not neg.size:  # a NaN row cut by a leading top-k / min-p
-            return self._sorted_candidates_slowly(original, history, slot, bans)
+            return self._small_sorted(original, history, slot, bans)
         first, last = neg.item(0), neg.item(-1)  # Python floats: cheaper to compare than numpy scalars
-        if first == -math.inf or last != last:
-            # A +inf logit sorts first, a NaN last: both are rare, so they are checked here rather than before
-            # the work; _small_row cleans the row first (see _sanitize).
-            return self._sorted_candidates_slowly(original, history, slot, bans)
-        if first == math.inf:  # everything removed: one choice left
-            return self._small_fallback_sorted(original, bans.extra)
+        if first in (-math.inf, math.inf) or last != last:
+            # A +inf logit sorts first, a NaN last, and a row with nothing left starts with +inf: all rare, so
+            # they are checked here rather than before the work; _small_sorted cleans the row first.
+            return self._small_sorted(original, history, slot, bans)
         if self._cut_removed and last == math.inf:  # removed ids (+inf here) sort last
             finite = neg.searchsorted(np.inf)
             neg, order = neg[:finite], order[:finite]
         return order, neg
 
-    def _sorted_candidates_slowly(
-        self, original: np.ndarray, history: Sequence[int], slot: int, bans: _Bans
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """``_sorted_candidates`` for rows holding NaN or +inf logits (or with no candidates at all)."""
-        row = np.add(original, bans.mask, out=self._row)
-        _sanitize(row)
-        for step in self._banning:
-            row = step.edit_small(row, history, slot)
-        if row[row.argmax()] == -np.inf:
-            return self._small_fallback_sorted(original, bans.extra)
-        neg = np.negative(row, out=self._neg)
-        kept = np.arange(row.size) if self._prefilter is None else self._prefilter.mask(row, self._scratch).nonzero()[0]
-        neg = neg[kept]
-        by_logit = neg.argsort(kind="stable")
-        order, neg = kept[by_logit], neg[by_logit]
-        finite = neg.searchsorted(np.inf)
-        return order[:finite], neg[:finite]
-
-    def _small_fallback_sorted(self, original: np.ndarray, extra: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _small_fallback(self, original: np.ndarray, extra: np.ndarray | None) -> np.ndarray:
+        """``_fall_back`` as a dense row (a reused buffer)."""
         token, value = self._fallback_choice(original, extra)
-        return np.array([token], dtype=np.int64), np.array([-value])
-
-    def _small_fallback(self, original: np.ndarray, extra: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
-        """``_fall_back`` in the form ``_small_row`` returns."""
-        token, value = self._fallback_choice(original, extra)
-        if self._sorting:
-            return np.array([token], dtype=np.int64), np.array([-value])
         self._row.fill(-np.inf)
         self._row[token] = value
-        return None, self._row
+        return self._row
 
     def _run(
         self,

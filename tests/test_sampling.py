@@ -509,8 +509,10 @@ def test_each_vocabulary_takes_the_cheaper_path() -> None:
     assert SamplerChain(nucleus, 1024)._small and not SamplerChain(nucleus, 1025)._small
     assert SamplerChain(SamplerSettings(temperature=0.7, top_k=0), 4096)._small  # no sort at all
     assert not SamplerChain(replace(full, order="top_k,penalties"), 67)._small  # bans after a filter
-    # sample() on the small path: prefix cuts as counts (any order of top-k, top-p, min-p, temperature) ...
-    assert SamplerChain(full, 67)._prefix_pick and SamplerChain(replace(full, order="hf"), 67)._prefix_pick
+    # sample() on the small path: prefix cuts as counts (top-k, top-p, min-p in any order, temperature last) ...
+    assert SamplerChain(full, 67)._prefix_pick
+    assert SamplerChain(replace(full, order="min_p,top_p,top_k,temperature"), 67)._prefix_pick
+    assert not SamplerChain(replace(full, order="hf"), 67)._prefix_pick  # scales before filtering: _small_row
     assert not SamplerChain(replace(full, typical_p=0.9), 67)._prefix_pick  # typical-p keeps a subset
     # ... or straight from the dense row when nothing cuts
     assert SamplerChain(SamplerSettings(temperature=0.7, top_k=0), 67)._dense_pick
