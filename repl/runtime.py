@@ -37,6 +37,11 @@ _ORT_RUN_ERRORS = tuple(
 SMALL_MODEL_BYTES = 8 * 1024 * 1024  # below this a model runs fastest on one thread (see default_threads)
 
 
+def _host(value: Any) -> np.ndarray:
+    """A state value as a numpy array (OrtValues on a device are copied to the host)."""
+    return value.numpy() if isinstance(value, ort.OrtValue) else value
+
+
 class ModelRunError(Exception):
     """onnxruntime failed while running the model (e.g. out of memory); the message is one line for the user."""
 
@@ -229,13 +234,17 @@ class OnnxModel:
     """A loaded model file. ``state`` dicts are opaque to callers: pass back what ``run`` returned."""
 
     def __init__(self, path: Path, session: ort.InferenceSession, info: ModelInfo, tokenizer: Tokenizer,
-                 device_note: str | None) -> None:
+                 device_note: str | None, resident_state: bool | None = None) -> None:
         self.path = path
         self.session = session
         self.info = info
         self.tokenizer = tokenizer
         self.provider = session.get_providers()[0]
         self.device_note = device_note
+        # Where the state lives between steps: on a GPU it stays there (IO binding, no host round trip per token);
+        # on the CPU plain numpy feeds are the default (see resident_state in open()).
+        self.state_device = "cuda" if self.provider == CUDA else "cpu"
+        self.resident_state = self.provider == CUDA if resident_state is None else resident_state
         self._output_names = ["logits", *(spec.output for spec in info.state)]
         self._state_inputs = [spec.input for spec in info.state]
         self._wants_mask = "attention_mask" in info.inputs
@@ -244,8 +253,13 @@ class OnnxModel:
         self._banned = list(range(self._tokenizer_size, info.vocab_size))
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], device: str = "auto", threads: int | None = None) -> OnnxModel:
-        """Load and validate ``path``. Raises ModelLoadError (a ModelFileError) with a one-line message."""
+    def open(cls, path: str | os.PathLike[str], device: str = "auto", threads: int | None = None,
+             resident_state: bool | None = None) -> OnnxModel:
+        """Load and validate ``path``. Raises ModelLoadError (a ModelFileError) with a one-line message.
+
+        ``resident_state``: keep the recurrent state / KV cache as onnxruntime values on the session's device
+        between steps, bound with IO binding, instead of numpy arrays; only the logits come back to the host.
+        None (the default) turns it on for CUDA sessions."""
         file = Path(path)
         _check_file(file)
         providers, cuda_problem = select_providers(device)
@@ -265,7 +279,7 @@ class OnnxModel:
                 raise ModelLoadError(f"--device cuda requested but CUDA is not usable here: {reason}")
             notes.append(f"CUDA not usable ({reason}); running on CPU")
         note = "; ".join(n for n in notes if n) or None
-        return cls(file, session, info, tokenizer, note)
+        return cls(file, session, info, tokenizer, note, resident_state)
 
     # ------------------------------------------------------------------ state
 
@@ -277,7 +291,10 @@ class OnnxModel:
         """Row ``i`` of the result is row ``indices[i]`` of ``state`` (beam reordering, or expanding a batch of
         one to n rows with ``indices = zeros(n)``)."""
         index = np.asarray(indices, dtype=np.int64)
-        return {spec.input: np.take(state[spec.input], index, axis=spec.batch_axis) for spec in self.info.state}
+        # Device-resident values come to the host for the gather (once per turn or beam step, not per token);
+        # the next run sends the result back.
+        return {spec.input: np.take(_host(state[spec.input]), index, axis=spec.batch_axis)
+                for spec in self.info.state}
 
     # ------------------------------------------------------------------ running
 
@@ -311,10 +328,28 @@ class OnnxModel:
         every position [B, T, V] (float32) and the state after the last position."""
         feeds = self._feeds(input_ids, state, past_len, attention_mask)
         try:
+            if self.resident_state:
+                return self._run_bound(feeds)
             outputs = self.session.run(self._output_names, feeds)
         except _ORT_RUN_ERRORS as exc:
             raise ModelRunError(f"running {self.path.name} failed: {_one_line(exc)}") from exc
         return outputs[0], dict(zip(self._state_inputs, outputs[1:], strict=True))
+
+    def _run_bound(self, feeds: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        """One run with IO binding: state values that are already OrtValues are bound where they are, the new state
+        is allocated on ``state_device`` by onnxruntime, and only the logits are copied to the host."""
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output("logits", "cpu")
+        for name in self._output_names[1:]:
+            binding.bind_output(name, self.state_device)
+        self.session.run_with_iobinding(binding)
+        logits, *state = binding.get_outputs()
+        return logits.numpy(), dict(zip(self._state_inputs, state, strict=True))
 
     def run(self, input_ids: np.ndarray, state: dict[str, Any], past_len: int,
             attention_mask: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:

@@ -74,6 +74,22 @@ def test_greedy_matches_the_full_rerun_oracle(model_path):
     assert second.tokens == _reference_greedy(model, context + result.tokens + model.encode(" d"), 8, ban_eos=True)
 
 
+@pytest.mark.parametrize("model_path", ["lstm", "gpt", "exported-gpt"], indirect=True)
+def test_a_session_on_resident_state_generates_what_numpy_feeds_generate(model_path):
+    """Sampled turns (seeded), n samples at once and beam search: the same tokens whether the state stays in
+    onnxruntime values (IO binding, the CUDA path) or travels as numpy arrays."""
+    outcomes = []
+    for resident in (False, True):
+        model = OnnxModel.open(model_path, device="cpu", threads=1, resident_state=resident)
+        session = _session(model, seed=7, max_new_tokens=6, min_new_tokens=6)
+        turns = [session.generate("ab, c", on_text=None).tokens, session.generate(" d", on_text=None).tokens]
+        rows = [row.tokens for row in session.generate_n("b", 3)]
+        beams = _greedy(model, num_beams=3, max_new_tokens=4, min_new_tokens=4).generate("ca", on_text=None).tokens
+        outcomes.append((turns, rows, beams))
+    assert outcomes[0] == outcomes[1]
+    assert len(outcomes[0][1]) == 3 and all(len(row) == 6 for row in outcomes[0][1])
+
+
 def test_greedy_is_deterministic_and_streams_the_same_text(lstm):
     pieces: list[str] = []
     first = _greedy(lstm, max_new_tokens=30).generate("abc", on_text=pieces.append)

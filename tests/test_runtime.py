@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 import repl.runtime as runtime
@@ -85,6 +86,54 @@ def test_reorder_state_takes_rows_along_the_batch_axis(model_path):
     expanded = model.reorder_state(model.reorder_state(state, np.array([1])), np.zeros(4, dtype=np.int64))
     for spec in model.info.state:
         assert expanded[spec.input].shape[spec.batch_axis] == 4
+
+
+@pytest.mark.parametrize("model_path", ALL_KINDS, indirect=True)
+def test_resident_state_runs_through_io_binding_and_matches_numpy_feeds(model_path):
+    """The device-resident path (IO binding; what a CUDA session uses) run on the CPU: the state comes back as
+    onnxruntime values on the session's device, is fed back as it is, and every logit equals the numpy path."""
+    plain = _open(model_path)
+    resident = OnnxModel.open(model_path, device="cpu", threads=1, resident_state=True)
+    assert resident.resident_state and not plain.resident_state and resident.state_device == "cpu"
+    tokens = np.random.default_rng(1).integers(2, plain.tokenizer_size, size=(2, 7)).astype(np.int64)
+    expected, plain_state = plain.run(tokens[:, :3], plain.initial_state(2), 0)
+    got, state = resident.run(tokens[:, :3], resident.initial_state(2), 0)
+    np.testing.assert_array_equal(got, expected)
+    for position in range(3, 7):
+        assert all(isinstance(value, ort.OrtValue) and value.device_name() == "cpu" for value in state.values())
+        expected, plain_state = plain.run(tokens[:, position:position + 1], plain_state, position)
+        got, state = resident.run(tokens[:, position:position + 1], state, position)
+        assert isinstance(got, np.ndarray) and got.shape == (2, plain.info.vocab_size)
+        np.testing.assert_array_equal(got, expected)
+    # rows of a resident state can be reordered (a beam step, or one row expanded to n samples)
+    reordered = resident.reorder_state(state, np.array([1, 1, 0]))
+    nxt = np.full((3, 1), 3, dtype=np.int64)
+    got, _ = resident.run(nxt, reordered, 7)
+    expected, _ = plain.run(nxt, plain.reorder_state(plain_state, np.array([1, 1, 0])), 7)
+    np.testing.assert_array_equal(got, expected)
+
+
+def _cuda_model(path: Path) -> OnnxModel:
+    try:
+        return OnnxModel.open(path, device="cuda")
+    except ModelLoadError as exc:
+        pytest.skip(f"no usable CUDA: {exc}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("model_path", ["lstm", "exported-gpt"], indirect=True)
+def test_on_cuda_the_state_stays_on_the_gpu_between_steps(model_path):
+    """A CUDA session binds the state on the GPU (no host round trip per token) and computes what the CPU does."""
+    gpu, cpu = _cuda_model(model_path), _open(model_path)
+    assert gpu.provider == "CUDAExecutionProvider" and gpu.resident_state and gpu.state_device == "cuda"
+    tokens = np.random.default_rng(2).integers(2, cpu.tokenizer_size, size=(2, 6)).astype(np.int64)
+    got, state = gpu.run(tokens[:, :2], gpu.initial_state(2), 0)
+    expected, cpu_state = cpu.run(tokens[:, :2], cpu.initial_state(2), 0)
+    for position in range(2, 6):
+        assert all(value.device_name() == "cuda" for value in state.values())
+        got, state = gpu.run(tokens[:, position:position + 1], state, position)
+        expected, cpu_state = cpu.run(tokens[:, position:position + 1], cpu_state, position)
+        np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
 def test_initial_state_follows_the_specs(model_files):
