@@ -221,14 +221,3 @@ class GPT2(nn.Module):
     def num_parameters(self) -> int:
         """Trainable parameter count; the tied embedding/LM head is counted once."""
         return sum(parameter.numel() for parameter in self.parameters())
-
-    def configure_optimizer(
-        self, weight_decay: float, lr: float, betas: tuple[float, float]
-    ) -> torch.optim.AdamW:
-        """AdamW that decays only matrices (Linear weights, embeddings), not biases or LayerNorm gains."""
-        parameters = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)

@@ -187,7 +187,7 @@ def test_quality_smoke_writes_only_its_section(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), "--smoke", "--docs", str(docs)],
                             capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr
-    for preset in ("shakespeare-char", "shakespeare-gpt2"):
+    for preset in ("shakespeare-char", "shakespeare-gpt2", "nanogpt-settings"):
         assert preset in result.stdout
     text = docs.read_text()
     assert text.startswith("# Benchmarks\n\nintro\n\n<!-- quality:start -->\n")
@@ -196,3 +196,4 @@ def test_quality_smoke_writes_only_its_section(tmp_path: Path) -> None:
     section = text.split("<!-- quality:start -->")[1].split("<!-- quality:end -->")[0]
     assert re.search(r"^\|---", section, re.MULTILINE)
     assert re.search(r"shakespeare-char.*\| \d\.\d{3}", section)  # a measured validation loss
+    assert "--optimizer adamw --lr 1e-3" in section  # the yardstick's command line is shown

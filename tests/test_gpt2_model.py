@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from models.gpt2 import GPT2, GPT2Config, attention_keep_mask, causal_mask
 from models.hf_gpt2 import HFImportError, hf_config_to_gpt2, is_hf_gpt2_dir, load_hf_gpt2
+from train.optim import gpt2_optimizer
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -431,7 +432,7 @@ def test_init_and_optimizer_groups() -> None:
     assert math.isclose(residual_std, 0.02 / math.sqrt(8), rel_tol=0.05)
     assert math.isclose(model.transformer.h[0].mlp.c_fc.weight.std().item(), 0.02, rel_tol=0.05)
     assert model.transformer.h[0].attn.c_attn.bias.abs().max().item() == 0.0
-    optimizer = model.configure_optimizer(weight_decay=0.1, lr=1e-3, betas=(0.9, 0.95))
+    optimizer = gpt2_optimizer(model, "adamw", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])

@@ -167,7 +167,11 @@ def test_loss_decreases_and_files_are_written(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("make_config", [rnn_config, gpt_config], ids=["lstm", "gpt2"])
+def gpt_muon_config(tmp_path: Path, **overrides) -> TrainConfig:
+    return gpt_config(tmp_path, optimizer="muon", **overrides)
+
+
+@pytest.mark.parametrize("make_config", [rnn_config, gpt_config, gpt_muon_config], ids=["lstm", "gpt2", "gpt2-muon"])
 def test_resume_continues_exactly(tmp_path: Path, make_config) -> None:
     straight_dir, split_dir = tmp_path / "straight", tmp_path / "split"
     straight_dir.mkdir()
@@ -292,6 +296,8 @@ def test_cli_bad_flags_and_resume_files(tmp_path: Path, capsys: pytest.CaptureFi
         (base + ["--lr", "-1"], "--lr"),
         (base + ["--batch-size", "many"], "invalid int value"),
         (base + ["--tokenizer", "nonsense"], "unknown tokenizer"),
+        (base + ["--optimizer", "muon"], "--optimizer muon is for --arch gpt2"),
+        (base + ["--optimizer", "sgd"], "invalid choice"),
         (base + ["--batch-size", "100000"], "--batch-size"),
         (["--data", str(data), "--out", "x.bin"], "--arch is required"),
         (["--preset", "nope"], "unknown preset"),

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(gpt, "--context-length", type=int, help="GPT-2 context (training block) length in tokens")
     _add(gpt, "--init-from", metavar="HF_DIR", help="fine-tune this local Hugging Face GPT-2 (its own tokenizer)")
     optim = parser.add_argument_group("optimisation")
-    _add(optim, "--lr", type=float, help="peak learning rate (AdamW)")
+    _add(optim, "--lr", type=float, help="peak learning rate")
     _add(optim, "--weight-decay", type=float)
     _add(optim, "--warmup-steps", type=int)
     _add(optim, "--grad-clip", type=float, help="clip the gradient norm to this (0: off)")
@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(optim, "--seq-len", type=int, help="RNN truncated-BPTT window in tokens")
     _add(optim, "--grad-accum", type=int, help="micro-batches per optimizer step")
     _add(optim, "--schedule", choices=["cosine", "plateau"], help="cosine decay or reduce-on-plateau")
+    _add(optim, "--optimizer", choices=["adamw", "muon"],
+         help="adamw, or muon (GPT-2: Muon for the block matrices, AdamW for the rest; fewer steps to a given loss)")
     budget = parser.add_argument_group("budget and evaluation")
     _add(budget, "--time-budget", type=float, metavar="SECONDS", help="stop after this much training time")
     _add(budget, "--max-steps", type=int, help="stop after this many optimizer steps (total, resumes included)")

@@ -14,6 +14,7 @@ from typing import Any
 
 ARCHES = ("lstm", "gru", "gpt2")
 SCHEDULES = ("cosine", "plateau")
+OPTIMIZERS = ("adamw", "muon")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -62,6 +63,7 @@ class TrainConfig:
     seq_len: int = 128
     grad_accum: int = 1
     schedule: str = "cosine"
+    optimizer: str = "adamw"
     # budget and evaluation
     time_budget: float | None = None
     max_steps: int | None = None
@@ -92,6 +94,7 @@ class TrainConfig:
         """Raise TrainConfigError naming the first bad value; returns self for chaining."""
         _choice("--arch", self.arch, ARCHES)
         _choice("--schedule", self.schedule, SCHEDULES)
+        _choice("--optimizer", self.optimizer, OPTIMIZERS)
         _choice("--device", self.device, DEVICES)
         for flag, value in (
             ("--embedding-size", self.embedding_size), ("--hidden-size", self.hidden_size), ("--layers", self.layers),
@@ -125,6 +128,8 @@ class TrainConfig:
             raise TrainConfigError(f"--epochs must be > 0, got {self.epochs}")
         if self.arch == "gpt2" and self.init_from is None and self.n_embd % self.n_head:
             raise TrainConfigError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
+        if self.optimizer == "muon" and self.arch != "gpt2":
+            raise TrainConfigError("--optimizer muon is for --arch gpt2 (its block matrices); RNNs train with adamw")
         if self.init_from is not None and self.arch != "gpt2":
             raise TrainConfigError("--init-from needs --arch gpt2 (it fine-tunes a Hugging Face GPT-2)")
         return self

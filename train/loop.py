@@ -66,6 +66,7 @@ from train.metrics import (
     perplexity,
     plot_losses,
 )
+from train.optim import MuonWithAdamW, gpt2_optimizer
 from train.presets import DEFAULT_EPOCHS, generation_defaults
 from train.progress import ProgressReporter
 from train.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -289,12 +290,12 @@ class Trainer:
             pretrained = model
         return data, pretrained, gpt_config.to_dict()
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
+    def _make_optimizer(self) -> torch.optim.Optimizer | MuonWithAdamW:
         config = self.config
         if config.is_rnn:
             return torch.optim.AdamW(self.model.parameters(), lr=config.lr, betas=(0.9, 0.99),
                                      weight_decay=config.weight_decay)
-        return self.model.configure_optimizer(config.weight_decay, config.lr, (0.9, 0.95))
+        return gpt2_optimizer(self.model, config.optimizer, config.lr, config.weight_decay, (0.9, 0.95))
 
     def _amp(self) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
         """Mixed precision on CUDA only: bf16 for GPT-2 where supported, else fp16 with loss scaling (RNNs use

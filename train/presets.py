@@ -46,7 +46,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "shakespeare-gpt2": {
         "arch": "gpt2", "data": "../shared/data/tinyshakespeare.txt", "format": "text", "tokenizer": "char",
         "n_layer": 4, "n_head": 4, "n_embd": 128, "context_length": 64, "dropout": 0.0,
-        "lr": 3e-3, "weight_decay": 0.0, "warmup_steps": 20, "batch_size": 16,
+        "lr": 3e-3, "weight_decay": 0.0, "warmup_steps": 20, "batch_size": 16, "optimizer": "muon",
         "time_budget": 90.0, "eval_every": 2000, "threads": 2, "prime": ["ROMEO:"],
     },
     "shakespeare-word": {
