@@ -58,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = quantized_file(fp32, mode, args.cache_dir)
             ppl = math.exp(text_nll(path, text, threads=args.threads))  # what perplexity_cost computes, fp32 once
             table.add(label, mode, fmt_mb(path.stat().st_size), fmt(ppl, 4), f"{100 * (ppl / base - 1):+.2f}%")
-    table.notes.append("int8: onnxruntime quantize_dynamic, MatMul weights (LM head included) int8 per tensor. "
+    table.notes.append("int8: onnxruntime quantize_dynamic, MatMul weights (LM head included) int8 per tensor, "
+                       "7-bit range (reduce_range). "
                        "int4: MatMulNBits, 4-bit blocks of 128, accuracy_level 4. Embedding/LSTM weights stay fp32 "
                        "except a GPT-2's tied embedding, which reads the quantized LM head.")
     report(args, "quantize_cost.py", "quantize_cost", "Quantization: quality cost", [table])
