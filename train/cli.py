@@ -21,7 +21,7 @@ from rich.console import Console
 
 from models.checkpoint import CheckpointError
 from train.batches import DataSizeError
-from train.config import TrainConfig, TrainingError
+from train.config import OPTIMIZERS, SCHEDULES, TrainConfig, TrainingError
 from train.corpus import FORMATS, CorpusError
 from train.distributed import is_main_process
 from train.presets import ARCH_DEFAULTS, FINETUNE_DEFAULTS, PRESETS, preset_names, resolve_preset_data
@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(optim, "--batch-size", type=int)
     _add(optim, "--seq-len", type=int, help="RNN truncated-BPTT window in tokens")
     _add(optim, "--grad-accum", type=int, help="micro-batches per optimizer step")
-    _add(optim, "--schedule", choices=["cosine", "plateau"], help="cosine decay or reduce-on-plateau")
-    _add(optim, "--optimizer", choices=["adamw", "muon"],
+    _add(optim, "--schedule", choices=list(SCHEDULES), help="cosine decay or reduce-on-plateau")
+    _add(optim, "--optimizer", choices=list(OPTIMIZERS),
          help="adamw, or muon (GPT-2: Muon for the block matrices, AdamW for the rest; fewer steps to a given loss)")
     budget = parser.add_argument_group("budget and evaluation")
     _add(budget, "--time-budget", type=float, metavar="SECONDS", help="stop after this much training time")

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-OPTIMIZERS = ("adamw", "muon")
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (Keller Jordan's Muon)
 NS_STEPS = 5
 MUON_MOMENTUM = 0.95
@@ -81,7 +80,7 @@ class MuonWithAdamW:
         self.muon, self.adamw = muon, adamw
         self.param_groups = [*muon.param_groups, *adamw.param_groups]
 
-    def step(self, closure: Callable[[], float] | None = None) -> None:
+    def step(self) -> None:
         self.muon.step()
         self.adamw.step()
 
