@@ -23,21 +23,59 @@ from torch import nn
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (Keller Jordan's Muon)
 NS_STEPS = 5
 MUON_MOMENTUM = 0.95
+# Wide matrices at least this many times longer than high take the Gram-matrix form of the iteration (fewer FLOPs
+# from 1.5x on; 2x leaves a margin for the extra small products).
+GRAM_FORM_MIN_RATIO = 2
 ADAMW_RMS = 0.2  # the update RMS Muon's step is scaled to, so AdamW's learning rate carries over
 
 
 def orthogonalize(matrix: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
-    """An approximation of U V^T for matrix = U S V^T (every singular value pushed towards 1)."""
-    a, b, c = NS_COEFFICIENTS
+    """An approximation of U V^T for matrix = U S V^T (every singular value pushed towards 1).
+
+    ``matrix`` may be a stack (..., m, n) of same-shape matrices: one batched iteration for all of them costs fewer
+    small-matrix calls than one per matrix.
+    """
     x = matrix.to(torch.bfloat16 if matrix.is_cuda else torch.float32)
-    wide = x.size(0) <= x.size(1)
+    wide = x.size(-2) <= x.size(-1)
     if not wide:  # iterate on the smaller Gram matrix
-        x = x.T
-    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1, where the iteration converges
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral <= Frobenius norm <= 1: the iteration converges
+    rows, cols = x.shape[-2:]
+    if x.dtype == torch.float32 and cols >= GRAM_FORM_MIN_RATIO * rows:
+        x = _newton_schulz_on_gram(x, steps)
+    else:
+        x = _newton_schulz(x, steps)
+    return (x if wide else x.mT).to(matrix.dtype)
+
+
+def _newton_schulz(x: torch.Tensor, steps: int) -> torch.Tensor:
+    a, b, c = NS_COEFFICIENTS
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * (gram @ gram)) @ x
-    return (x if wide else x.T).to(matrix.dtype)
+    return x
+
+
+def _newton_schulz_on_gram(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """The same iteration carried out on the (m, m) Gram matrix G = X X^T of a wide (m, n) X.
+
+    Each step multiplies X by P = aI + bG + cG^2, so the next Gram matrix is P G P, and every P and G is a
+    polynomial in the first G (they commute): X_final = (P_k ... P_1) X_0. That touches the long side twice instead
+    of twice per step: for the 128 x 512 MLP matrices of the shakespeare-gpt2 preset 0.55x the multiply work of the
+    plain iteration. Only in float32: bfloat16 loses too much squaring G.
+    """
+    a, b, c = NS_COEFFICIENTS
+    gram = x @ x.mT
+    identity = torch.eye(gram.size(-1), dtype=gram.dtype, device=gram.device)
+    product: torch.Tensor | None = None
+    for step in range(steps):
+        poly = torch.baddbmm(b * gram, gram, gram, alpha=c) if gram.dim() == 3 else b * gram + c * (gram @ gram)
+        poly = poly + a * identity
+        product = poly if product is None else poly @ product
+        if step < steps - 1:
+            gram = poly @ gram @ poly
+    assert product is not None
+    return product @ x
 
 
 class Muon(torch.optim.Optimizer):
@@ -57,19 +95,33 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(param)
-                buffer = state["momentum_buffer"]
-                buffer.lerp_(param.grad, 1 - momentum)
-                update = orthogonalize(param.grad.lerp(buffer, momentum))  # Nesterov
-                param.mul_(1 - lr * decay)
-                param.add_(update, alpha=-lr * ADAMW_RMS * math.sqrt(max(param.shape)))
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            for same_shape in _by_shape(with_grad):
+                self._step_same_shape(same_shape, group["lr"], group["weight_decay"], group["momentum"])
         return loss
+
+    def _step_same_shape(self, params: list[nn.Parameter], lr: float, decay: float, momentum: float) -> None:
+        """One step for matrices of one shape, orthogonalised together as a stack."""
+        nesterov = []
+        for param in params:
+            state = self.state[param]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(param)
+            buffer = state["momentum_buffer"]
+            buffer.lerp_(param.grad, 1 - momentum)
+            nesterov.append(param.grad.lerp(buffer, momentum))
+        updates = orthogonalize(torch.stack(nesterov))
+        scale = lr * ADAMW_RMS * math.sqrt(max(params[0].shape))
+        for param, update in zip(params, updates, strict=True):
+            param.mul_(1 - lr * decay)
+            param.add_(update, alpha=-scale)
+
+
+def _by_shape(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
+    groups: dict[tuple[int, ...], list[nn.Parameter]] = {}
+    for param in params:
+        groups.setdefault(tuple(param.shape), []).append(param)
+    return list(groups.values())
 
 
 class MuonWithAdamW:
