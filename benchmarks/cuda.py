@@ -1,7 +1,7 @@
 """GPT-2 decode on a CUDA GPU: our model file through the runtime on onnxruntime's CUDA provider, against the same
 loop on the CPU and PyTorch eager (KV cache) / Hugging Face ``generate`` on the GPU.
 
-    python benchmarks/cuda.py            # GPT-2 small shape, rewrites its docs section
+    python benchmarks/cuda.py            # GPT-2 small shape, fp32 and fp16 files, rewrites its docs section
     python benchmarks/cuda.py --smoke    # small shape, prints only
 
 Without a usable CUDA device (no GPU, no driver, onnxruntime without the CUDA provider, missing CUDA/cuDNN
@@ -41,6 +41,7 @@ from common import (  # noqa: E402 - the path line above makes `common` importab
     ours_generate,
     ours_session,
     parse_args,
+    quantized_file,
     repeat,
     report,
     run_main,
@@ -54,6 +55,7 @@ PROMPT = "ROMEO:"
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser(__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=None, help="tokens per turn (default 64; smoke 8)")
+    parser.add_argument("--batch", type=int, default=None, help="samples for the throughput table (64; smoke 4)")
     args = parse_args(parser, argv)
     reason = cuda_unavailable_reason()
     if reason is not None:
@@ -62,18 +64,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokens = args.tokens or (8 if args.smoke else 64)
     spec = GPT2_SMOKE if args.smoke else GPT2_SMALL
     path = model_file(spec, args.cache_dir)
+    files = {"fp32": path, "fp16": quantized_file(path, "fp16", args.cache_dir)}
     rows: dict[str, Stats] = {
-        "ours, onnxruntime CUDA provider": ours(path, "cuda", tokens, args),
-        f"ours, onnxruntime CPU, {args.threads} threads": ours(path, "cpu", tokens, args),
+        f"ours {kind}, onnxruntime CUDA provider": ours(file, "cuda", tokens, args) for kind, file in files.items()
     }
+    rows[f"ours fp32, onnxruntime CPU, {args.threads} threads"] = ours(path, "cpu", tokens, args)
     rows.update(torch_rows(spec, tokens, args, context_ids(path, args)))
-    base = rows["ours, onnxruntime CUDA provider"]
+    base = rows["ours fp32, onnxruntime CUDA provider"]
     table = Table(f"{spec.name}, batch 1, greedy, {tokens} tokens per turn, {args.repeats} turns",
-                  ["runner", "ms/token", "tok/s", "speed vs ours on CUDA"])
+                  ["runner", "ms/token", "tok/s", "speed vs ours fp32 on CUDA"])
     for name, per_token in rows.items():
         table.add(name, fmt_stats(per_token.scaled(1000)), fmt(1 / per_token.median),
                   fmt_ratio(base.median, per_token.median))
-    report(args, "cuda.py", "cuda", f"GPT-2 decode on CUDA ({gpu_name()})", [table])
+    batch = args.batch or (4 if args.smoke else 64)
+    throughput = Table(f"{spec.name}, {batch} samples at once (Session.generate_n, what `textgen-repl --n "
+                       f"{batch}` runs), {tokens} tokens each, {args.repeats} runs",
+                       ["runner", "total tok/s", "vs the same file at batch 1"])
+    for kind, file in files.items():
+        many = batched_tokens_per_second(file, "cuda", tokens, batch, args)
+        one = rows[f"ours {kind}, onnxruntime CUDA provider"]
+        throughput.add(f"ours {kind}, onnxruntime CUDA provider", fmt_stats(many),
+                       fmt_ratio(many.median, 1 / one.median))
+    report(args, "cuda.py", "cuda", f"GPT-2 decode on CUDA ({gpu_name()})", [table, throughput])
     return 0
 
 
@@ -128,6 +140,18 @@ def ours(path: Path, device: str, tokens: int, args: Any) -> Stats:
     model = open_model(path, args.threads, device=device)
     session = ours_session(model, GREEDY, tokens)
     return collect(lambda: _per_token(ours_generate(session, PROMPT)), args.repeats)
+
+
+def batched_tokens_per_second(path: Path, device: str, tokens: int, batch: int, args: Any) -> Stats:
+    """Total tokens/s of ``batch`` samples decoded together; the KV cache of all rows stays on the device."""
+    session = ours_session(open_model(path, args.threads, device=device), GREEDY, tokens)
+
+    def run() -> float:
+        session.reset()
+        results = session.generate_n(PROMPT, batch)
+        return sum(len(result.tokens) for result in results) / max(result.seconds for result in results)
+
+    return collect(run, args.repeats)
 
 
 def _per_token(result: Any) -> float:

@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--tolerance", type=float, default=1e-4, help="largest allowed ONNX-vs-PyTorch logit difference (1e-4)"
     )
     parser.add_argument(
-        "--quantize", choices=("int8", "int4"), default=None,
-        help="also write a quantized copy beside the fp32 file (NAME.int8.onnx / NAME.int4.onnx; CPU decoding)",
+        "--quantize", choices=("int8", "int4", "fp16"), default=None,
+        help="also write a smaller copy beside the fp32 file: NAME.int8.onnx / NAME.int4.onnx for CPU decoding, "
+        "NAME.fp16.onnx (GPT-2: float16 weights and KV cache) for GPU decoding",
     )
     parser.add_argument(
         "--eval-text", metavar="FILE", default=None,
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Perplexity increase above which a quantized file is reported as too lossy (issue 6's limits).
-QUANTIZE_LIMITS = {"int8": 0.02, "int4": 0.05}
+QUANTIZE_LIMITS = {"int8": 0.02, "int4": 0.05, "fp16": 0.01}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -113,7 +114,7 @@ def _quantize(fp32_path: Path, mode: str, eval_text: str | None) -> int:
     except (OSError, UnicodeDecodeError) as exc:
         raise QuantizeError(f"cannot read --eval-text {eval_text}: {exc}") from None
     ppl_fp32, ppl_q, increase = perplexity_cost(fp32_path, target, text)
-    print(f"perplexity on {eval_text}: fp32 {ppl_fp32:.4f}, {mode} {ppl_q:.4f} ({increase:+.2%})")
+    print(f"perplexity on {eval_text}: fp32 {ppl_fp32:.4f}, {mode} {ppl_q:.4f} ({increase:+.3%})")
     limit = QUANTIZE_LIMITS[mode]
     if increase > limit:
         print(f"warning: {mode} costs {increase:.2%} perplexity, above the {limit:.0%} limit; prefer the fp32 file",

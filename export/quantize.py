@@ -34,8 +34,10 @@ import json
 import logging
 import math
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,10 +46,14 @@ import onnx
 from onnx import helper, numpy_helper
 
 from models.checkpoint import atomic_write_bytes
-from repl.modelfile import KEY_SOURCE, ModelFileError, decode_metadata
+from repl.modelfile import KEY_SOURCE, ModelFileError, ModelInfo, decode_metadata, encode_metadata
 
-Mode = Literal["int8", "int4"]
-MODES: tuple[str, ...] = ("int8", "int4")
+Mode = Literal["int8", "int4", "fp16"]
+MODES: tuple[str, ...] = ("int8", "int4", "fp16")
+# fp16 logits may differ from the float32 file's by this much relative to max(1, max |logit|) (measured: 1.8e-4 on
+# the 4x128 char GPT-2 of the shakespeare-gpt2 preset).
+FP16_TOLERANCE = 1e-2
+MAX_FLOAT32_FRACTION = 0.01  # of the weight bytes an fp16 file may keep in float32 (ops the converter skips)
 # Blocks of 128 rather than 32: GPT-2 small 4.1 vs 5.1 ms/token (243 vs 195 tok/s) in one interleaved step loop;
 # perplexity cost +1.85 % vs +1.72 % (tiny GPT), +1.53 % vs +0.86 % (demo LSTM) in benchmarks/quantize_cost.py.
 # A model with a narrower MatMul (K < 128, e.g. 64 wide) gets blocks of 32: the quantizer skips a weight whose K
@@ -65,9 +71,11 @@ class QuantizeError(Exception):
 
 
 def quantize_model(src_onnx: Path | str, dst_onnx: Path | str, mode: Mode) -> Path:
-    """Write ``src_onnx`` quantized to ``mode`` ("int8" or "int4") to ``dst_onnx`` (atomically) and return it.
+    """Write ``src_onnx`` quantized to ``mode`` ("int8", "int4" or "fp16") to ``dst_onnx`` (atomically) and
+    return it.
 
-    The result keeps the source's metadata and is checked to open in the runtime before it is written."""
+    The result keeps the source's metadata and is checked to open in the runtime before it is written; an fp16
+    file is also checked against the source's logits."""
     source, target = Path(src_onnx), Path(dst_onnx)
     if mode not in MODES:
         raise QuantizeError(f"unknown quantization {mode!r}; choose {' or '.join(MODES)}")
@@ -76,14 +84,24 @@ def quantize_model(src_onnx: Path | str, dst_onnx: Path | str, mode: Mode) -> Pa
     if target.exists() and target.resolve() == source.resolve():
         raise QuantizeError(f"output {target} would overwrite the source; choose another name")
     original = _load(source)
-    vocab_size = _textgen_vocab_size(original, source)
+    info = _textgen_info(original, source)
+    if mode == "fp16" and info.arch != "gpt2":
+        raise QuantizeError(f"{source}: fp16 is for GPT-2 files (GPU decoding); onnxruntime has no float16 "
+                            f"{info.arch.upper()} kernel on the CPU to check the file with, and int8 suits RNNs")
     with tempfile.TemporaryDirectory(prefix="textgen-quantize-") as work, _quiet_quantizer():
-        quantized = _quantize_int8(source, Path(work)) if mode == "int8" else _quantize_int4(original)
+        if mode == "int8":
+            quantized = _quantize_int8(source, Path(work))
+        elif mode == "int4":
+            quantized = _quantize_int4(original)
+        else:
+            quantized = _convert_fp16(original)
     _copy_metadata(original, quantized, mode)
-    if not quantized_lm_head(quantized, vocab_size):
+    if mode == "fp16":
+        _check_float16_weights(quantized, original, source)
+    elif not quantized_lm_head(quantized, info.vocab_size):
         raise QuantizeError(f"{source}: the {mode} quantizer left the LM-head MatMul in float32")
     model_bytes = _serialize(quantized)
-    _check_loads(model_bytes, source)
+    _check_loads(model_bytes, source, compare_logits=mode == "fp16")
     try:
         atomic_write_bytes(target, lambda handle: handle.write(model_bytes))
     except OSError as exc:
@@ -130,6 +148,21 @@ def _quantize_int4(original: onnx.ModelProto) -> onnx.ModelProto:
     result = quantizer.model.model
     _share_tied_table_int4(result)
     return result
+
+
+def _convert_fp16(original: onnx.ModelProto) -> onnx.ModelProto:
+    """Weights, activations and the KV cache in float16; the logits stay float32 (a Cast at the end) so the
+    samplers and every caller see the same output type as before."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # it warns about each weight value clipped to float16's range
+            return convert_float_to_float16(model, keep_io_types=["logits"])
+    except Exception as exc:  # noqa: BLE001 - the converter raises bare Exceptions and asserts
+        raise QuantizeError(f"fp16 conversion failed: {_first_line(exc)}") from exc
 
 
 def _int4_block_size(model: onnx.ModelProto) -> int:
@@ -296,16 +329,29 @@ def quantized_lm_head(model: onnx.ModelProto, vocab_size: int) -> bool:
     return False
 
 
-def _textgen_vocab_size(model: onnx.ModelProto, where: Path) -> int:
+def _textgen_info(model: onnx.ModelProto, where: Path) -> ModelInfo:
     try:
-        info = decode_metadata({prop.key: prop.value for prop in model.metadata_props}, where=str(where))
+        return decode_metadata({prop.key: prop.value for prop in model.metadata_props}, where=str(where))
     except ModelFileError as exc:
         raise QuantizeError(str(exc)) from exc
-    return info.vocab_size
 
 
-def _check_loads(model_bytes: bytes, source: Path) -> None:
-    """The quantized bytes must open in the runtime as a textgen model (graph matches metadata, kernels exist)."""
+def _check_float16_weights(converted: onnx.ModelProto, original: onnx.ModelProto, source: Path) -> None:
+    """The point of an fp16 file is half the bytes: no weight may be left behind in float32 beyond a sliver."""
+    float32 = sum(_tensor_bytes(init) for init in converted.graph.initializer
+                  if init.data_type == onnx.TensorProto.FLOAT)
+    total = sum(_tensor_bytes(init) for init in original.graph.initializer)
+    if float32 > MAX_FLOAT32_FRACTION * max(total, 1):
+        raise QuantizeError(f"{source}: the fp16 converter left {float32} of {total} weight bytes in float32")
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    return len(tensor.raw_data) if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).nbytes
+
+
+def _check_loads(model_bytes: bytes, source: Path, compare_logits: bool = False) -> None:
+    """The quantized bytes must open in the runtime as a textgen model (graph matches metadata, kernels exist);
+    with ``compare_logits``, a prompt and a few cached steps must give the source's logits within FP16_TOLERANCE."""
     from repl.runtime import OnnxModel
 
     with tempfile.TemporaryDirectory(prefix="textgen-quantize-check-") as work:
@@ -314,8 +360,29 @@ def _check_loads(model_bytes: bytes, source: Path) -> None:
         try:
             model = OnnxModel.open(path, device="cpu", threads=1)
             model.run(np.zeros((1, 2), dtype=np.int64), model.initial_state(1), 0)
+            if compare_logits:
+                reference = OnnxModel.open(source, device="cpu", threads=1)
+                difference, peak = _logit_difference(model, reference)
         except Exception as exc:  # noqa: BLE001 - ModelLoadError, or onnxruntime's own types at run time
             raise QuantizeError(f"the quantized model does not run in onnxruntime: {_first_line(exc)}") from exc
+    if compare_logits and difference > FP16_TOLERANCE * max(1.0, peak):
+        raise QuantizeError(f"the fp16 model's logits differ from the source's by {difference:.3g} (max |logit| "
+                            f"{peak:.3g}); keep the float32 file")
+
+
+def _logit_difference(candidate: Any, reference: Any, prompt: int = 8, steps: int = 4) -> tuple[float, float]:
+    """(max abs logit difference, max |reference logit|) over a prompt and a few single-token cached steps."""
+    ids = (np.arange(prompt + steps, dtype=np.int64) * 7 + 3) % max(1, reference.tokenizer_size)
+    results = []
+    for model in (candidate, reference):
+        state = model.initial_state(1)
+        logits, state = model.run(ids[None, :prompt], state, 0)
+        rows = [logits]
+        for position in range(prompt, prompt + steps):
+            logits, state = model.run(ids[None, position:position + 1], state, position)
+            rows.append(logits)
+        results.append(np.concatenate([np.asarray(row, dtype=np.float64).reshape(-1) for row in rows]))
+    return float(np.abs(results[0] - results[1]).max()), float(np.abs(results[1]).max())
 
 
 # --- perplexity --------------------------------------------------------------------------------------------------
@@ -391,6 +458,10 @@ def _copy_metadata(original: onnx.ModelProto, quantized: onnx.ModelProto, mode: 
     if not isinstance(source, dict):
         source = {}
     source["quantized"] = _describe(mode, quantized)
+    if mode == "fp16":  # the state (KV cache) is float16 now: say so, which takes format version 2
+        info = decode_metadata(entries)
+        info.state = tuple(replace(spec, dtype="float16") for spec in info.state)
+        entries.update(encode_metadata(info))
     entries[KEY_SOURCE] = json.dumps(source)
     del quantized.metadata_props[:]
     for key, value in entries.items():
@@ -400,6 +471,9 @@ def _copy_metadata(original: onnx.ModelProto, quantized: onnx.ModelProto, mode: 
 def _describe(mode: str, quantized: onnx.ModelProto) -> dict[str, object]:
     import onnxruntime
 
+    if mode == "fp16":
+        method = "onnxruntime.transformers float16 converter: weights, activations and KV cache float16, logits float32"
+        return {"mode": mode, "method": method, "onnxruntime": onnxruntime.__version__}
     if mode == "int8":
         method = "onnxruntime quantize_dynamic, MatMul weights int8 per tensor, 7-bit range (reduce_range)"
         return {"mode": mode, "method": method, "onnxruntime": onnxruntime.__version__}

@@ -12,7 +12,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 FORMAT_NAME = "textgen-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this reader understands; a file is written with the oldest that fits it
+# Version 2 added float16 state (``"dtype": "float16"`` in textgen.state). Files without it are still written as
+# version 1, so that older readers keep opening every file they can run.
+FLOAT16_STATE_VERSION = 2
+STATE_DTYPES = ("float32", "float16")
 
 KEY_FORMAT = "textgen.format"
 KEY_VERSION = "textgen.format_version"
@@ -42,13 +46,15 @@ class StateSpec:
     """One recurrent-state tensor: fed as ``input``, produced as ``output``, zeros of ``shape`` at start.
 
     ``shape`` holds ints and the symbols "batch" and "past"; ``seq_axis`` is the axis that grows per token
-    (None when the state has a fixed size, as an RNN's does)."""
+    (None when the state has a fixed size, as an RNN's does); ``dtype`` is "float32", or "float16" in
+    half-precision GPT-2 files (format version 2)."""
 
     input: str
     output: str
     shape: tuple[int | str, ...]
     batch_axis: int
     seq_axis: int | None = None
+    dtype: str = "float32"
 
     def initial_shape(self, batch: int) -> tuple[int, ...]:
         return tuple(batch if d == "batch" else 0 if d == "past" else int(d) for d in self.shape)
@@ -82,18 +88,30 @@ def encode_metadata(info: ModelInfo) -> dict[str, str]:
     """The exporter's side: ModelInfo -> the string map stored in ONNX ``metadata_props``."""
     return {
         KEY_FORMAT: FORMAT_NAME,
-        KEY_VERSION: str(FORMAT_VERSION),
+        KEY_VERSION: str(required_version(info)),
         KEY_ARCH: info.arch,
         KEY_TOKENIZER: info.tokenizer_json,
         KEY_SPECIAL: json.dumps(asdict(info.special)),
         KEY_VOCAB: str(info.vocab_size),
         KEY_CONTEXT: str(info.context_length),
-        KEY_STATE: json.dumps([{**asdict(s), "shape": list(s.shape)} for s in info.state]),
+        KEY_STATE: json.dumps([_encode_state(spec) for spec in info.state]),
         KEY_INPUTS: json.dumps(list(info.inputs)),
         KEY_GENERATION: json.dumps(info.generation),
         KEY_CONFIG: json.dumps(info.model_config),
         KEY_SOURCE: json.dumps(info.source),
     }
+
+
+def required_version(info: ModelInfo) -> int:
+    """The oldest format version that can describe ``info``."""
+    return FLOAT16_STATE_VERSION if any(spec.dtype != "float32" for spec in info.state) else 1
+
+
+def _encode_state(spec: StateSpec) -> dict[str, Any]:
+    entry = {**asdict(spec), "shape": list(spec.shape)}
+    if spec.dtype == "float32":  # the version-1 default, left implicit so version-1 files stay as they were
+        del entry["dtype"]
+    return entry
 
 
 def decode_metadata(meta: dict[str, str], where: str = "model file") -> ModelInfo:
@@ -112,7 +130,7 @@ def decode_metadata(meta: dict[str, str], where: str = "model file") -> ModelInf
     tokenizer_json = meta.get(KEY_TOKENIZER)
     if not isinstance(tokenizer_json, str) or not tokenizer_json or len(tokenizer_json) > MAX_TOKENIZER_CHARS:
         raise ModelFileError(f"{where}: tokenizer metadata is missing or too large")
-    return ModelInfo(
+    info = ModelInfo(
         arch=arch,
         tokenizer_json=tokenizer_json,
         special=_special(meta, where),
@@ -125,6 +143,10 @@ def decode_metadata(meta: dict[str, str], where: str = "model file") -> ModelInf
         source=_json_object(meta, KEY_SOURCE, where),
         format_version=version,
     )
+    if version < required_version(info):
+        raise ModelFileError(f"{where}: float16 state needs model-file format version {FLOAT16_STATE_VERSION}, "
+                             f"but the file says {version}")
+    return info
 
 
 def _int(meta: dict[str, str], key: str, where: str, minimum: int) -> int:
@@ -192,9 +214,12 @@ def _state(meta: dict[str, str], where: str) -> tuple[StateSpec, ...]:
                 shape=shape,
                 batch_axis=int(item["batch_axis"]),
                 seq_axis=None if seq_axis is None else int(seq_axis),
+                dtype=item.get("dtype", "float32"),
             )
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise ModelFileError(f"{where}: malformed entry in {KEY_STATE}") from None
+        if spec.dtype not in STATE_DTYPES:
+            raise ModelFileError(f"{where}: state {spec.input!r} has unknown dtype {spec.dtype!r}")
         if not 0 <= spec.batch_axis < len(shape) or shape[spec.batch_axis] != "batch":
             raise ModelFileError(f"{where}: state {spec.input!r} has a bad batch_axis")
         if spec.seq_axis is not None and not (0 <= spec.seq_axis < len(shape) and shape[spec.seq_axis] == "past"):

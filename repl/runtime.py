@@ -181,6 +181,9 @@ def _create_session(path: Path, providers: list[str], threads: int | None) -> or
         ort.set_default_logger_severity(_QUIET)
 
 
+_ONNX_TYPE_NAMES = {"float32": "float", "float16": "float16"}  # StateSpec.dtype -> onnxruntime's "tensor(...)"
+
+
 def _check_graph(session: ort.InferenceSession, info: ModelInfo, where: Path) -> None:
     """The metadata must describe this graph exactly: every name it uses exists, nothing required is unfed."""
     graph_inputs = {node.name: node for node in session.get_inputs()}
@@ -197,6 +200,10 @@ def _check_graph(session: ort.InferenceSession, info: ModelInfo, where: Path) ->
         raise ModelLoadError(f"{where}: the graph needs input {unfed[0]!r}, which the metadata does not describe")
     for spec in info.state:
         _check_state_shape(spec.shape, graph_inputs[spec.input].shape, spec.input, where)
+        for node in (graph_inputs[spec.input], graph_outputs[spec.output]):
+            if node.type != f"tensor({_ONNX_TYPE_NAMES[spec.dtype]})":
+                raise ModelLoadError(f"{where}: state {node.name!r} is {node.type} in the graph but "
+                                     f"{spec.dtype} in the metadata")
     vocab_dim = graph_outputs["logits"].shape[-1] if graph_outputs["logits"].shape else None
     if isinstance(vocab_dim, int) and vocab_dim != info.vocab_size:
         raise ModelLoadError(f"{where}: logits have {vocab_dim} entries but metadata says vocab_size {info.vocab_size}")
@@ -285,7 +292,7 @@ class OnnxModel:
 
     def initial_state(self, batch: int) -> dict[str, np.ndarray]:
         """The state before any token: zeros of each spec's shape with past = 0."""
-        return {spec.input: np.zeros(spec.initial_shape(batch), dtype=np.float32) for spec in self.info.state}
+        return {spec.input: np.zeros(spec.initial_shape(batch), dtype=spec.dtype) for spec in self.info.state}
 
     def reorder_state(self, state: dict[str, Any], indices: np.ndarray) -> dict[str, Any]:
         """Row ``i`` of the result is row ``indices[i]`` of ``state`` (beam reordering, or expanding a batch of

@@ -27,8 +27,8 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from models.gpt2 import GPT2, GPT2Config
 from models.registry import model_from_checkpoint
 from models.rnn import RNNConfig, RNNLanguageModel
-from repl.modelfile import KEY_SOURCE
-from repl.runtime import OnnxModel
+from repl.modelfile import KEY_SOURCE, KEY_STATE, KEY_VERSION, decode_metadata
+from repl.runtime import ModelLoadError, OnnxModel
 
 N_EMBD = 64  # a multiple of the int4 block (32), as real widths are
 GPT2_PADDING = 128  # output ids beyond the tokenizer: (16 + 128) x 64 > 8192 embedding elements
@@ -274,6 +274,86 @@ def test_quantize_errors_are_one_line(files: dict[str, Path], tmp_path: Path) ->
     with pytest.raises(QuantizeError, match="overwrite the source"):
         quantize_model(files["lstm"], files["lstm"], "int8")
     assert not (tmp_path / "x.onnx").exists()
+
+
+# --- fp16 (GPT-2 files for GPU decoding) -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fp16(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return quantize_model(files["gpt2"], tmp_path_factory.mktemp("fp16") / "gpt2.fp16.onnx", "fp16")
+
+
+def test_fp16_file_halves_the_weights_and_declares_float16_state(files: dict[str, Path], fp16: Path) -> None:
+    original, converted = _metadata(files["gpt2"]), _metadata(fp16)
+    assert original[KEY_VERSION] == "1" and converted[KEY_VERSION] == "2"
+    assert json.loads(converted[KEY_SOURCE])["quantized"]["mode"] == "fp16"
+    assert set(converted) == set(original)
+    before, after = decode_metadata(original), decode_metadata(converted)
+    for name in ("arch", "tokenizer_json", "special", "vocab_size", "context_length", "inputs", "generation",
+                 "model_config"):
+        assert getattr(after, name) == getattr(before, name), name
+    states = json.loads(converted[KEY_STATE])
+    assert states == [{**entry, "dtype": "float16"} for entry in json.loads(original[KEY_STATE])]
+    graph = onnx.load(str(fp16)).graph
+    types = {value.name: value.type.tensor_type.elem_type for value in [*graph.input, *graph.output]}
+    assert types["logits"] == onnx.TensorProto.FLOAT  # samplers see float32 as before
+    for entry in states:
+        assert types[entry["input"]] == types[entry["output"]] == onnx.TensorProto.FLOAT16
+    assert not [init.name for init in graph.initializer if init.data_type == onnx.TensorProto.FLOAT
+                and init.dims and math.prod(init.dims) > 64]
+    assert fp16.stat().st_size < 0.55 * files["gpt2"].stat().st_size  # the tied table is still stored once
+
+
+def test_fp16_logits_and_greedy_text_match_fp32(files: dict[str, Path], fp16: Path) -> None:
+    reference, converted = _logits(files["gpt2"]), _logits(fp16)
+    peak = float(np.abs(reference).max())
+    assert peak > 0.1 and converted.dtype == np.float32
+    assert float(np.abs(converted - reference).max()) <= 1e-2 * peak
+    assert not np.array_equal(converted, reference)
+    model = OnnxModel.open(fp16, device="cpu", threads=1)
+    assert {value.dtype for value in model.initial_state(2).values()} == {np.dtype(np.float16)}
+    tokens = {}
+    for path in (files["gpt2"], fp16):
+        runner = OnnxModel.open(path, device="cpu", threads=1)
+        ids = [0, *runner.encode("abc def")]
+        logits, state = runner.run(np.array([ids], dtype=np.int64), runner.initial_state(1), 0)
+        for _ in range(12):  # greedy, feeding the (float16) cache back
+            ids.append(int(np.argmax(logits[0])))
+            logits, state = runner.run(np.array([[ids[-1]]], dtype=np.int64), state, len(ids) - 1)
+        tokens[path] = ids
+    assert tokens[files["gpt2"]] == tokens[fp16]
+
+
+@pytest.mark.cuda
+def test_fp16_on_cuda_keeps_a_float16_cache_on_the_gpu(files: dict[str, Path], fp16: Path) -> None:
+    """What the fp16 file is for: decoding on a GPU with the float16 KV cache resident there."""
+    try:
+        gpu = OnnxModel.open(fp16, device="cuda")
+    except ModelLoadError as exc:
+        pytest.skip(f"no usable CUDA: {exc}")
+    cpu = OnnxModel.open(files["gpt2"], device="cpu", threads=1)
+    ids = np.array([[0, *cpu.encode("abc def")]], dtype=np.int64)
+    got, state = gpu.run(ids, gpu.initial_state(1), 0)
+    expected, cpu_state = cpu.run(ids, cpu.initial_state(1), 0)
+    for position in range(ids.shape[1], ids.shape[1] + 4):
+        assert all(value.device_name() == "cuda" and value.data_type() == "tensor(float16)"
+                   for value in state.values())
+        np.testing.assert_allclose(got, expected, atol=1e-2 * max(1.0, float(np.abs(expected).max())))
+        step = np.array([[int(np.argmax(expected[0]))]], dtype=np.int64)
+        got, state = gpu.run(step, state, position)
+        expected, cpu_state = cpu.run(step, cpu_state, position)
+
+
+def test_fp16_is_refused_for_rnns_and_checked_against_the_source(files: dict[str, Path], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(QuantizeError, match="fp16 is for GPT-2 files") as caught:
+        quantize_model(files["lstm"], tmp_path / "lstm.fp16.onnx", "fp16")
+    assert "\n" not in str(caught.value)
+    monkeypatch.setattr("export.quantize.FP16_TOLERANCE", 0.0)  # no float16 file matches float32 exactly
+    with pytest.raises(QuantizeError, match="logits differ from the source's"):
+        quantize_model(files["gpt2"], tmp_path / "gpt2.fp16.onnx", "fp16")
+    assert not list(tmp_path.iterdir())
 
 
 # --- export.optimize -------------------------------------------------------------------------------------------

@@ -8,12 +8,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
 import repl.runtime as runtime
-from repl.modelfile import KEY_STATE, KEY_VERSION, ModelFileError
+from repl.modelfile import FORMAT_VERSION, KEY_STATE, KEY_VERSION, ModelFileError
 from repl.runtime import ModelLoadError, ModelRunError, OnnxModel, select_providers
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    return {prop.key: prop.value for prop in onnx.load(str(path)).metadata_props}
 
 
 def _open(path: Path) -> OnnxModel:
@@ -191,7 +196,30 @@ def test_onnx_without_textgen_metadata(edit_metadata, model_files):
 def test_newer_format_version_names_both_versions(edit_metadata, model_files):
     newer = edit_metadata(model_files.lstm, "newer.onnx", lambda meta: meta.update({KEY_VERSION: "7"}))
     message = _load_error(newer)
-    assert "7" in message and "1" in message and "newer" in message
+    assert "7" in message and str(FORMAT_VERSION) in message and "newer" in message
+
+
+def test_version_1_files_stay_version_1_and_float16_state_needs_version_2(edit_metadata, model_files):
+    """Files without float16 state are written as version 1 (older readers keep opening them); a file that
+    declares float16 state must say version 2, and the declared dtype must be the graph's."""
+    meta = _metadata(model_files.lstm)
+    assert meta[KEY_VERSION] == "1" and "dtype" not in meta[KEY_STATE]
+
+    def declare_float16(version: str):
+        def change(meta):
+            specs = json.loads(meta[KEY_STATE])
+            specs[0]["dtype"] = "float16"
+            meta[KEY_STATE] = json.dumps(specs)
+            meta[KEY_VERSION] = version
+        return change
+
+    old = edit_metadata(model_files.lstm, "fp16-v1.onnx", declare_float16("1"))
+    assert "float16 state needs model-file format version 2" in _load_error(old)
+    mismatch = edit_metadata(model_files.lstm, "fp16-v2.onnx", declare_float16("2"))
+    assert "'state.h' is tensor(float) in the graph but float16 in the metadata" in _load_error(mismatch)
+    unknown = edit_metadata(model_files.lstm, "int3.onnx", lambda meta: meta.update(
+        {KEY_STATE: meta[KEY_STATE].replace('"batch_axis"', '"dtype": "int3", "batch_axis"', 1)}))
+    assert "unknown dtype 'int3'" in _load_error(unknown)
 
 
 def test_metadata_naming_a_missing_input(edit_metadata, model_files):
