@@ -64,6 +64,16 @@ def unwrap_block(text: str) -> str:
     return inner[:-1] if inner.endswith("\n") else inner
 
 
+def weight_format(source: dict[str, Any]) -> str:
+    """fp32, or the mode export.quantize recorded in ``textgen.source`` (int8, int4, fp16). Metadata is untrusted:
+    an unknown mode reads "quantized" rather than being echoed."""
+    if "quantized" not in source:
+        return "fp32"
+    quantized = source["quantized"]
+    mode = quantized.get("mode") if isinstance(quantized, dict) else None
+    return mode if mode in ("int8", "int4", "fp16") else "quantized"
+
+
 def model_fingerprint(model: OnnxModel) -> str:
     """Identifies the tokenizer: saved token ids are only replayed into a model that reads them the same way."""
     digest = hashlib.sha256(model.info.tokenizer_json.encode("utf-8"))
@@ -176,7 +186,9 @@ class ReplApp:
         info = self.model.info
         self.console.print(Text.assemble(("textgen", "bold"), "  model ", (str(self.model.path), "cyan")))
         context = f"context {info.context_length}" if info.context_length else "unbounded context"
-        self.console.print(Text(f"{info.arch} · vocab {info.vocab_size} · {context} · {self.model.provider}"))
+        weights = weight_format(info.source)
+        self.console.print(Text(f"{info.arch} · {weights} · vocab {info.vocab_size} · {context} · "
+                                f"{self.model.provider}"))
         if self.model.device_note:
             self.console.print(Text(self.model.device_note, style="dim"))
         for warning in self.settings.warnings:

@@ -97,3 +97,16 @@ def test_a_ctrl_c_whose_exception_is_lost_still_stops_the_turn(demo_model):
     assert 20 <= len(written) < 100
     assert " · interrupted" in out.getvalue()
     assert signal.getsignal(signal.SIGINT) is before  # restored after the input
+
+
+@pytest.mark.parametrize(("source", "label"), [
+    ({"checkpoint": "x.bin"}, "fp32"),
+    ({"quantized": {"mode": "int8"}}, "int8"),
+    ({"quantized": {"mode": "fp16", "method": "..."}}, "fp16"),
+    ({"quantized": {"mode": "<script>"}}, "quantized"),  # untrusted metadata is not echoed
+    ({"quantized": "int4"}, "quantized"),
+])
+def test_the_header_names_the_weight_format_from_the_source_metadata(source: dict, label: str) -> None:
+    from repl.app import weight_format
+
+    assert weight_format(source) == label
