@@ -207,10 +207,12 @@ def _remove_initializers(model: onnx.ModelProto, names: set[str]) -> None:
     model.graph.input.extend(kept_inputs)
 
 
-def initializer_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of all stored weights (raw or typed fields)."""
+def initializer_bytes(model: onnx.ModelProto, data_type: int | None = None) -> int:
+    """Bytes of all stored weights (raw or typed fields), or of those of one ``onnx.TensorProto`` data type."""
     total = 0
     for init in model.graph.initializer:
+        if data_type is not None and init.data_type != data_type:
+            continue
         if init.raw_data:
             total += len(init.raw_data)
         else:

@@ -22,7 +22,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from export.graph import initializer_bytes
@@ -96,31 +95,16 @@ def _finish(original: onnx.ModelProto, candidate: onnx.ModelProto, source: Path,
 
 
 def _parity(reference_bytes: bytes, candidate_bytes: bytes) -> float:
-    """Largest logit difference over a prefill (batch 1, 5 tokens), a decode step on that cache, and a batch-2
-    step with left padding: the shapes the runtime feeds."""
+    """Largest logit difference between the two files (export.verify.compare_model_files)."""
+    from export.verify import compare_model_files
     from repl.runtime import OnnxModel
 
     with tempfile.TemporaryDirectory(prefix="textgen-optimize-") as work:
         paths = [Path(work) / "reference.onnx", Path(work) / "candidate.onnx"]
         paths[0].write_bytes(reference_bytes)
         paths[1].write_bytes(candidate_bytes)
-        models = [OnnxModel.open(path, device="cpu", threads=1) for path in paths]
-        rng = np.random.default_rng(0)
-        vocab = models[0].tokenizer_size
-        prompt = rng.integers(0, vocab, size=(1, 5), dtype=np.int64)
-        step = rng.integers(0, vocab, size=(1, 1), dtype=np.int64)
-        padded = rng.integers(0, vocab, size=(2, 4), dtype=np.int64)
-        mask = np.array([[0, 0, 1, 1], [1, 1, 1, 1]], dtype=np.int64)
-        worst = 0.0
-        outputs = []
-        for model in models:
-            first, state = model.run_all(prompt, model.initial_state(1), 0)
-            second, _ = model.run_all(step, state, 5)
-            third, _ = model.run_all(padded, model.initial_state(2), 0, attention_mask=mask)
-            outputs.append((first, second, third[:, -1]))
-        for expected, actual in zip(*outputs, strict=True):
-            worst = max(worst, float(np.max(np.abs(expected - actual))))
-        return worst
+        reference, candidate = (OnnxModel.open(path, device="cpu", threads=1) for path in paths)
+        return compare_model_files(reference, candidate)[0]
 
 
 def _added_ops(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, int]:

@@ -45,6 +45,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from export.graph import initializer_bytes
 from models.checkpoint import atomic_write_bytes
 from repl.modelfile import KEY_SOURCE, ModelFileError, ModelInfo, decode_metadata, encode_metadata
 
@@ -338,20 +339,16 @@ def _textgen_info(model: onnx.ModelProto, where: Path) -> ModelInfo:
 
 def _check_float16_weights(converted: onnx.ModelProto, original: onnx.ModelProto, source: Path) -> None:
     """The point of an fp16 file is half the bytes: no weight may be left behind in float32 beyond a sliver."""
-    float32 = sum(_tensor_bytes(init) for init in converted.graph.initializer
-                  if init.data_type == onnx.TensorProto.FLOAT)
-    total = sum(_tensor_bytes(init) for init in original.graph.initializer)
+    float32 = initializer_bytes(converted, onnx.TensorProto.FLOAT)
+    total = initializer_bytes(original)
     if float32 > MAX_FLOAT32_FRACTION * max(total, 1):
         raise QuantizeError(f"{source}: the fp16 converter left {float32} of {total} weight bytes in float32")
 
 
-def _tensor_bytes(tensor: onnx.TensorProto) -> int:
-    return len(tensor.raw_data) if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).nbytes
-
-
 def _check_loads(model_bytes: bytes, source: Path, compare_logits: bool = False) -> None:
     """The quantized bytes must open in the runtime as a textgen model (graph matches metadata, kernels exist);
-    with ``compare_logits``, a prompt and a few cached steps must give the source's logits within FP16_TOLERANCE."""
+    with ``compare_logits``, it must give the source's logits within FP16_TOLERANCE (export.verify's comparison)."""
+    from export.verify import compare_model_files
     from repl.runtime import OnnxModel
 
     with tempfile.TemporaryDirectory(prefix="textgen-quantize-check-") as work:
@@ -362,27 +359,12 @@ def _check_loads(model_bytes: bytes, source: Path, compare_logits: bool = False)
             model.run(np.zeros((1, 2), dtype=np.int64), model.initial_state(1), 0)
             if compare_logits:
                 reference = OnnxModel.open(source, device="cpu", threads=1)
-                difference, peak = _logit_difference(model, reference)
+                difference, peak = compare_model_files(reference, model)
         except Exception as exc:  # noqa: BLE001 - ModelLoadError, or onnxruntime's own types at run time
             raise QuantizeError(f"the quantized model does not run in onnxruntime: {_first_line(exc)}") from exc
     if compare_logits and difference > FP16_TOLERANCE * max(1.0, peak):
         raise QuantizeError(f"the fp16 model's logits differ from the source's by {difference:.3g} (max |logit| "
                             f"{peak:.3g}); keep the float32 file")
-
-
-def _logit_difference(candidate: Any, reference: Any, prompt: int = 8, steps: int = 4) -> tuple[float, float]:
-    """(max abs logit difference, max |reference logit|) over a prompt and a few single-token cached steps."""
-    ids = (np.arange(prompt + steps, dtype=np.int64) * 7 + 3) % max(1, reference.tokenizer_size)
-    results = []
-    for model in (candidate, reference):
-        state = model.initial_state(1)
-        logits, state = model.run(ids[None, :prompt], state, 0)
-        rows = [logits]
-        for position in range(prompt, prompt + steps):
-            logits, state = model.run(ids[None, position:position + 1], state, position)
-            rows.append(logits)
-        results.append(np.concatenate([np.asarray(row, dtype=np.float64).reshape(-1) for row in rows]))
-    return float(np.abs(results[0] - results[1]).max()), float(np.abs(results[1]).max())
 
 
 # --- perplexity --------------------------------------------------------------------------------------------------

@@ -1206,11 +1206,12 @@ class SamplerChain:
         so each row picks what it would alone, up to rounding. Rows with NaN or +inf logits, or with nothing
         left, are done one by one the careful way."""
         neg = np.subtract(bans.negated_mask, original, dtype=np.float64)
-        for index, step_row in enumerate(neg if self._banning else ()):  # a per-row Python loop costs at batch 32
-            for step in self._banning:
-                edited = step.edit_small_negated(step_row, history[index], index)
-                if edited is not step_row:
-                    step_row[:] = edited
+        if self._banning:  # a per-row Python loop: skipped when no step bans anything (it costs at batch 32)
+            for index, step_row in enumerate(neg):
+                for step in self._banning:
+                    edited = step.edit_small_negated(step_row, history[index], index)
+                    if edited is not step_row:
+                        step_row[:] = edited
         if self._dense_pick:
             ranked, lowest = None, neg.min(axis=1, keepdims=True)  # -(max logit); NaN if the row holds one
             first = lowest[:, 0]

@@ -69,8 +69,7 @@ def _newton_schulz_on_gram(x: torch.Tensor, steps: int) -> torch.Tensor:
     identity = torch.eye(gram.size(-1), dtype=gram.dtype, device=gram.device)
     product: torch.Tensor | None = None
     for step in range(steps):
-        poly = torch.baddbmm(b * gram, gram, gram, alpha=c) if gram.dim() == 3 else b * gram + c * (gram @ gram)
-        poly = poly + a * identity
+        poly = a * identity + b * gram + c * (gram @ gram)
         product = poly if product is None else poly @ product
         if step < steps - 1:
             gram = poly @ gram @ poly
