@@ -51,6 +51,7 @@ from export.adapters import (
     gpt2_signature,
     rnn_signature,
 )
+from export.attention_cache import fuse_attention_cache
 from export.graph import (
     GraphCheckError,
     check_signature,
@@ -400,6 +401,7 @@ def _export_attention_graph(model: nn.Module, signature: GraphSignature) -> onnx
         check_signature(proto, signature)
         fold_weight_transposes(proto)  # the LM head's Transpose(wte) is left unfolded for large vocabularies
         dedupe_initializers(proto)
+        fuse_attention_cache(proto, model.config.n_head)
     except GraphCheckError as exc:
         raise ExportError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - torch.export/onnxscript raise many types; all mean "no graph"

@@ -330,6 +330,14 @@ def test_gpt2_default_export_is_one_opset_23_file_with_attention_ops(gpt2_export
     attention = [node for node in proto.graph.node if node.op_type == "Attention"]
     assert len(attention) == model.config.n_layer
     assert not any(node.op_type == "Softmax" for node in proto.graph.node)  # nothing decomposed left
+    # Each op reads its layer's cache input and writes its present outputs itself (export/attention_cache.py):
+    # no Concat/Transpose/Reshape of heads around it.
+    for layer, node in enumerate(attention):
+        assert list(node.input[4:]) == [f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"]
+        assert list(node.output[1:]) == [f"present.{layer}.key", f"present.{layer}.value"]
+    assert not any(node.op_type in ("Concat", "Reshape") for node in proto.graph.node)
+    transposes = [node.input[0] for node in proto.graph.node if node.op_type == "Transpose"]
+    assert len(transposes) == 1 and transposes[0].endswith("__columns")  # the tied lookup's rows, not heads
     # The LM head multiplies with a stored [n_embd, vocab] weight, not a per-session Transpose of the embedding
     # (the dynamo exporter leaves that unfolded above 8192 elements; this vocabulary has 8192 x 32).
     shapes = {init.name: list(init.dims) for init in proto.graph.initializer}
