@@ -60,7 +60,8 @@ from export.graph import (
     initializer_bytes,
 )
 from export.verify import Verification, VerificationError, verify_gpt2, verify_rnn
-from models.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint
+from models.atomic import atomic_write_bytes
+from models.checkpoint import CheckpointError, load_checkpoint
 from models.registry import model_from_checkpoint
 from repl.modelfile import ModelInfo, SpecialTokens, encode_metadata
 

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from models.atomic import atomic_write_bytes
 
 CHECKPOINT_FORMAT = "textgen-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -33,28 +34,6 @@ ARCHES = ("lstm", "gru", "gpt2")
 
 class CheckpointError(Exception):
     """A checkpoint file that cannot be used; the message is one line meant for the user."""
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], write: Any) -> None:
-    """Call ``write(file_object)`` on a temp file beside ``path``, fsync it, then rename it over ``path``.
-
-    A crash or Ctrl-C at any moment leaves either the old file or the new one, never a torn file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str]) -> None:

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import signal
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from rich.console import Console
 from rich.text import Text
 
+from models.atomic import atomic_write_text
 from repl.commands import QuitRepl, ReplCompleter, ReplError, parse_command
 from repl.generate import GenerationResult, Session, SessionError
 from repl.modelfile import ModelFileError
@@ -79,19 +79,6 @@ def model_fingerprint(model: OnnxModel) -> str:
     digest = hashlib.sha256(model.info.tokenizer_json.encode("utf-8"))
     digest.update(str(model.info.vocab_size).encode())
     return digest.hexdigest()[:16]
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write through a temp file and rename, so an interrupted :save never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 class ReplApp:
@@ -284,7 +271,7 @@ class ReplApp:
             "tokenizer": model_fingerprint(self.model), "settings": user_settings,
             "all_settings": self.settings.as_dict(), "transcript": transcript,
         }
-        write_atomically(path, json.dumps(document, ensure_ascii=False, indent=1) + "\n")
+        atomic_write_text(path, json.dumps(document, ensure_ascii=False, indent=1) + "\n")
         return path
 
     def load_session(self, target: str) -> tuple[Path, int]:

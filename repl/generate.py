@@ -180,6 +180,14 @@ class TextStream:
         return self.text
 
 
+def text_after(decode: Callable[[Sequence[int]], str], context: Sequence[int], tokens: Sequence[int]) -> str:
+    """What a TextStream over ``context`` (no stop sequences) ends with after ``tokens``, decoded in one go: the
+    text of context tail + tokens past the length of the context tail's text, the stream's own rule (a tokenizer
+    that joins with spaces adds one; a character the context left unfinished counts as the context's)."""
+    tail = list(context[-_DECODE_CONTEXT:])
+    return decode(tail + list(tokens))[len(decode(tail)):]
+
+
 class _SlideNotices:
     """Called when the context window slides: remembers it (GenerationResult.slid) and tells the user."""
 
@@ -343,7 +351,7 @@ class Session:
             if streams is not None:
                 text = streams[index].finish(emit=False)
             else:
-                text = self._text_after(context, tokens[:-1] if reasons[index] == "eos" else tokens)
+                text = text_after(self._decode_fast, context, tokens[:-1] if reasons[index] == "eos" else tokens)
             results.append(_BatchRow(tokens, reasons[index] or "max_tokens", text))
         return results
 
@@ -394,14 +402,6 @@ class Session:
 
     def _empty(self, batch: int) -> _Fed:
         return _Fed(self.model.initial_state(batch), 0, 0, None)
-
-    def _text_after(self, context: Sequence[int], tokens: Sequence[int]) -> str:
-        """What a TextStream over ``context`` would have produced for ``tokens``, decoded in one go: the text of
-        context tail + tokens past the text of the context tail (tokenizers that join with spaces add one)."""
-        tail = list(context[-_DECODE_CONTEXT:])
-        head = self._decode_fast(tail)
-        full = self._decode_fast(tail + list(tokens))
-        return full[len(head):] if full.startswith(head) else self._decode_fast(list(tokens))
 
     def _token_text(self, token: int) -> str:
         text = self.model.decode([token])

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import stat
 from pathlib import Path
 
 import pytest
 import torch
 
+from models.atomic import atomic_write_bytes, atomic_write_text
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.registry import model_from_checkpoint
 from models.rnn import RNNConfig, RNNLanguageModel
@@ -86,3 +89,27 @@ def test_damaged_foreign_and_newer_files_are_refused(model, tmp_path: Path) -> N
     empty.write_bytes(b"")
     with pytest.raises(CheckpointError, match="empty"):
         load_checkpoint(empty)
+
+
+def test_an_interrupted_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    target = tmp_path / "transcript.json"
+    atomic_write_text(target, "old\n")
+
+    def interrupted(handle) -> None:
+        handle.write(b"half of the new")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_bytes(target, interrupted)
+    assert target.read_text() == "old\n"
+    assert [path.name for path in tmp_path.iterdir()] == ["transcript.json"]
+
+
+def test_atomic_files_get_the_permissions_a_plain_open_would(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "é\n")  # mkstemp alone would leave it 0600
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    assert (tmp_path / "a.txt").read_text(encoding="utf-8") == "é\n"

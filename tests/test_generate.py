@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from repl.generate import GenerationResult, Session, SessionError, TextStream, kept_on_slide
+from repl.generate import GenerationResult, Session, SessionError, TextStream, kept_on_slide, text_after
 from repl.runtime import OnnxModel
 from repl.sampling import SamplerChain, SamplerSettings, SettingError
 from repl.settings import PRESETS, Settings
@@ -230,6 +230,25 @@ def test_text_stream_never_emits_half_characters():
     assert stream.finish() == text
     assert "".join(pieces) == text
     assert all("\ufffd" not in piece for piece in pieces)
+
+
+@pytest.mark.parametrize("split", [0, 3, 9, 14])
+def test_text_after_equals_what_a_stream_ends_with(split):
+    """generate_n decodes a row once at the end (text_after) instead of streaming it: same text, also when the
+    context ends inside a character or a word-level tokenizer joins with spaces."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_level = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))}, merges=[]))
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.decoder = decoders.ByteLevel()
+    words = Tokenizer(models.WordLevel(vocab={"a": 0, "bb": 1, "ccc": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    for tokenizer, text in ((byte_level, "naïve 日本 🙂 end"), (words, "a bb ccc a a bb ccc ccc bb a bb ccc a bb")):
+        ids = tokenizer.encode(text).ids
+        context, tokens = ids[:split], ids[split:]
+        stream = TextStream(tokenizer.decode, (), None, context)
+        for token in tokens:
+            stream.push(token)
+        assert text_after(tokenizer.decode, context, tokens) == stream.finish()
 
 
 # ------------------------------------------------------------------------------------------- interruption
