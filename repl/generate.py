@@ -322,38 +322,55 @@ class Session:
         if plan.stops:
             streams = [TextStream(self._decode_fast, plan.stops, None, context) for _ in range(n)]
         reasons: list[str | None] = [None] * n
-        counts = [0] * n
-        eos = self._eos
+        counts: list[int | None] = [None] * n  # tokens kept (eos included) once a row has ended
+        steps, live, eos = 0, n, self._eos
         try:
             for step in range(plan.max_new):
                 chain = plan.chain_at(step)
                 picked = chain.sample(fed.logits, rows, plan.rng)
                 if on_step is not None:
                     _report_step(on_step, chain, fed.logits, rows, picked, reasons, first_row)
-                for index, (row, token) in enumerate(zip(rows, picked.tolist(), strict=True)):
-                    if reasons[index] is not None:
-                        row.append(eos)  # filler keeps the batch rectangular; not part of the result
-                        continue
-                    row.append(token)
-                    counts[index] += 1
-                    if token == eos:
-                        reasons[index] = "eos"
-                    elif streams is not None and streams[index].push(token):
-                        reasons[index] = "stop_sequence"
-                if all(reasons) or step + 1 == plan.max_new:
+                tokens = picked.tolist()
+                steps += 1
+                if live == n and streams is None and eos not in tokens:  # the usual step: every row goes on
+                    for row, token in zip(rows, tokens, strict=True):
+                        row.append(token)
+                else:
+                    live -= self._append_checked(rows, tokens, reasons, counts, streams, steps)
+                if not live or step + 1 == plan.max_new:
                     break
                 fed = self._advance(rows, fed, slides)
         except KeyboardInterrupt:
             reasons = [reason or "interrupted" for reason in reasons]
         results = []
         for index, row in enumerate(rows):
-            tokens = row[len(context):len(context) + counts[index]]
+            count = counts[index]
+            tokens = row[len(context):len(context) + (steps if count is None else count)]
             if streams is not None:
                 text = streams[index].finish(emit=False)
             else:
                 text = text_after(self._decode_fast, context, tokens[:-1] if reasons[index] == "eos" else tokens)
             results.append(_BatchRow(tokens, reasons[index] or "max_tokens", text))
         return results
+
+    def _append_checked(self, rows: list[list[int]], tokens: list[int], reasons: list[str | None],
+                        counts: list[int | None], streams: list[TextStream] | None, steps: int) -> int:
+        """Append a step's tokens, ending rows at eos or a stop sequence; returns how many rows ended now."""
+        ended, eos = 0, self._eos
+        for index, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            if reasons[index] is not None:
+                row.append(eos)  # filler keeps the batch rectangular; not part of the result
+                continue
+            row.append(token)
+            if token == eos:
+                reasons[index] = "eos"
+            elif streams is not None and streams[index].push(token):
+                reasons[index] = "stop_sequence"
+            else:
+                continue
+            counts[index] = steps
+            ended += 1
+        return ended
 
     def next_token_probs(self, top: int) -> list[tuple[int, str, float]]:
         """The ``top`` most likely next tokens after the current context under the current sampler settings:
