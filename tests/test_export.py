@@ -366,6 +366,44 @@ def test_gpt2_attention_and_decomposed_graphs_share_the_interface(gpt2_export, t
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
 
 
+def test_attention_cache_fusion_leaves_a_layer_whose_heads_are_read_elsewhere(gpt2_export, monkeypatch) -> None:
+    """export/attention_cache.py rewrites a layer only when nothing else reads the nodes it removes; the partly
+    rewritten graph computes exactly what the exporter's own graph computes."""
+    import export.onnx_export as onnx_export
+    from export.adapters import gpt2_signature
+    from export.attention_cache import fuse_attention_cache
+
+    model, _, _, info = gpt2_export
+    config = model.config
+    monkeypatch.setattr(onnx_export, "fuse_attention_cache", lambda proto, n_head: 0)
+    original = onnx_export._export_attention_graph(
+        model, gpt2_signature(config.n_layer, config.n_head, config.n_embd, config.vocab_size))
+    concat = next(node for node in original.graph.node
+                  if node.op_type == "Concat" and node.input[0] == "past_key_values.1.key")
+    original.graph.node.append(onnx.helper.make_node("Identity", [concat.input[1]], ["layer_1_new_keys"]))
+    heads_shape = ["batch", config.n_head, "seq", config.n_embd // config.n_head]
+    original.graph.output.append(onnx.helper.make_tensor_value_info("layer_1_new_keys", onnx.TensorProto.FLOAT,
+                                                                    heads_shape))
+    fused = onnx.ModelProto()
+    fused.CopyFrom(original)
+
+    assert fuse_attention_cache(fused, config.n_head) == 1  # layer 0 only
+    onnx.checker.check_model(fused, full_check=True)
+    attention = [node for node in fused.graph.node if node.op_type == "Attention"]
+    assert [len(node.input) for node in attention] == [6, 4]
+    assert len(fused.graph.node) < len(original.graph.node) - 8  # the removed nodes' shape arithmetic went too
+    ids = np.random.default_rng(5).integers(0, info.vocab_size, (2, 3))
+    past_shape = (2, config.n_head, 4, config.n_embd // config.n_head)  # 4 cached positions
+    noise = np.random.default_rng(6)
+    state = {spec.input: noise.standard_normal(past_shape).astype(np.float32) for spec in info.state}
+    feeds = {**gpt2_feeds(ids, 4), **state}
+    expected = ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    actual = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert len(actual) == len(expected) == 2 + 2 * config.n_layer
+    for got, want in zip(actual, expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+
+
 def write_small_gpt2_checkpoint(path: Path) -> None:
     from models.gpt2 import GPT2, GPT2Config
 
