@@ -6,6 +6,10 @@ loop on the CPU and PyTorch eager (KV cache) / Hugging Face ``generate`` on the 
 
 Without a usable CUDA device (no GPU, no driver, onnxruntime without the CUDA provider, missing CUDA/cuDNN
 libraries) it prints ``skipped: <reason>`` and exits 0, leaving docs/benchmarks.md alone.
+
+On a lent GPU machine that lacks onnxruntime-gpu (the device tool's H100/H200 image has the CPU build only):
+``bash benchmarks/gpu_prepare.sh`` here cuts the wheel into pieces that fit one device call each, and
+``bash benchmarks/gpu_run.sh`` there puts it together and runs the CUDA tests and this script.
 """
 
 from __future__ import annotations
