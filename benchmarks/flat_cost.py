@@ -1,6 +1,6 @@
 """Does a token cost the same late in a text as early? RNN ms/token at position 2,000 vs 20 (the state does not
-grow), and GPT-2 ms/token with the KV cache at positions 16..512 beside recomputing the whole prefix without a
-cache (what a loop without a cache pays).
+grow), and GPT-2 ms/token with the KV cache at positions 16..512, for fp32 and int4 weights, beside recomputing
+the whole prefix without a cache (what a loop without a cache pays).
 
     python benchmarks/flat_cost.py            # char-LSTM demo shape + GPT-2 small shape, rewrites its docs section
     python benchmarks/flat_cost.py --smoke    # small shapes and positions, seconds, prints only
@@ -33,6 +33,7 @@ from common import (  # noqa: E402 - the path line above makes `common` importab
     model_file,
     open_model,
     parse_args,
+    quantized_file,
     report,
     run_main,
 )
@@ -51,10 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rnn_positions = (20, 200) if args.smoke else (20, 2000)
     gpt_positions = (16, 64) if args.smoke else (16, 64, 128, 256, 512)
     rnn_table, rnn_ratio = rnn_flatness(args, rnn_positions, rnn_steps)
-    gpt_table, gpt_ratio = gpt_cache_curve(args, gpt_positions, steps)
+    gpt_table, gpt_ratio, int4_ratio = gpt_cache_curve(args, gpt_positions, steps)
     notes = [
         f"RNN: a token at position {rnn_positions[-1]} costs {rnn_ratio} the time of one at {rnn_positions[0]}.",
-        f"GPT-2 with the KV cache: position {gpt_positions[-1]} costs {gpt_ratio} position {gpt_positions[0]}.",
+        f"GPT-2 with the KV cache: position {gpt_positions[-1]} costs {gpt_ratio} position {gpt_positions[0]} "
+        f"(int4 weights: {int4_ratio}).",
     ]
     report(args, "flat_cost.py", "flat_cost", "Cost per token along the text", [rnn_table, gpt_table], notes)
     return 0
@@ -72,23 +74,30 @@ def rnn_flatness(args: Any, positions: Sequence[int], steps: int) -> tuple[Table
     return table, fmt_ratio(results[-1].median, results[0].median)
 
 
-def gpt_cache_curve(args: Any, positions: Sequence[int], steps: int) -> tuple[Table, str]:
+def gpt_cache_curve(args: Any, positions: Sequence[int], steps: int) -> tuple[Table, str, str]:
+    """fp32 and int4 decode cost along the text with the KV cache, and the fp32 cost of recomputing without one.
+    int4 shows the cache's own cost best: its weights are 7x smaller, so copying the growing cache into each
+    step's ``present`` outputs weighs more."""
     spec = GPT2_SMOKE if args.smoke else GPT2_SMALL
-    model = open_model(model_file(spec, args.cache_dir), args.threads)
-    table = Table(f"{spec.name}, fp32: ms/token by position",
-                  ["position", "with KV cache", "cache vs first position", "recompute without cache",
-                   "recompute / cache"])
-    runners = {f"cache {p}": (lambda p=p: decode_seconds_per_token(model, p, steps)) for p in positions}
-    runners.update({f"recompute {p}": (lambda p=p: recompute_seconds(model, p)) for p in positions})
+    fp32_path = model_file(spec, args.cache_dir)
+    fp32, int4 = open_model(fp32_path, args.threads), open_model(quantized_file(fp32_path, "int4", args.cache_dir),
+                                                                 args.threads)
+    table = Table(f"{spec.name}: ms/token by position",
+                  ["position", "fp32 with KV cache", "vs first position", "int4 with KV cache", "vs first position",
+                   "fp32 recompute without cache", "recompute / cache"])
+    runners = {f"cache {p}": (lambda p=p: decode_seconds_per_token(fp32, p, steps)) for p in positions}
+    runners.update({f"int4 {p}": (lambda p=p: decode_seconds_per_token(int4, p, steps)) for p in positions})
+    runners.update({f"recompute {p}": (lambda p=p: recompute_seconds(fp32, p)) for p in positions})
     measured = interleaved(runners, args.repeats)
-    cached = [measured[f"cache {p}"] for p in positions]
-    recomputed = [measured[f"recompute {p}"] for p in positions]
-    for position, with_cache, without in zip(positions, cached, recomputed, strict=True):
-        table.add(position, fmt_stats(with_cache.scaled(1000)), fmt_ratio(with_cache.median, cached[0].median),
-                  fmt_stats(without.scaled(1000)), fmt_ratio(without.median, with_cache.median))
+    cached, low_bit, recomputed = ([measured[f"{kind} {p}"] for p in positions]
+                                   for kind in ("cache", "int4", "recompute"))
+    for index, position in enumerate(positions):
+        table.add(position, fmt_stats(cached[index].scaled(1000)), fmt_ratio(cached[index].median, cached[0].median),
+                  fmt_stats(low_bit[index].scaled(1000)), fmt_ratio(low_bit[index].median, low_bit[0].median),
+                  fmt_stats(recomputed[index].scaled(1000)), fmt_ratio(recomputed[index].median, cached[index].median))
     table.notes.append(f"With cache: {steps} single-token steps after the prefix. Without: one run over the "
                        "whole prefix plus the new token from an empty cache, per token.")
-    return table, fmt_ratio(cached[-1].median, cached[0].median)
+    return (table, fmt_ratio(cached[-1].median, cached[0].median), fmt_ratio(low_bit[-1].median, low_bit[0].median))
 
 
 def recompute_seconds(model: Any, position: int) -> float:
