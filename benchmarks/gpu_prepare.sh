@@ -5,14 +5,16 @@
 # Python (3.12) and cuts it into 50 MB pieces in .devwheel/ (git-ignored here), to be carried one per call while
 # the machine stays warm; benchmarks/gpu_run.sh puts them together there. Usage:
 #
-#   bash benchmarks/gpu_prepare.sh [VERSION]    # default: the onnxruntime-gpu version installed here
+#   bash benchmarks/gpu_prepare.sh [VERSION]    # default: the onnxruntime-gpu version in .venv (or $PYTHON)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-version=${1:-$(python3 -c 'import importlib.metadata as m; print(m.version("onnxruntime-gpu"))')}
+python=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+version=${1:-$("$python" -c 'import importlib.metadata as m; print(m.version("onnxruntime-gpu"))')} || {
+    echo "onnxruntime-gpu is not installed for $python: give the version, e.g. bash $0 1.31.1" >&2; exit 2; }
 dir=.devwheel
 grep -qxF "/$dir/" .git/info/exclude 2>/dev/null || echo "/$dir/" >> .git/info/exclude
 rm -rf "$dir" && mkdir -p "$dir"
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+"$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d "$dir" "onnxruntime-gpu==$version"
 cd "$dir"
 wheel=$(ls ./*.whl)

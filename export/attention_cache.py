@@ -42,6 +42,8 @@ class _Layer:
 def fuse_attention_cache(model: onnx.ModelProto, n_head: int) -> int:
     """Rewrite every matching layer in place (see the module docstring); returns how many were rewritten."""
     graph = model.graph
+    if _has_subgraphs(graph):  # their readers of outer names are invisible here: rewrite nothing
+        return 0
     producers = {output: node for node in graph.node for output in node.output}
     consumers = _consumers(graph)
     cache_inputs = {value.name for value in graph.input}
@@ -67,9 +69,12 @@ def fuse_attention_cache(model: onnx.ModelProto, n_head: int) -> int:
 
 
 def remove_dead_nodes(model: onnx.ModelProto) -> None:
-    """Drop nodes whose outputs nothing reads (the shape arithmetic that fed the removed Reshapes)."""
+    """Drop nodes whose outputs nothing reads (the shape arithmetic that fed the removed Reshapes), and the
+    initializers only they read. A graph with control flow is left whole: its subgraphs may read outer names."""
     graph = model.graph
-    needed = {value.name for value in graph.output}
+    if _has_subgraphs(graph):
+        return
+    needed = {value.name for value in [*graph.output, *graph.input]}
     kept: list[onnx.NodeProto] = []
     for node in reversed(graph.node):
         if any(output in needed for output in node.output if output):
@@ -82,22 +87,31 @@ def remove_dead_nodes(model: onnx.ModelProto) -> None:
     graph.initializer.extend(used_initializers)
 
 
+def _has_subgraphs(graph: onnx.GraphProto) -> bool:
+    return any(attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for node in graph.node for attribute in node.attribute)
+
+
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Every reader of each value; a graph output counts as one (a stand-in node), so no rewrite drops it."""
     result: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
             result.setdefault(name, []).append(node)
+    for value in graph.output:
+        result.setdefault(value.name, []).append(onnx.NodeProto(op_type="<graph output>"))
     return result
 
 
 def _match(attention: onnx.NodeProto, producers: dict[str, onnx.NodeProto],
            consumers: dict[str, list[onnx.NodeProto]], cache_inputs: set[str]) -> _Layer | None:
     """The layer around ``attention`` when it is exactly the exporter's pattern, else None."""
-    if len(attention.input) != 4 or len(attention.output) != 1 or _attribute(attention, "q_num_heads"):
+    already_3d = _attribute(attention, "q_num_heads") is not None or _attribute(attention, "kv_num_heads") is not None
+    if len(attention.input) != 4 or len(attention.output) != 1 or already_3d:
         return None
     query = _unheaded(attention.input[0], producers, consumers)
-    key = _cache_concat(attention.input[1], producers, consumers, cache_inputs)
-    value = _cache_concat(attention.input[2], producers, consumers, cache_inputs)
+    key = _cache_concat(attention.input[1], attention, producers, consumers, cache_inputs)
+    value = _cache_concat(attention.input[2], attention, producers, consumers, cache_inputs)
     result = _reheaded(attention.output[0], consumers)
     if query is None or key is None or value is None or result is None:
         return None
@@ -122,11 +136,16 @@ def _unheaded(name: str, producers: dict[str, onnx.NodeProto],
     return reshape.input[0], [transpose, reshape]
 
 
-def _cache_concat(name: str, producers: dict[str, onnx.NodeProto], consumers: dict[str, list[onnx.NodeProto]],
+def _cache_concat(name: str, attention: onnx.NodeProto, producers: dict[str, onnx.NodeProto],
+                  consumers: dict[str, list[onnx.NodeProto]],
                   cache_inputs: set[str]) -> tuple[str, str, list[onnx.NodeProto]] | None:
-    """``name`` = Concat(past graph input, Transpose(Reshape(x)), axis 2): the past input, x and the nodes."""
+    """``name`` = Concat(past graph input, Transpose(Reshape(x)), axis 2), read by ``attention`` and as a graph
+    output only (the fused node takes over producing it, later in the node order): the past input, x and the
+    nodes."""
     concat = producers.get(name)
     if concat is None or concat.op_type != "Concat" or _attribute(concat, "axis") != 2 or len(concat.input) != 2:
+        return None
+    if any(reader is not attention and reader.op_type != "<graph output>" for reader in consumers.get(name, [])):
         return None
     past, new = concat.input
     if past not in cache_inputs:

@@ -329,11 +329,33 @@ def _build(
     opset: int,
 ) -> _Built:
     """Export one graph and run every check on it; ExportError (one line) when any fails."""
+    if not attention_op:
+        return _checked(_export_graph(loaded.model, signature, opset), loaded, signature, metadata, sizes, tolerance,
+                        opset, attention_op)
+    proto = _export_attention_graph(loaded.model, signature)
+    fused = onnx.ModelProto()
+    fused.CopyFrom(proto)
+    if fuse_attention_cache(fused, loaded.model.config.n_head):
+        try:
+            return _checked(fused, loaded, signature, metadata, sizes, tolerance, opset, attention_op)
+        except ExportError:
+            pass  # a rewrite this onnxruntime cannot run or get right: the exporter's own Attention graph still can
+    del fused
+    return _checked(proto, loaded, signature, metadata, sizes, tolerance, opset, attention_op)
+
+
+def _checked(
+    proto: onnx.ModelProto,
+    loaded: _Source,
+    signature: GraphSignature,
+    metadata: list[onnx.StringStringEntryProto],
+    sizes: tuple[int, int],
+    tolerance: float,
+    opset: int,
+    attention_op: bool,
+) -> _Built:
+    """``proto`` with the metadata, serialized, checked by onnx and verified against PyTorch."""
     vocab_size, context_length = sizes
-    if attention_op:
-        proto = _export_attention_graph(loaded.model, signature)
-    else:
-        proto = _export_graph(loaded.model, signature, opset)
     if loaded.arch == "gpt2":
         _check_weight_bytes(proto, loaded.model)
     proto.metadata_props.extend(metadata)
@@ -402,7 +424,6 @@ def _export_attention_graph(model: nn.Module, signature: GraphSignature) -> onnx
         check_signature(proto, signature)
         fold_weight_transposes(proto)  # the LM head's Transpose(wte) is left unfolded for large vocabularies
         dedupe_initializers(proto)
-        fuse_attention_cache(proto, model.config.n_head)
     except GraphCheckError as exc:
         raise ExportError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - torch.export/onnxscript raise many types; all mean "no graph"

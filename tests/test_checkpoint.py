@@ -113,3 +113,16 @@ def test_atomic_files_get_the_permissions_a_plain_open_would(tmp_path: Path) -> 
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
     assert (tmp_path / "a.txt").read_text(encoding="utf-8") == "é\n"
+
+
+def test_a_replaced_file_keeps_its_permissions_and_a_link_keeps_its_target(tmp_path: Path) -> None:
+    private = tmp_path / "private.json"
+    atomic_write_text(private, "one\n")
+    private.chmod(0o600)
+    atomic_write_text(private, "two\n")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600 and private.read_text() == "two\n"
+    link = tmp_path / "latest.json"
+    link.symlink_to(private.name)
+    atomic_write_text(link, "three\n")
+    assert link.is_symlink() and private.read_text() == "three\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["latest.json", "private.json"]

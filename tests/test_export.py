@@ -366,24 +366,34 @@ def test_gpt2_attention_and_decomposed_graphs_share_the_interface(gpt2_export, t
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
 
 
-def test_attention_cache_fusion_leaves_a_layer_whose_heads_are_read_elsewhere(gpt2_export, monkeypatch) -> None:
+def _read_elsewhere(graph: onnx.GraphProto, how: str, heads_shape: list) -> None:
+    """Make something besides layer 1's attention read a tensor the cache rewrite would remove or move."""
+    concat = next(node for node in graph.node if node.op_type == "Concat" and node.input[0] == "past_key_values.1.key")
+    if how == "node":
+        graph.node.append(onnx.helper.make_node("Identity", [concat.input[1]], ["extra"]))
+        graph.output.append(onnx.helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT, heads_shape))
+    elif how == "graph output":
+        graph.output.append(onnx.helper.make_tensor_value_info(concat.input[1], onnx.TensorProto.FLOAT, heads_shape))
+    else:  # "present read early": a node between the Concat and the attention reads the concatenated keys
+        position = list(graph.node).index(concat) + 1
+        graph.node.insert(position, onnx.helper.make_node("Shape", ["present.1.key"], ["extra"]))
+        graph.output.append(onnx.helper.make_tensor_value_info("extra", onnx.TensorProto.INT64, [4]))
+
+
+@pytest.mark.parametrize("how", ["node", "graph output", "present read early"])
+def test_attention_cache_fusion_leaves_a_layer_whose_tensors_are_read_elsewhere(gpt2_export, monkeypatch,
+                                                                                how: str) -> None:
     """export/attention_cache.py rewrites a layer only when nothing else reads the nodes it removes; the partly
-    rewritten graph computes exactly what the exporter's own graph computes."""
+    rewritten graph is valid (onnx checker, node order) and computes exactly what the exporter's own graph does."""
     import export.onnx_export as onnx_export
     from export.adapters import gpt2_signature
     from export.attention_cache import fuse_attention_cache
 
     model, _, _, info = gpt2_export
     config = model.config
-    monkeypatch.setattr(onnx_export, "fuse_attention_cache", lambda proto, n_head: 0)
     original = onnx_export._export_attention_graph(
         model, gpt2_signature(config.n_layer, config.n_head, config.n_embd, config.vocab_size))
-    concat = next(node for node in original.graph.node
-                  if node.op_type == "Concat" and node.input[0] == "past_key_values.1.key")
-    original.graph.node.append(onnx.helper.make_node("Identity", [concat.input[1]], ["layer_1_new_keys"]))
-    heads_shape = ["batch", config.n_head, "seq", config.n_embd // config.n_head]
-    original.graph.output.append(onnx.helper.make_tensor_value_info("layer_1_new_keys", onnx.TensorProto.FLOAT,
-                                                                    heads_shape))
+    _read_elsewhere(original.graph, how, ["batch", config.n_head, "seq", config.n_embd // config.n_head])
     fused = onnx.ModelProto()
     fused.CopyFrom(original)
 
@@ -402,6 +412,25 @@ def test_attention_cache_fusion_leaves_a_layer_whose_heads_are_read_elsewhere(gp
     assert len(actual) == len(expected) == 2 + 2 * config.n_layer
     for got, want in zip(actual, expected, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+
+
+def test_a_cache_rewrite_that_fails_parity_keeps_the_attention_graph(tmp_path: Path, monkeypatch) -> None:
+    """If the rewritten graph does not match PyTorch (a wrong head count, here), the exporter writes the
+    exporter's own Attention-op graph rather than falling back to the opset-17 one or failing."""
+    import export.onnx_export as onnx_export
+    from export.attention_cache import fuse_attention_cache
+
+    def wrong_heads(proto: onnx.ModelProto, n_head: int) -> int:
+        return fuse_attention_cache(proto, n_head * 2)
+
+    monkeypatch.setattr(onnx_export, "fuse_attention_cache", wrong_heads)
+    write_small_gpt2_checkpoint(tmp_path / "gpt2.bin")
+    result = export_checkpoint(tmp_path / "gpt2.bin")
+    assert result.attention_op and result.opset == 23 and result.fallback is None
+    assert result.max_abs_diff < 1e-4
+    proto = onnx.load(str(result.path))
+    assert [len(node.input) for node in proto.graph.node if node.op_type == "Attention"] == [4]
+    assert any(node.op_type == "Concat" and node.input[0] == "past_key_values.0.key" for node in proto.graph.node)
 
 
 def write_small_gpt2_checkpoint(path: Path) -> None:
