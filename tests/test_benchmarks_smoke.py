@@ -89,6 +89,14 @@ def test_flat_cost(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
     _section(docs, "flat_cost")
 
 
+def test_kv_cache(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    docs = tmp_path / "bench.md"
+    out = _run("kv_cache", cache, docs, capsys)  # also checks both caches give the same attention outputs
+    assert "growing cache (our files)" in out and "preallocated, 64 slots" in out and "preallocated, 128 slots" in out
+    assert len(RATIO.findall(out)) >= 2
+    _section(docs, "kv_cache")
+
+
 def test_batch(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     docs = tmp_path / "bench.md"
     out = _run("batch", cache, docs, capsys, "--n", "4")
