@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
+from export.graph import GRAPH_OUTPUT_READER, attribute, consumers
+
 HEADS_FIRST = [0, 2, 1, 3]  # [batch, seq, heads, dim] <-> [batch, heads, seq, dim]
 
 
@@ -45,12 +47,12 @@ def fuse_attention_cache(model: onnx.ModelProto, n_head: int) -> int:
     if _has_subgraphs(graph):  # their readers of outer names are invisible here: rewrite nothing
         return 0
     producers = {output: node for node in graph.node for output in node.output}
-    consumers = _consumers(graph)
+    readers = consumers(graph, count_outputs=True)
     cache_inputs = {value.name for value in graph.input}
     layers: dict[int, _Layer] = {}
     for node in graph.node:
         if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
-            layer = _match(node, producers, consumers, cache_inputs)
+            layer = _match(node, producers, readers, cache_inputs)
             if layer is not None:
                 layers[id(node)] = layer
     if not layers:
@@ -92,27 +94,16 @@ def _has_subgraphs(graph: onnx.GraphProto) -> bool:
                for node in graph.node for attribute in node.attribute)
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    """Every reader of each value; a graph output counts as one (a stand-in node), so no rewrite drops it."""
-    result: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            result.setdefault(name, []).append(node)
-    for value in graph.output:
-        result.setdefault(value.name, []).append(onnx.NodeProto(op_type="<graph output>"))
-    return result
-
-
 def _match(attention: onnx.NodeProto, producers: dict[str, onnx.NodeProto],
-           consumers: dict[str, list[onnx.NodeProto]], cache_inputs: set[str]) -> _Layer | None:
+           readers: dict[str, list[onnx.NodeProto]], cache_inputs: set[str]) -> _Layer | None:
     """The layer around ``attention`` when it is exactly the exporter's pattern, else None."""
-    already_3d = _attribute(attention, "q_num_heads") is not None or _attribute(attention, "kv_num_heads") is not None
+    already_3d = attribute(attention, "q_num_heads") is not None or attribute(attention, "kv_num_heads") is not None
     if len(attention.input) != 4 or len(attention.output) != 1 or already_3d:
         return None
-    query = _unheaded(attention.input[0], producers, consumers)
-    key = _cache_concat(attention.input[1], attention, producers, consumers, cache_inputs)
-    value = _cache_concat(attention.input[2], attention, producers, consumers, cache_inputs)
-    result = _reheaded(attention.output[0], consumers)
+    query = _unheaded(attention.input[0], producers, readers)
+    key = _cache_concat(attention.input[1], attention, producers, readers, cache_inputs)
+    value = _cache_concat(attention.input[2], attention, producers, readers, cache_inputs)
+    result = _reheaded(attention.output[0], readers)
     if query is None or key is None or value is None or result is None:
         return None
     (q, q_nodes), (past_key, k, k_nodes), (past_value, v, v_nodes) = query, key, value
@@ -123,46 +114,46 @@ def _match(attention: onnx.NodeProto, producers: dict[str, onnx.NodeProto],
 
 
 def _unheaded(name: str, producers: dict[str, onnx.NodeProto],
-              consumers: dict[str, list[onnx.NodeProto]]) -> tuple[str, list[onnx.NodeProto]] | None:
+              readers: dict[str, list[onnx.NodeProto]]) -> tuple[str, list[onnx.NodeProto]] | None:
     """``name`` = Transpose(Reshape(x), perm 0213) read only once: x (3-D) and the two nodes."""
     transpose = producers.get(name)
-    if transpose is None or transpose.op_type != "Transpose" or _attribute(transpose, "perm") != HEADS_FIRST:
+    if transpose is None or transpose.op_type != "Transpose" or attribute(transpose, "perm") != HEADS_FIRST:
         return None
     reshape = producers.get(transpose.input[0])
     if reshape is None or reshape.op_type != "Reshape":
         return None
-    if len(consumers.get(reshape.output[0], [])) != 1 or len(consumers.get(name, [])) != 1:
+    if len(readers.get(reshape.output[0], [])) != 1 or len(readers.get(name, [])) != 1:
         return None
     return reshape.input[0], [transpose, reshape]
 
 
 def _cache_concat(name: str, attention: onnx.NodeProto, producers: dict[str, onnx.NodeProto],
-                  consumers: dict[str, list[onnx.NodeProto]],
+                  readers: dict[str, list[onnx.NodeProto]],
                   cache_inputs: set[str]) -> tuple[str, str, list[onnx.NodeProto]] | None:
     """``name`` = Concat(past graph input, Transpose(Reshape(x)), axis 2), read by ``attention`` and as a graph
     output only (the fused node takes over producing it, later in the node order): the past input, x and the
     nodes."""
     concat = producers.get(name)
-    if concat is None or concat.op_type != "Concat" or _attribute(concat, "axis") != 2 or len(concat.input) != 2:
+    if concat is None or concat.op_type != "Concat" or attribute(concat, "axis") != 2 or len(concat.input) != 2:
         return None
-    if any(reader is not attention and reader.op_type != "<graph output>" for reader in consumers.get(name, [])):
+    if any(reader is not attention and reader.op_type != GRAPH_OUTPUT_READER for reader in readers.get(name, [])):
         return None
     past, new = concat.input
     if past not in cache_inputs:
         return None
-    unheaded = _unheaded(new, producers, consumers)
+    unheaded = _unheaded(new, producers, readers)
     if unheaded is None:
         return None
     return past, unheaded[0], [concat, *unheaded[1]]
 
 
-def _reheaded(name: str, consumers: dict[str, list[onnx.NodeProto]]) -> tuple[str, list[onnx.NodeProto]] | None:
+def _reheaded(name: str, readers: dict[str, list[onnx.NodeProto]]) -> tuple[str, list[onnx.NodeProto]] | None:
     """``name`` read only by Transpose(perm 0213) read only by Reshape: the Reshape's output and the two nodes."""
-    readers = consumers.get(name, [])
-    if len(readers) != 1 or readers[0].op_type != "Transpose" or _attribute(readers[0], "perm") != HEADS_FIRST:
+    first = readers.get(name, [])
+    if len(first) != 1 or first[0].op_type != "Transpose" or attribute(first[0], "perm") != HEADS_FIRST:
         return None
-    transpose = readers[0]
-    after = consumers.get(transpose.output[0], [])
+    transpose = first[0]
+    after = readers.get(transpose.output[0], [])
     if len(after) != 1 or after[0].op_type != "Reshape":
         return None
     return after[0].output[0], [transpose, after[0]]
@@ -174,10 +165,3 @@ def _fused_node(attention: onnx.NodeProto, layer: _Layer, n_head: int) -> onnx.N
     node.attribute.extend([helper.make_attribute("q_num_heads", n_head),
                            helper.make_attribute("kv_num_heads", n_head)])
     return node
-
-
-def _attribute(node: onnx.NodeProto, name: str) -> object:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return helper.get_attribute_value(attribute)
-    return None

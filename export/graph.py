@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 import onnx
@@ -56,7 +57,7 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
     sources: set[str] = set()
     for node in graph.node:
         source = initializers.get(node.input[0]) if node.op_type == "Transpose" and node.input else None
-        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+        perm = attribute(node, "perm", [1, 0])
         if source is None or len(source.dims) != 2 or perm != [1, 0]:
             kept.append(node)
             continue
@@ -113,7 +114,7 @@ def _transposed_pairs(model: onnx.ModelProto) -> list[tuple[onnx.TensorProto, on
     by_shape: dict[tuple, list[onnx.TensorProto]] = defaultdict(list)
     for init in candidates:
         by_shape[(init.data_type, tuple(init.dims))].append(init)
-    consumers = _consumers(model)
+    readers = consumers(model.graph)
     pairs = []
     used: set[str] = set()
     for first in candidates:
@@ -121,31 +122,40 @@ def _transposed_pairs(model: onnx.ModelProto) -> list[tuple[onnx.TensorProto, on
             if {first.name, second.name} & used:
                 continue
             if np.array_equal(numpy_helper.to_array(first).T, numpy_helper.to_array(second)):
-                keep, drop = (second, first) if _only_gathered(first.name, consumers) else (first, second)
+                keep, drop = (second, first) if _only_gathered(first.name, readers) else (first, second)
                 pairs.append((keep, drop))
                 used.update((first.name, second.name))
     return pairs
 
 
-def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    result: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in model.graph.node:
+GRAPH_OUTPUT_READER = "<graph output>"  # op_type of the stand-in reader consumers() gives a graph output
+
+
+def consumers(graph: onnx.GraphProto, count_outputs: bool = False) -> dict[str, list[onnx.NodeProto]]:
+    """Every node that reads each value. With ``count_outputs`` a graph output counts as a reader too (a stand-in
+    node of op_type GRAPH_OUTPUT_READER), so a rewrite that checks readers never drops one."""
+    result: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
         for name in node.input:
-            result[name].append(node)
+            result.setdefault(name, []).append(node)
+    if count_outputs:
+        for value in graph.output:
+            result.setdefault(value.name, []).append(onnx.NodeProto(op_type=GRAPH_OUTPUT_READER))
     return result
+
+
+def attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    """The value of a node's attribute (int, float, list, ...), or ``default`` when the node does not set it."""
+    for entry in node.attribute:
+        if entry.name == name:
+            return helper.get_attribute_value(entry)
+    return default
 
 
 def _only_gathered(name: str, consumers: dict[str, list[onnx.NodeProto]]) -> bool:
     """True when ``name`` is only ever the table of an embedding lookup (so its twin should be kept)."""
     nodes = consumers.get(name, [])
     return bool(nodes) and all(node.op_type == "Gather" and node.input[0] == name for node in nodes)
-
-
-def _gather_axis(node: onnx.NodeProto) -> int:
-    for attribute in node.attribute:
-        if attribute.name == "axis":
-            return attribute.i
-    return 0
 
 
 def _replace_with_transpose_of(model: onnx.ModelProto, keep: onnx.TensorProto, drop: onnx.TensorProto) -> int:
@@ -163,7 +173,7 @@ def _replace_with_transpose_of(model: onnx.ModelProto, keep: onnx.TensorProto, d
             node.op_type == "Gather"
             and node.input[0] == drop.name
             and drop.name not in node.input[1:]
-            and _gather_axis(node) == 0
+            and attribute(node, "axis", 0) == 0
             and indices_rank is not None
         ):
             new_nodes.extend(_column_gather(node, keep.name, indices_rank))

@@ -45,7 +45,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from export.graph import initializer_bytes
+from export.graph import attribute, consumers, initializer_bytes
 from models.atomic import atomic_write_bytes
 from repl.modelfile import KEY_SOURCE, ModelFileError, ModelInfo, decode_metadata, encode_metadata
 
@@ -182,7 +182,7 @@ def _share_tied_table_int8(model: onnx.ModelProto) -> None:
     whose int8 twin quantize_dynamic created (per-tensor scale and zero point); then drop W if nothing reads it."""
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
-    consumers = _consumers(graph)
+    readers_of = consumers(graph)
     graph_outputs = {value.name for value in graph.output}
     new_nodes: list[onnx.NodeProto] = []
     rewired: set[str] = set()
@@ -195,7 +195,7 @@ def _share_tied_table_int8(model: onnx.ModelProto) -> None:
         if twin is None:
             new_nodes.append(node)
             continue
-        readers = consumers.get(node.output[0], [])
+        readers = readers_of.get(node.output[0], [])
         transpose = readers[0] if len(readers) == 1 and readers[0].op_type == "Transpose" else None
         if transpose is not None and node.output[0] not in graph_outputs:
             moved.add(id(transpose))
@@ -218,12 +218,12 @@ def _int8_lookup(gather: onnx.NodeProto, twin: tuple[str, str, str],
     quantized, scale, zero_point = twin
     gathered = f"{gather.output[0]}__int8"
     nodes = [helper.make_node("Gather", [quantized, gather.input[1]], [gathered], name=f"{gather.name}__int8",
-                              axis=_attribute(gather, "axis", 0))]
+                              axis=attribute(gather, "axis", 0))]
     output = gather.output[0]
     if transpose is not None:
         output = transpose.output[0]
         nodes.append(helper.make_node("Transpose", [gathered], [f"{output}__int8"], name=f"{transpose.name}__int8",
-                                      perm=_attribute_ints(transpose, "perm")))
+                                      perm=attribute(transpose, "perm", [])))
         gathered = f"{output}__int8"
     nodes.append(helper.make_node("DequantizeLinear", [gathered, scale, zero_point], [output],
                                   name=f"{gather.name}__dequantize"))
@@ -253,16 +253,16 @@ def _share_tied_table_int4(model: onnx.ModelProto) -> None:
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     nbits = {node.input[1]: node for node in graph.node if node.op_type == "MatMulNBits"}
-    consumers = _consumers(graph)
+    readers_of = consumers(graph)
     replaced: dict[str, list[onnx.NodeProto]] = {}  # name of the Gather node -> nodes that stand in for it
     removed: set[int] = set()
     rewired: set[str] = set()
     for node in graph.node:
-        if node.op_type != "Gather" or _attribute(node, "axis", 0) != 1 or node.input[0] not in initializers:
+        if node.op_type != "Gather" or attribute(node, "axis", 0) != 1 or node.input[0] not in initializers:
             continue
         table = node.input[0]
         matmul = nbits.get(f"{table}_Q4")
-        readers = consumers.get(node.output[0], [])
+        readers = readers_of.get(node.output[0], [])
         if matmul is None or len(readers) != 1 or not _moves_first_axis_last(readers[0]):
             continue
         stand_in = _gather_block_quantized(model, matmul, node.input[1], readers[0].output[0], f"{node.name}__int4")
@@ -289,8 +289,8 @@ def _gather_block_quantized(model: onnx.ModelProto, matmul: onnx.NodeProto, ids:
                             name: str) -> list[onnx.NodeProto] | None:
     """Nodes computing ``W[:, ids]`` transposed to ``[*ids, K]`` from the MatMulNBits inputs of W, or None when
     the block layout cannot be read as rows (K not a whole number of blocks)."""
-    k, n = _attribute(matmul, "K", 0), _attribute(matmul, "N", 0)
-    block, bits = _attribute(matmul, "block_size", 0), _attribute(matmul, "bits", 4)
+    k, n = attribute(matmul, "K", 0), attribute(matmul, "N", 0)
+    block, bits = attribute(matmul, "block_size", 0), attribute(matmul, "bits", 4)
     if bits != 4 or block < 16 or k % block or k % 2:
         return None
     shape_name = f"{name}__rows_shape"
@@ -308,7 +308,7 @@ def _moves_first_axis_last(node: onnx.NodeProto) -> bool:
     """A Transpose [E, *ids] -> [*ids, E], which the exporter puts after the column gather."""
     if node.op_type != "Transpose":
         return False
-    perm = list(_attribute_ints(node, "perm"))
+    perm = list(attribute(node, "perm", []))
     return len(perm) >= 2 and perm == [*range(1, len(perm)), 0]
 
 
@@ -322,7 +322,7 @@ def quantized_lm_head(model: onnx.ModelProto, vocab_size: int) -> bool:
     for node in model.graph.node:
         if node.op_type not in QUANTIZED_MATMUL_OPS:
             continue
-        if node.op_type == "MatMulNBits" and _attribute(node, "N", 0) == vocab_size:
+        if node.op_type == "MatMulNBits" and attribute(node, "N", 0) == vocab_size:
             return True
         weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
         if weight is not None and vocab_size in weight.dims:
@@ -460,7 +460,7 @@ def _describe(mode: str, quantized: onnx.ModelProto) -> dict[str, object]:
         method = "onnxruntime quantize_dynamic, MatMul weights int8 per tensor, 7-bit range (reduce_range)"
         return {"mode": mode, "method": method, "onnxruntime": onnxruntime.__version__}
     method = "onnxruntime MatMulNBitsQuantizer, MatMul weights 4-bit asymmetric"
-    block = next((_attribute(node, "block_size", 0) for node in quantized.graph.node if node.op_type == "MatMulNBits"),
+    block = next((attribute(node, "block_size", 0) for node in quantized.graph.node if node.op_type == "MatMulNBits"),
                  None)
     return {"mode": mode, "method": method, "block_size": block, "accuracy_level": INT4_ACCURACY_LEVEL,
             "onnxruntime": onnxruntime.__version__}
@@ -470,14 +470,6 @@ def _serialize(model: onnx.ModelProto) -> bytes:
     if model.ByteSize() > MAX_PROTO_BYTES:
         raise QuantizeError("the quantized model is larger than 2 GB, the limit of one self-contained ONNX file")
     return model.SerializeToString()
-
-
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    result: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            result.setdefault(name, []).append(node)
-    return result
 
 
 def _drop_unused_initializers(model: onnx.ModelProto, names: set[str]) -> None:
@@ -491,20 +483,6 @@ def _drop_unused_initializers(model: onnx.ModelProto, names: set[str]) -> None:
     inputs = [value for value in model.graph.input if value.name not in unused]
     model.graph.ClearField("input")
     model.graph.input.extend(inputs)
-
-
-def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return attribute.i
-    return default
-
-
-def _attribute_ints(node: onnx.NodeProto, name: str) -> list[int]:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return list(attribute.ints)
-    return []
 
 
 @contextmanager
