@@ -114,6 +114,18 @@ class _Source:
     provenance: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One export: the source, its graph contract and metadata, and what every graph built for it must meet."""
+
+    loaded: _Source
+    signature: GraphSignature
+    metadata: list[onnx.StringStringEntryProto]
+    vocab_size: int
+    context_length: int
+    tolerance: float
+
+
 def export_checkpoint(
     source: str | Path,
     output: str | Path | None = None,
@@ -135,20 +147,18 @@ def export_checkpoint(
     signature, context_length, vocab_size = _signature_for(loaded)
     _check_tokens(loaded, vocab_size)
     metadata = _metadata_entries(loaded, signature, context_length, vocab_size)
-
-    def build(attention_op: bool, graph_opset: int) -> _Built:
-        return _build(loaded, signature, metadata, (vocab_size, context_length), tolerance, attention_op, graph_opset)
+    job = _Job(loaded, signature, metadata, vocab_size, context_length, tolerance)
 
     built, fallback = None, None
     if _try_attention_op(loaded.arch, attention, opset):
         try:
-            built = build(True, ATTENTION_OPSET)
+            built = _build(job, True, ATTENTION_OPSET)
         except ExportError as exc:
             if attention == "op":
                 raise
             fallback = str(exc).removesuffix("; nothing was written")
     if built is None:
-        built = build(False, DEFAULT_OPSET if opset is None else opset)
+        built = _build(job, False, DEFAULT_OPSET if opset is None else opset)
     try:
         atomic_write_bytes(target, lambda handle: handle.write(built.model_bytes))
     except OSError as exc:
@@ -319,53 +329,34 @@ def _try_attention_op(arch: str, attention: str, opset: int | None) -> bool:
     return True
 
 
-def _build(
-    loaded: _Source,
-    signature: GraphSignature,
-    metadata: list[onnx.StringStringEntryProto],
-    sizes: tuple[int, int],
-    tolerance: float,
-    attention_op: bool,
-    opset: int,
-) -> _Built:
+def _build(job: _Job, attention_op: bool, opset: int) -> _Built:
     """Export one graph and run every check on it; ExportError (one line) when any fails."""
+    model = job.loaded.model
     if not attention_op:
-        return _checked(_export_graph(loaded.model, signature, opset), loaded, signature, metadata, sizes, tolerance,
-                        opset, attention_op)
-    proto = _export_attention_graph(loaded.model, signature)
-    fused = onnx.ModelProto()
-    fused.CopyFrom(proto)
-    if fuse_attention_cache(fused, loaded.model.config.n_head):
+        return _checked(job, _export_graph(model, job.signature, opset), opset, attention_op)
+    proto = _export_attention_graph(model, job.signature)
+    if fuse_attention_cache(proto, model.config.n_head):
         try:
-            return _checked(fused, loaded, signature, metadata, sizes, tolerance, opset, attention_op)
+            return _checked(job, proto, opset, attention_op)
         except ExportError:
-            pass  # a rewrite this onnxruntime cannot run or get right: the exporter's own Attention graph still can
-    del fused
-    return _checked(proto, loaded, signature, metadata, sizes, tolerance, opset, attention_op)
+            # A rewrite this onnxruntime cannot run or get right (rare): export again and keep the exporter's own
+            # Attention graph, rather than hold a second copy of every export's weights for this case.
+            proto = _export_attention_graph(model, job.signature)
+    return _checked(job, proto, opset, attention_op)
 
 
-def _checked(
-    proto: onnx.ModelProto,
-    loaded: _Source,
-    signature: GraphSignature,
-    metadata: list[onnx.StringStringEntryProto],
-    sizes: tuple[int, int],
-    tolerance: float,
-    opset: int,
-    attention_op: bool,
-) -> _Built:
+def _checked(job: _Job, proto: onnx.ModelProto, opset: int, attention_op: bool) -> _Built:
     """``proto`` with the metadata, serialized, checked by onnx and verified against PyTorch."""
-    vocab_size, context_length = sizes
-    if loaded.arch == "gpt2":
-        _check_weight_bytes(proto, loaded.model)
-    proto.metadata_props.extend(metadata)
+    if job.loaded.arch == "gpt2":
+        _check_weight_bytes(proto, job.loaded.model)
+    proto.metadata_props.extend(job.metadata)
     model_bytes = _serialize_checked(proto)
-    verification = _verify(loaded, model_bytes, signature, vocab_size, context_length)
-    allowed = tolerance * max(1.0, verification.peak_abs_logit)
+    verification = _verify(job.loaded, model_bytes, job.signature, job.vocab_size, job.context_length)
+    allowed = job.tolerance * max(1.0, verification.peak_abs_logit)
     if not verification.max_abs_diff <= allowed:
         raise ExportError(
             f"verification failed: ONNX and PyTorch logits differ by up to {verification.max_abs_diff:.3g}, "
-            f"more than the {allowed:.3g} allowed (tolerance {tolerance:g}); nothing was written"
+            f"more than the {allowed:.3g} allowed (tolerance {job.tolerance:g}); nothing was written"
         )
     return _Built(model_bytes, verification, opset, attention_op)
 
