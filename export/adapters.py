@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from repl.modelfile import StateSpec
+from runtime.modelfile import StateSpec
 
 BATCH, SEQ, PAST, TOTAL = "batch", "seq", "past_seq", "total_seq"
 

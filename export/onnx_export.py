@@ -63,7 +63,7 @@ from export.verify import Verification, VerificationError, verify_gpt2, verify_r
 from models.atomic import atomic_write_bytes
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.registry import model_from_checkpoint
-from repl.modelfile import ModelInfo, SpecialTokens, encode_metadata
+from runtime.modelfile import ModelInfo, SpecialTokens, encode_metadata
 
 DEFAULT_OPSET = 17  # TorchScript graphs: LSTM/GRU ops and decomposed GPT-2 attention; onnxruntime 1.18+ runs it
 MIN_OPSET, MAX_OPSET = 14, 20  # 14: Trilu/LSTM layout; 20: the TorchScript exporter's ceiling in torch 2.x

@@ -26,7 +26,7 @@ import onnx
 
 from export.graph import initializer_bytes
 from models.atomic import atomic_write_bytes
-from repl.modelfile import ModelFileError, ModelInfo, decode_metadata
+from runtime.modelfile import ModelFileError, ModelInfo, decode_metadata
 
 MAX_SIZE_RATIO = 1.05  # an optimised graph may store at most this much more weight data than the source
 PARITY_TOLERANCE = 1e-3  # fusions reorder float arithmetic (FastGelu's tanh approximation): allow more than 1e-4

@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(exc: Exception) -> bool:
-    from repl.modelfile import ModelFileError
+    from runtime.modelfile import ModelFileError
 
     known: tuple[type[Exception], ...] = (CliError, ModelFileError, OSError)
     if "repl.sampling" in sys.modules:

@@ -22,7 +22,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from tokenizers import Tokenizer
 
-from repl.modelfile import ModelFileError, ModelInfo, decode_metadata
+from runtime.modelfile import ModelFileError, ModelInfo, decode_metadata
 
 DEVICES = ("auto", "cpu", "cuda")
 CUDA = "CUDAExecutionProvider"

@@ -1,7 +1,7 @@
 """Shared test fixtures: tiny textgen model files (LSTM, GRU, GPT-2) written exactly per docs/model-file.md.
 
 Models are exported with the TorchScript exporter (``torch.onnx.export(dynamo=False)``), which gives fully dynamic
-batch/seq/past axes for these small graphs, and stamped with ``repl.modelfile.encode_metadata``. The GPT-2 here
+batch/seq/past axes for these small graphs, and stamped with ``runtime.modelfile.encode_metadata``. The GPT-2 here
 is a minimal test double with the optimum-style interface (``attention_mask``, ``position_ids``,
 ``past_key_values.{i}.key/.value`` -> ``present.{i}.key/.value``) and an explicit bottom-right causal mask.
 
@@ -23,7 +23,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 
 from models.rnn import RNNConfig, RNNLanguageModel
-from repl.modelfile import ModelInfo, SpecialTokens, StateSpec, encode_metadata
+from runtime.modelfile import ModelInfo, SpecialTokens, StateSpec, encode_metadata
 
 EOS_TEXT = "<|endoftext|>"
 UNK_TEXT = "<unk>"

@@ -29,9 +29,9 @@ from repl.evaluate import (
     sliding_windows,
     sweep_grid,
 )
-from repl.modelfile import ModelInfo, SpecialTokens, StateSpec, encode_metadata
 from repl.runtime import OnnxModel
 from repl.textmetrics import chunk_evenly, distinct_n, entropy, text_stats, token_nll, unique_word_rate, words
+from runtime.modelfile import ModelInfo, SpecialTokens, StateSpec, encode_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = "abc def, ghij.\nab cd ef gh ij.\n"

@@ -23,7 +23,7 @@ from export.graph import initializer_bytes
 from export.onnx_export import DEFAULT_GENERATION, ExportError, export_checkpoint
 from models.checkpoint import CheckpointError, save_checkpoint
 from models.rnn import RNNConfig, RNNLanguageModel
-from repl.modelfile import ModelInfo, decode_metadata
+from runtime.modelfile import ModelInfo, decode_metadata
 
 ort.set_default_logger_severity(3)
 ALPHABET = "abcdefghij .,\n"

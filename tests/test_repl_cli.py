@@ -20,8 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from repl.cli import main
-from repl.modelfile import ModelInfo, SpecialTokens, StateSpec, encode_metadata
 from repl.runtime import OnnxModel
+from runtime.modelfile import ModelInfo, SpecialTokens, StateSpec, encode_metadata
 
 CYCLE = "[bold] "  # greedy output repeats this; every character in it is distinct, so a bigram table can
 EXTRA_CHARS = "ROMEO:JULIET acefghijkmnpqrstuvwxyz"  # no newline: line-based checks stay simple

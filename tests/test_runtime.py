@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 
 import repl.runtime as runtime
-from repl.modelfile import FORMAT_VERSION, KEY_STATE, KEY_VERSION, ModelFileError
 from repl.runtime import ModelLoadError, ModelRunError, OnnxModel, select_providers
+from runtime.modelfile import FORMAT_VERSION, KEY_STATE, KEY_VERSION, ModelFileError
 
 
 def _metadata(path: Path) -> dict[str, str]:
