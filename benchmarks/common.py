@@ -533,7 +533,7 @@ def file_weight_bytes(path: Path) -> int:
 def open_model(path: Path, threads: int, device: str = "cpu") -> Any:
     import onnxruntime
 
-    from repl.runtime import OnnxModel
+    from runtime.session import OnnxModel
 
     onnxruntime.set_default_logger_severity(3)
     return OnnxModel.open(path, device=device, threads=threads)

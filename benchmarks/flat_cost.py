@@ -5,7 +5,7 @@ the whole prefix without a cache (what a loop without a cache pays).
     python benchmarks/flat_cost.py            # char-LSTM demo shape + GPT-2 small shape, rewrites its docs section
     python benchmarks/flat_cost.py --smoke    # small shapes and positions, seconds, prints only
 
-All through repl.runtime's OnnxModel.run: the prefix is fed untimed, then single-token steps are timed.
+All through runtime.session's OnnxModel.run: the prefix is fed untimed, then single-token steps are timed.
 """
 
 from __future__ import annotations

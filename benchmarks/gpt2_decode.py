@@ -203,7 +203,7 @@ def session_levers(fp32: Path, tokens: int, args: Any) -> Table:
     position = 8
     runtime_default = open_model(fp32, args.threads)
     runners = {
-        f"repl.runtime OnnxModel.run, {args.threads} intra-op threads":
+        f"runtime.session OnnxModel.run, {args.threads} intra-op threads":
             lambda: decode_seconds_per_token(runtime_default, position, tokens),
         "plain InferenceSession.run loop, numpy feeds (control for the rows below)":
             lambda: raw_seconds_per_token(fp32, args.threads, position, tokens, arena=True),
@@ -229,7 +229,7 @@ def session_levers(fp32: Path, tokens: int, args: Any) -> Table:
 def _session(path: Path, threads: int, arena: bool = True, spinning: bool = True) -> Any:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()  # as repl.runtime sets them, plus the lever under test
+    options = ort.SessionOptions()  # as runtime.session sets them, plus the lever under test
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = threads

@@ -87,7 +87,7 @@ def models(args: Any) -> list[tuple[str, Path]]:
 
 def shape(path: Path) -> str:
     """"gpt2 4x128" / "lstm 1x256" from the file's metadata."""
-    from repl.runtime import OnnxModel
+    from runtime.session import OnnxModel
 
     info = OnnxModel.open(path, device="cpu", threads=1).info
     config = info.model_config

@@ -121,7 +121,7 @@ def imports_of(command: list[str]) -> tuple[bool, list[str]]:
     """Run ``command`` (a ``python -X importtime ...`` line): (was torch imported, the five slowest packages).
 
     A package's cumulative time includes its submodules; packages are counted wherever they were first imported
-    (onnxruntime, for one, is imported by repl.runtime, not at the top)."""
+    (onnxruntime, for one, is imported by runtime.session, not at the top)."""
     result = _run(command)
     modules: list[tuple[int, str]] = []
     torch_seen = False

@@ -97,7 +97,7 @@ def _finish(original: onnx.ModelProto, candidate: onnx.ModelProto, source: Path,
 def _parity(reference_bytes: bytes, candidate_bytes: bytes) -> float:
     """Largest logit difference between the two files (export.verify.compare_model_files)."""
     from export.verify import compare_model_files
-    from repl.runtime import OnnxModel
+    from runtime.session import OnnxModel
 
     with tempfile.TemporaryDirectory(prefix="textgen-optimize-") as work:
         paths = [Path(work) / "reference.onnx", Path(work) / "candidate.onnx"]

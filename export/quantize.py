@@ -25,7 +25,7 @@ MatMulNBits blocks through the ``com.microsoft`` GatherBlockQuantized op. Both e
 The float32 table is then dropped; the lookup returns exactly the dequantized weights the LM head multiplies with.
 
 ``perplexity_cost(fp32, quantized, text)`` measures what the smaller file costs in quality: per-token NLL of a
-held-out text through the runtime (repl.runtime, the same path the REPL uses), for both files.
+held-out text through the runtime (runtime.session, the same path the REPL uses), for both files.
 """
 
 from __future__ import annotations
@@ -349,7 +349,7 @@ def _check_loads(model_bytes: bytes, source: Path, compare_logits: bool = False)
     """The quantized bytes must open in the runtime as a textgen model (graph matches metadata, kernels exist);
     with ``compare_logits``, it must give the source's logits within FP16_TOLERANCE (export.verify's comparison)."""
     from export.verify import compare_model_files
-    from repl.runtime import OnnxModel
+    from runtime.session import OnnxModel
 
     with tempfile.TemporaryDirectory(prefix="textgen-quantize-check-") as work:
         path = Path(work) / source.name
@@ -388,7 +388,7 @@ def text_nll(model_path: Path | str, text: str, max_tokens: int | None = None, t
     consecutive windows of ``context_length`` input tokens (each window also holds the next one as the last target,
     so every token is predicted exactly once), each from an empty cache. Padding ids beyond the tokenizer are left
     out of the softmax, as the sampler never draws them."""
-    from repl.runtime import OnnxModel
+    from runtime.session import OnnxModel
 
     model = OnnxModel.open(model_path, device="cpu", threads=threads)
     ids = [model.info.special.eos, *model.encode(text)]

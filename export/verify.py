@@ -164,7 +164,7 @@ def _initial_shape(shape: tuple[int | str, ...], batch: int, past: int = 0) -> t
 
 
 def compare_model_files(reference: Any, candidate: Any) -> tuple[float, float]:
-    """(largest logit difference, largest |reference logit|) between two opened GPT-2 model files (repl.runtime
+    """(largest logit difference, largest |reference logit|) between two opened GPT-2 model files (runtime.session
     OnnxModel) over a prefill (batch 1, 5 tokens), a decode step on that cache and a batch-2 prompt with left
     padding: the shapes the runtime feeds. How a rewritten file (optimised, fp16) is checked against its source."""
     rng = np.random.default_rng(0)

@@ -227,7 +227,7 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError("--json, --n and --output need --prompt or prompts piped on stdin")
     build_settings({}, args)  # a bad --set fails here, before the (slower) model load
     from repl.generate import Session
-    from repl.runtime import OnnxModel
+    from runtime.session import OnnxModel
 
     with model_location(args.model) as path:
         model = OnnxModel.open(path, device=args.device, threads=args.threads)

@@ -58,7 +58,6 @@ from typing import Any
 import numpy as np
 
 from repl.generate import Session
-from repl.runtime import ModelRunError, OnnxModel
 from repl.sampling import SettingError
 from repl.settings import Settings
 from repl.textmetrics import (
@@ -70,6 +69,7 @@ from repl.textmetrics import (
     token_nll,
 )
 from runtime.modelfile import ModelFileError
+from runtime.session import ModelRunError, OnnxModel
 
 LOGIT_BUDGET = 1 << 24  # floats of logits per onnxruntime call (64 MB): bounds memory for a 50k vocabulary
 MAX_CHUNK = 4096  # tokens per stateful RNN call
@@ -105,7 +105,7 @@ class PerplexityResult:
 
 def evaluate_perplexity(model: OnnxModel, text: str, stride: int | None = None,
                         on_progress: ProgressCallback | None = None) -> PerplexityResult:
-    """Perplexity of ``model`` (a repl.runtime.OnnxModel) on ``text``, scored as one stream."""
+    """Perplexity of ``model`` (a runtime.session.OnnxModel) on ``text``, scored as one stream."""
     return evaluate_documents(model, [text], single_stream=True, stride=stride, on_progress=on_progress)
 
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from repl.runtime import OnnxModel
 from repl.sampling import SamplerChain, SamplerSettings
 from repl.settings import Settings
+from runtime.session import OnnxModel
 
 TextCallback = Callable[[str], None]
 # on_step(probabilities, rows): see Session.generate_n

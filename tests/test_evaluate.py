@@ -29,9 +29,9 @@ from repl.evaluate import (
     sliding_windows,
     sweep_grid,
 )
-from repl.runtime import OnnxModel
 from repl.textmetrics import chunk_evenly, distinct_n, entropy, text_stats, token_nll, unique_word_rate, words
 from runtime.modelfile import ModelInfo, SpecialTokens, StateSpec, encode_metadata
+from runtime.session import OnnxModel
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = "abc def, ghij.\nab cd ef gh ij.\n"
@@ -389,7 +389,7 @@ def test_ctrl_c_stops_the_sampling_evaluation(model_files, monkeypatch, capsys) 
 
 
 def test_cli_model_run_error_is_one_line(model_files, tmp_path: Path, monkeypatch, capsys) -> None:
-    from repl.runtime import ModelRunError
+    from runtime.session import ModelRunError
 
     def failing_run(self, *args, **kwargs):
         raise ModelRunError("running lstm.onnx failed: Failed to allocate memory")

@@ -683,7 +683,7 @@ def test_cli_verification_failure_is_one_line(tmp_path: Path, capsys: pytest.Cap
 
 def test_cli_quantize_writes_a_runnable_copy_and_reports_its_cost(tmp_path: Path, capsys) -> None:
     from export.cli import main
-    from repl.runtime import OnnxModel
+    from runtime.session import OnnxModel
 
     checkpoint = tmp_path / "q.bin"
     write_rnn_checkpoint(checkpoint, "gru")

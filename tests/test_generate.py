@@ -9,9 +9,9 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from repl.generate import GenerationResult, Session, SessionError, TextStream, kept_on_slide, text_after
-from repl.runtime import OnnxModel
 from repl.sampling import SamplerChain, SamplerSettings, SettingError
 from repl.settings import PRESETS, Settings
+from runtime.session import OnnxModel
 
 
 @pytest.fixture(scope="module")

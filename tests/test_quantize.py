@@ -27,8 +27,8 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from models.gpt2 import GPT2, GPT2Config
 from models.registry import model_from_checkpoint
 from models.rnn import RNNConfig, RNNLanguageModel
-from repl.runtime import ModelLoadError, OnnxModel
 from runtime.modelfile import KEY_SOURCE, KEY_STATE, KEY_VERSION, decode_metadata
+from runtime.session import ModelLoadError, OnnxModel
 
 N_EMBD = 64  # a multiple of the int4 block (32), as real widths are
 GPT2_PADDING = 128  # output ids beyond the tokenizer: (16 + 128) x 64 > 8192 embedding elements

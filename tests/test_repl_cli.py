@@ -20,8 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from repl.cli import main
-from repl.runtime import OnnxModel
 from runtime.modelfile import ModelInfo, SpecialTokens, StateSpec, encode_metadata
+from runtime.session import OnnxModel
 
 CYCLE = "[bold] "  # greedy output repeats this; every character in it is distinct, so a bigram table can
 EXTRA_CHARS = "ROMEO:JULIET acefghijkmnpqrstuvwxyz"  # no newline: line-based checks stay simple
@@ -220,7 +220,7 @@ def test_default_model_is_the_bundled_demo():
 
 
 def test_repl_package_never_imports_torch():
-    code = ("import sys, repl.cli, repl.app, repl.commands, repl.runtime, repl.generate; "
+    code = ("import sys, repl.cli, repl.app, repl.commands, runtime.session, repl.generate; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
 

@@ -1,4 +1,4 @@
-"""repl.runtime: opening model files (and refusing bad ones in one line), providers, and the stateful contract."""
+"""runtime.session: opening model files (and refusing bad ones in one line), providers, and the stateful contract."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-import repl.runtime as runtime
-from repl.runtime import ModelLoadError, ModelRunError, OnnxModel, select_providers
+import runtime.session as session_module
 from runtime.modelfile import FORMAT_VERSION, KEY_STATE, KEY_VERSION, ModelFileError
+from runtime.session import ModelLoadError, ModelRunError, OnnxModel, select_providers
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -284,7 +284,7 @@ def test_select_providers():
 
 
 def test_cpu_device_gives_a_cpu_session_without_notes(model_files, monkeypatch):
-    monkeypatch.setattr(runtime, "_installed", lambda name: name == "onnxruntime-gpu")
+    monkeypatch.setattr(session_module, "_installed", lambda name: name == "onnxruntime-gpu")
     model = OnnxModel.open(model_files.lstm, device="cpu")
     assert model.provider == "CPUExecutionProvider"
     assert model.session.get_providers() == ["CPUExecutionProvider"]
@@ -294,7 +294,7 @@ def test_cpu_device_gives_a_cpu_session_without_notes(model_files, monkeypatch):
 def test_auto_reports_what_the_session_really_got(model_files):
     model = OnnxModel.open(model_files.lstm, device="auto")
     assert model.provider == model.session.get_providers()[0]
-    if model.provider == "CPUExecutionProvider" and "CUDAExecutionProvider" in runtime.ort.get_available_providers():
+    if model.provider == "CPUExecutionProvider" and "CUDAExecutionProvider" in session_module.ort.get_available_providers():
         assert model.device_note and "running on CPU" in model.device_note and "\n" not in model.device_note
 
 
@@ -309,21 +309,21 @@ def test_cuda_without_a_usable_gpu_is_a_one_line_error(model_files):
 
 
 def test_both_distributions_installed_is_noted(model_files, monkeypatch):
-    monkeypatch.setattr(runtime, "_installed", lambda name: True)
+    monkeypatch.setattr(session_module, "_installed", lambda name: True)
     model = OnnxModel.open(model_files.lstm, device="cpu")
     assert "both onnxruntime and onnxruntime-gpu" in model.device_note
 
 
 def test_opening_with_auto_prints_nothing(model_files):
     """No wall of provider errors: onnxruntime-gpu's CUDA probe stays silent on a machine without a GPU."""
-    code = f"from repl.runtime import OnnxModel; OnnxModel.open({str(model_files.lstm)!r}, device='auto')"
+    code = f"from runtime.session import OnnxModel; OnnxModel.open({str(model_files.lstm)!r}, device='auto')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and done.stderr == ""
 
 
 def test_repl_runtime_does_not_import_torch():
-    code = ("import sys, repl.runtime, repl.generate, repl.settings; "
+    code = ("import sys, runtime.session, repl.generate, repl.settings; "
             "print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -331,4 +331,4 @@ def test_repl_runtime_does_not_import_torch():
 
 
 def test_physical_cores_is_positive():
-    assert 1 <= runtime.physical_cores()
+    assert 1 <= session_module.physical_cores()
