@@ -542,7 +542,7 @@ def open_model(path: Path, threads: int, device: str = "cpu") -> Any:
 def ours_session(model: Any, sampler: dict[str, Any], tokens: int, seed: int = 1234) -> Any:
     """A repl.generate.Session that produces exactly ``tokens`` tokens per turn (end-of-text suppressed)."""
     from repl.generate import Session
-    from repl.settings import Settings
+    from runtime.settings import Settings
 
     settings = Settings(model.info.generation)
     for key, value in {**sampler, "max_new_tokens": tokens, "min_new_tokens": tokens, "seed": seed}.items():

@@ -28,9 +28,9 @@ from models.atomic import atomic_write_text
 from repl.commands import QuitRepl, ReplCompleter, ReplError, parse_command
 from repl.generate import GenerationResult, Session, SessionError
 from repl.sampling import SettingError
-from repl.settings import Settings
 from runtime.modelfile import ModelFileError
 from runtime.session import OnnxModel
+from runtime.settings import Settings
 
 SESSION_FORMAT = "textgen-repl-session"
 SESSION_VERSION = 1

@@ -19,7 +19,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from repl.generate import GenerationResult, Session
-    from repl.settings import Settings
+    from runtime.settings import Settings
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -106,7 +106,7 @@ def model_location(model_arg: str | None) -> Iterator[Path]:
 
 def build_settings(model_defaults: dict[str, Any], args: argparse.Namespace) -> Settings:
     """The model's defaults, then --sampler, then --set in order, then the --max-tokens/--seed shortcuts."""
-    from repl.settings import Settings
+    from runtime.settings import Settings
 
     settings = Settings(model_defaults)
     if args.sampler is not None:

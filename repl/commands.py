@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from repl.sampling import ALIASES
-from repl.settings import KEYS, LOOP_ALIASES, PRESET_HELP, PRESETS, canonical_key
+from runtime.settings import KEYS, LOOP_ALIASES, PRESET_HELP, PRESETS, canonical_key
 
 if TYPE_CHECKING:
     from repl.app import ReplApp

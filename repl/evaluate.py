@@ -59,7 +59,6 @@ import numpy as np
 
 from repl.generate import Session
 from repl.sampling import SettingError
-from repl.settings import Settings
 from repl.textmetrics import (
     bits,
     chunk_evenly,
@@ -70,6 +69,7 @@ from repl.textmetrics import (
 )
 from runtime.modelfile import ModelFileError
 from runtime.session import ModelRunError, OnnxModel
+from runtime.settings import Settings
 
 LOGIT_BUDGET = 1 << 24  # floats of logits per onnxruntime call (64 MB): bounds memory for a 50k vocabulary
 MAX_CHUNK = 4096  # tokens per stateful RNN call
@@ -269,7 +269,7 @@ class GenerationPlan:
 
 
 def draw_samples(model: OnnxModel, settings: Settings, plan: GenerationPlan) -> SampleBatchResult:
-    """Generate ``plan.n_samples`` samples with ``settings`` (a repl.settings.Settings) in batches.
+    """Generate ``plan.n_samples`` samples with ``settings`` (a runtime.settings.Settings) in batches.
 
     The samples come from the REPL's own batch decode loop (repl.generate.Session.generate_n, on a fresh session:
     eos + prompt as the context, same SamplerChain, bans, min/max length and window sliding); its ``on_step``

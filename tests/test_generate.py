@@ -1,4 +1,4 @@
-"""repl.generate (the decode loop, sessions, beam search) and repl.settings, on tiny ONNX fixture models."""
+"""repl.generate (the decode loop, sessions, beam search) and runtime.settings, on tiny ONNX fixture models."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from repl.generate import GenerationResult, Session, SessionError, TextStream, kept_on_slide, text_after
 from repl.sampling import SamplerChain, SamplerSettings, SettingError
-from repl.settings import PRESETS, Settings
 from runtime.session import OnnxModel
+from runtime.settings import PRESETS, Settings
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from rich.console import Console
 
 from repl.app import ReplApp
 from repl.evaluate import evaluate_perplexity
-from repl.settings import Settings
 from runtime.session import OnnxModel
+from runtime.settings import Settings
 
 DEMO = "repl/demo/demo.onnx"
 

@@ -20,7 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_repl_cli import REPO, write_cycle_model  # noqa: E402
 
-from repl.settings import KEYS  # noqa: E402
+from runtime.settings import KEYS  # noqa: E402
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
 
