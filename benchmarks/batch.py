@@ -1,5 +1,5 @@
 """Batched sampling: ``--n 32`` independent samples of the demo model decoded as one batch
-(repl.generate.Session.generate_n, what ``textgen-repl --n 32`` runs) against one sample at a time.
+(runtime.generate.Session.generate_n, what ``textgen-repl --n 32`` runs) against one sample at a time.
 
     python benchmarks/batch.py            # demo model (or a stand-in of its shape), rewrites its docs section
     python benchmarks/batch.py --smoke    # small stand-in, seconds, prints only

@@ -540,8 +540,8 @@ def open_model(path: Path, threads: int, device: str = "cpu") -> Any:
 
 
 def ours_session(model: Any, sampler: dict[str, Any], tokens: int, seed: int = 1234) -> Any:
-    """A repl.generate.Session that produces exactly ``tokens`` tokens per turn (end-of-text suppressed)."""
-    from repl.generate import Session
+    """A runtime.generate.Session that produces exactly ``tokens`` tokens per turn (end-of-text suppressed)."""
+    from runtime.generate import Session
     from runtime.settings import Settings
 
     settings = Settings(model.info.generation)

@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def measure_ours(variants: list[tuple[str, Path]], tokens: int, args: Any) -> list[Row]:
-    """Each file through repl.generate.Session, the files taking turns (see common.interleaved)."""
+    """Each file through runtime.generate.Session, the files taking turns (see common.interleaved)."""
     sessions = {name: ours_session(open_model(path, args.threads), GREEDY, tokens) for name, path in variants}
     last: dict[str, Any] = {}
 

@@ -8,7 +8,7 @@ GPT-2's (50,257), and end-to-end decode speed of the char-LSTM demo shape, greed
 
 Sampler rows: ``SamplerChain.sample`` on one row of random float32 logits (normal, sd 3) per call, with a history
 list that grows by one token per call as in the decode loop (penalties look at its last 64 tokens). End to end:
-``repl.generate.Session`` producing exactly ``--tokens`` tokens (end-of-text suppressed), prompt included.
+``runtime.generate.Session`` producing exactly ``--tokens`` tokens (end-of-text suppressed), prompt included.
 Wall-clock and CPU time (``time.process_time``) are both shown: on a shared, loaded machine the CPU time is the
 steadier figure, and the load average is printed with the results. One onnxruntime thread by default (what the
 runtime picks for a model this small).
@@ -137,7 +137,7 @@ def time_chain(chain: SamplerChain, vocab: int, calls: int, repeats: int) -> tup
 def end_to_end(args: Any, tokens: int) -> Table:
     path, label = demo_model(args)
     model = open_model(path, args.threads)
-    table = Table(f"{label}: end-to-end decode through repl.generate.Session, batch 1, {tokens} tokens per turn",
+    table = Table(f"{label}: end-to-end decode through runtime.generate.Session, batch 1, {tokens} tokens per turn",
                   ["sampler", "tok/s (wall)", "tok/s (CPU time)", "tok/s vs greedy (CPU time)"])
     samplers = {"greedy": GREEDY, "full chain": FULL_CHAIN, "exporter defaults": EXPORT_DEFAULTS}
     sessions = {name: ours_session(model, values, tokens) for name, values in samplers.items()}

@@ -4,7 +4,7 @@
     python benchmarks/tiny_decode.py            # 200 tokens x 5 turns per row, rewrites its docs section
     python benchmarks/tiny_decode.py --smoke    # smaller shapes, seconds, prints only
 
-Runners: ours (the model file through repl.generate.Session, i.e. the REPL's own loop and sampler), Hugging Face
+Runners: ours (the model file through runtime.generate.Session, i.e. the REPL's own loop and sampler), Hugging Face
 ``generate`` (GPT only: transformers has no LSTM LM), and a PyTorch eager loop with the same weights and the same
 chain written in torch. Sampler: repetition penalty 1.1 over 64 tokens, top-k 40, top-p 0.95, min-p 0.05,
 temperature 0.8 (common.FULL_CHAIN). Every runner produces exactly ``--tokens`` tokens (end-of-text suppressed).
@@ -93,7 +93,7 @@ def measure_model(spec: ModelSpec, tokens: int, args: Any) -> dict[str, Stats]:
     decode = torch_gpt2_decode if spec.arch == "gpt2" else torch_rnn_decode
     sample = TorchSampler(FULL_CHAIN)
     runners: dict[str, Callable[[], float]] = {
-        "ours (repl.generate.Session), full chain": lambda: _per_token(ours_generate(full, PROMPT)),
+        "ours (runtime.generate.Session), full chain": lambda: _per_token(ours_generate(full, PROMPT)),
         "ours, greedy (sampler off, for scale)": lambda: _per_token(ours_generate(greedy, PROMPT)),
         "PyTorch eager loop, same chain in torch":
             lambda: timed(lambda: decode(torch_module, ids, tokens, sample, eos)) / tokens,

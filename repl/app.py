@@ -1,7 +1,7 @@
 """The interactive REPL: prompt_toolkit reads the user's text, rich prints everything around the generated text,
 and the generated text itself goes to the terminal as plain characters (never parsed as markup or emoji).
 
-Each line the user types continues the same running text (repl.generate.Session); lines starting with ':' are
+Each line the user types continues the same running text (runtime.generate.Session); lines starting with ':' are
 commands (repl.commands). Whatever goes wrong in one command or turn is reported in one line and the session
 goes on; Ctrl-C stops a generation, Ctrl-D exits.
 """
@@ -26,8 +26,8 @@ from rich.text import Text
 
 from models.atomic import atomic_write_text
 from repl.commands import QuitRepl, ReplCompleter, ReplError, parse_command
-from repl.generate import GenerationResult, Session, SessionError
 from repl.sampling import SettingError
+from runtime.generate import GenerationResult, Session, SessionError
 from runtime.modelfile import ModelFileError
 from runtime.session import OnnxModel
 from runtime.settings import Settings

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
-    from repl.generate import GenerationResult, Session
+    from runtime.generate import GenerationResult, Session
     from runtime.settings import Settings
 
 EXIT_OK = 0
@@ -226,7 +226,7 @@ def _run(args: argparse.Namespace) -> int:
     if interactive and (args.json or args.output or args.n):
         raise CliError("--json, --n and --output need --prompt or prompts piped on stdin")
     build_settings({}, args)  # a bad --set fails here, before the (slower) model load
-    from repl.generate import Session
+    from runtime.generate import Session
     from runtime.session import OnnxModel
 
     with model_location(args.model) as path:
@@ -266,8 +266,8 @@ def _is_user_error(exc: Exception) -> bool:
 
     known: tuple[type[Exception], ...] = (CliError, ModelFileError, OSError)
     if "repl.sampling" in sys.modules:
-        from repl.generate import SessionError
         from repl.sampling import SettingError
+        from runtime.generate import SessionError
 
         known += (SettingError, SessionError)
     return isinstance(exc, known)

@@ -23,7 +23,7 @@ character-level tokenizer bits/char == bits/token).
 
 Sampling metrics (``textgen-eval --samples N``)
 -----------------------------------------------
-N samples are drawn in batches by the REPL's own decode loop (``repl.generate.Session.generate_n``) with the
+N samples are drawn in batches by the REPL's own decode loop (``runtime.generate.Session.generate_n``) with the
 model's generation settings (changed with ``--set``), each starting from the end-of-text token followed by
 ``--prompt``, as the REPL's first prompt does. Reported per setting: unique-word rate (mean over samples of
 distinct words / words in that sample: low values mean loops), distinct-1/2/3 (distinct word n-grams / n-grams,
@@ -57,7 +57,6 @@ from typing import Any
 
 import numpy as np
 
-from repl.generate import Session
 from repl.sampling import SettingError
 from repl.textmetrics import (
     bits,
@@ -67,6 +66,7 @@ from repl.textmetrics import (
     text_stats,
     token_nll,
 )
+from runtime.generate import Session
 from runtime.modelfile import ModelFileError
 from runtime.session import ModelRunError, OnnxModel
 from runtime.settings import Settings
@@ -271,7 +271,7 @@ class GenerationPlan:
 def draw_samples(model: OnnxModel, settings: Settings, plan: GenerationPlan) -> SampleBatchResult:
     """Generate ``plan.n_samples`` samples with ``settings`` (a runtime.settings.Settings) in batches.
 
-    The samples come from the REPL's own batch decode loop (repl.generate.Session.generate_n, on a fresh session:
+    The samples come from the REPL's own batch decode loop (runtime.generate.Session.generate_n, on a fresh session:
     eos + prompt as the context, same SamplerChain, bans, min/max length and window sliding); its ``on_step``
     hook hands over the sampling distribution of every live row at every step for the entropy. Stop strings are
     not used here; Ctrl-C stops the whole evaluation."""

@@ -73,7 +73,7 @@ def test_gpt2_decode(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_tiny_decode(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     docs = tmp_path / "bench.md"
     out = _run("tiny_decode", cache, docs, capsys)
-    assert out.count("ours (repl.generate.Session), full chain") == 2  # tiny GPT and char LSTM
+    assert out.count("ours (runtime.generate.Session), full chain") == 2  # tiny GPT and char LSTM
     assert out.count("PyTorch eager loop, same chain") == 2 and out.count("Hugging Face") == 1  # no HF LSTM
     assert "nanoGPT" in out and "550 tok/s" in out
     assert len(RATIO.findall(out)) >= 7

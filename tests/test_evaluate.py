@@ -321,9 +321,9 @@ def test_cli_perplexity_json_and_csv_corpus(trained_model, tmp_path: Path, capsy
 
 
 def test_greedy_samples_match_the_repl_session(model_files) -> None:
-    """The evaluation samples are the greedy tokens of a repl.generate.Session turn, sliding included, with the
+    """The evaluation samples are the greedy tokens of a runtime.generate.Session turn, sliding included, with the
     same context (eos + prompt) for an empty and a non-empty prompt."""
-    from repl.generate import Session
+    from runtime.generate import Session
 
     for path in (model_files.lstm, model_files.gpt):
         model = open_model(path)

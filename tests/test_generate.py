@@ -1,4 +1,4 @@
-"""repl.generate (the decode loop, sessions, beam search) and runtime.settings, on tiny ONNX fixture models."""
+"""runtime.generate (the decode loop, sessions, beam search) and runtime.settings, on tiny ONNX fixture models."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from repl.generate import GenerationResult, Session, SessionError, TextStream, kept_on_slide, text_after
 from repl.sampling import SamplerChain, SamplerSettings, SettingError
+from runtime.generate import GenerationResult, Session, SessionError, TextStream, kept_on_slide, text_after
 from runtime.session import OnnxModel
 from runtime.settings import PRESETS, Settings
 

@@ -220,7 +220,7 @@ def test_default_model_is_the_bundled_demo():
 
 
 def test_repl_package_never_imports_torch():
-    code = ("import sys, repl.cli, repl.app, repl.commands, runtime.session, repl.generate; "
+    code = ("import sys, repl.cli, repl.app, repl.commands, runtime.session, runtime.generate; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
 

@@ -324,7 +324,7 @@ def test_opening_with_auto_prints_nothing(model_files):
 
 
 def test_repl_runtime_does_not_import_torch():
-    code = ("import sys, runtime.session, repl.generate, runtime.settings; "
+    code = ("import sys, runtime.session, runtime.generate, runtime.settings; "
             "print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
