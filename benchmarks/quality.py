@@ -37,7 +37,7 @@ if str(REPO_ROOT) not in sys.path:  # `python benchmarks/quality.py` puts benchm
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.common import cpu_model  # noqa: E402 - importable once the repo root is on the path
-from models.atomic import atomic_write_bytes  # noqa: E402
+from runtime.atomic import atomic_write_bytes  # noqa: E402
 
 DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 SHAKESPEARE = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"

@@ -60,9 +60,9 @@ from export.graph import (
     initializer_bytes,
 )
 from export.verify import Verification, VerificationError, verify_gpt2, verify_rnn
-from models.atomic import atomic_write_bytes
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.registry import model_from_checkpoint
+from runtime.atomic import atomic_write_bytes
 from runtime.modelfile import ModelInfo, SpecialTokens, encode_metadata
 
 DEFAULT_OPSET = 17  # TorchScript graphs: LSTM/GRU ops and decomposed GPT-2 attention; onnxruntime 1.18+ runs it

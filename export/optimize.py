@@ -25,7 +25,7 @@ from pathlib import Path
 import onnx
 
 from export.graph import initializer_bytes
-from models.atomic import atomic_write_bytes
+from runtime.atomic import atomic_write_bytes
 from runtime.modelfile import ModelFileError, ModelInfo, decode_metadata
 
 MAX_SIZE_RATIO = 1.05  # an optimised graph may store at most this much more weight data than the source

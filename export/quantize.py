@@ -46,7 +46,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from export.graph import attribute, consumers, initializer_bytes
-from models.atomic import atomic_write_bytes
+from runtime.atomic import atomic_write_bytes
 from runtime.modelfile import KEY_SOURCE, ModelFileError, ModelInfo, decode_metadata, encode_metadata
 
 Mode = Literal["int8", "int4", "fp16"]

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from models.atomic import atomic_write_bytes
+from runtime.atomic import atomic_write_bytes
 
 CHECKPOINT_FORMAT = "textgen-checkpoint"
 CHECKPOINT_VERSION = 1

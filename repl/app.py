@@ -24,9 +24,9 @@ from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from rich.console import Console
 from rich.text import Text
 
-from models.atomic import atomic_write_text
 from repl.commands import QuitRepl, ReplCompleter, ReplError, parse_command
 from repl.sampling import SettingError
+from runtime.atomic import atomic_write_text
 from runtime.generate import GenerationResult, Session, SessionError
 from runtime.modelfile import ModelFileError
 from runtime.session import OnnxModel

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.atomic import atomic_write_bytes, atomic_write_text
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.registry import model_from_checkpoint
 from models.rnn import RNNConfig, RNNLanguageModel
+from runtime.atomic import atomic_write_bytes, atomic_write_text
 
 
 def payload(model: RNNLanguageModel) -> dict:
