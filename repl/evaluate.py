@@ -29,7 +29,7 @@ model's generation settings (changed with ``--set``), each starting from the end
 distinct words / words in that sample: low values mean loops), distinct-1/2/3 (distinct word n-grams / n-grams,
 pooled over all samples: low values mean the samples resemble each other), the mean entropy in nats of the
 SAMPLING distribution at each generated step (after the whole sampler chain: 0 for greedy), mean length in tokens
-and words, and the share of samples that ended with the end-of-text token. Words are defined in repl.textmetrics.
+and words, and the share of samples that ended with the end-of-text token. Words are defined in runtime.textmetrics.
 ``--reference FILE`` cuts held-out text into as many chunks as there are samples, each as long (in tokens) as
 the mean sample, and reports the same text metrics for it. ``--judge J.onnx`` adds the mean cross-entropy
 (nats/token) of the generated text under another model file, re-tokenized with its tokenizer and conditioned
@@ -58,7 +58,11 @@ from typing import Any
 import numpy as np
 
 from repl.sampling import SettingError
-from repl.textmetrics import (
+from runtime.generate import Session
+from runtime.modelfile import ModelFileError
+from runtime.session import ModelRunError, OnnxModel
+from runtime.settings import Settings
+from runtime.textmetrics import (
     bits,
     chunk_evenly,
     entropy,
@@ -66,10 +70,6 @@ from repl.textmetrics import (
     text_stats,
     token_nll,
 )
-from runtime.generate import Session
-from runtime.modelfile import ModelFileError
-from runtime.session import ModelRunError, OnnxModel
-from runtime.settings import Settings
 
 LOGIT_BUDGET = 1 << 24  # floats of logits per onnxruntime call (64 MB): bounds memory for a 50k vocabulary
 MAX_CHUNK = 4096  # tokens per stateful RNN call

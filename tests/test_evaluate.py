@@ -29,9 +29,9 @@ from repl.evaluate import (
     sliding_windows,
     sweep_grid,
 )
-from repl.textmetrics import chunk_evenly, distinct_n, entropy, text_stats, token_nll, unique_word_rate, words
 from runtime.modelfile import ModelInfo, SpecialTokens, StateSpec, encode_metadata
 from runtime.session import OnnxModel
+from runtime.textmetrics import chunk_evenly, distinct_n, entropy, text_stats, token_nll, unique_word_rate, words
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = "abc def, ghij.\nab cd ef gh ij.\n"
@@ -42,7 +42,7 @@ def open_model(path: Path) -> OnnxModel:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Reference log-softmax in float64, independent of repl.textmetrics."""
+    """Reference log-softmax in float64, independent of runtime.textmetrics."""
     values = logits.astype(np.float64)
     shifted = values - values.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
