@@ -618,7 +618,7 @@ def _open_model(path: str | Path, device: str, threads: int | None) -> OnnxModel
 
 
 def _load_documents(path: str, fmt: str, column: str | None) -> tuple[list[str], bool]:
-    from train.corpus import CorpusError, load_corpus  # pure Python: no torch behind it
+    from runtime.corpus import CorpusError, load_corpus
 
     try:
         corpus = load_corpus(path, fmt=fmt, column=column)

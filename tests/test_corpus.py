@@ -1,4 +1,4 @@
-"""train/corpus.py: every format, every filter, every bad input, and the train/validation split."""
+"""runtime/corpus.py: every format, every filter, every bad input, and the train/validation split."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from train.corpus import (
+from runtime.corpus import (
     FORMATS,
     Corpus,
     CorpusError,

@@ -20,9 +20,9 @@ from typing import Any, NoReturn
 from rich.console import Console
 
 from models.checkpoint import CheckpointError
+from runtime.corpus import FORMATS, CorpusError
 from train.batches import DataSizeError
 from train.config import OPTIMIZERS, SCHEDULES, TrainConfig, TrainingError
-from train.corpus import FORMATS, CorpusError
 from train.distributed import is_main_process, launched_by_torchrun
 from train.presets import ARCH_DEFAULTS, FINETUNE_DEFAULTS, PRESETS, preset_names, resolve_preset_data
 from train.tokenizer import TokenizerError

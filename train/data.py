@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from tokenizers import Tokenizer
 
+from runtime.corpus import CorpusFilters, load_corpus, split_train_val
 from train.config import TrainConfig
-from train.corpus import CorpusFilters, load_corpus, split_train_val
 from train.tokenizer import build_tokenizer, encode_documents, special_token_ids, tokenizer_kind
 
 

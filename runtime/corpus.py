@@ -12,6 +12,9 @@ Formats (``fmt``):
 
 Every file is read as UTF-8 (a BOM is dropped) with CRLF normalised to LF. Anything unusable raises CorpusError
 with a one-line message naming the file.
+
+Training (train/data.py) and textgen-eval both read corpora through this module, so a held-out file is cut
+into documents exactly as the training text was; it is pure Python, hence its place in the torch-free package.
 """
 
 from __future__ import annotations
