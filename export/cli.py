@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from runtime.errors import first_line
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -83,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = export_checkpoint(args.checkpoint, args.output, opset=args.opset, tolerance=args.tolerance,
                                    attention=args.attention)
         if result.fallback:
-            reason = _one_line(result.fallback)
+            reason = first_line(result.fallback)
             print(f"notice: the opset-{ATTENTION_OPSET} Attention-op graph was not used ({reason}); wrote the "
                   "decomposed-attention graph instead (correct, slower on CPU)", file=sys.stderr)
         graph = f"opset {result.opset}" + (", ONNX Attention op" if result.attention_op else "")
@@ -95,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except _user_errors() as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {first_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0
 
@@ -120,11 +122,6 @@ def _quantize(fp32_path: Path, mode: str, eval_text: str | None) -> int:
         print(f"warning: {mode} costs {increase:.2%} perplexity, above the {limit:.0%} limit; prefer the fp32 file",
               file=sys.stderr)
     return 0
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
 
 
 def _human_size(size: int) -> str:

@@ -63,6 +63,7 @@ from export.verify import Verification, VerificationError, verify_gpt2, verify_r
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.registry import model_from_checkpoint
 from runtime.atomic import atomic_write_bytes
+from runtime.errors import first_line
 from runtime.modelfile import ModelInfo, SpecialTokens, encode_metadata
 
 DEFAULT_OPSET = 17  # TorchScript graphs: LSTM/GRU ops and decomposed GPT-2 attention; onnxruntime 1.18+ runs it
@@ -198,7 +199,7 @@ def _load_checkpoint(path: Path) -> _Source:
     except CheckpointError:
         raise
     except Exception as exc:  # torch's unpickler raises e.g. IndexError on arbitrary bytes; still a bad file
-        raise CheckpointError(f"{path} is not a readable checkpoint (not ours or damaged): {_first_line(exc)}") from exc
+        raise CheckpointError(f"{path} is not a readable checkpoint (not ours or damaged): {first_line(exc)}") from exc
     model = model_from_checkpoint(checkpoint)
     return _Source(
         arch=checkpoint["arch"],
@@ -382,7 +383,7 @@ def _export_graph(model: nn.Module, signature: GraphSignature, opset: int) -> on
                 dynamo=False,
             )
     except (RuntimeError, ValueError, TypeError, torch.onnx.errors.OnnxExporterError) as exc:
-        raise ExportError(f"the ONNX exporter failed: {_first_line(exc)}") from exc
+        raise ExportError(f"the ONNX exporter failed: {first_line(exc)}") from exc
     proto = onnx.load_model_from_string(buffer.getvalue())
     try:
         check_signature(proto, signature)
@@ -418,7 +419,7 @@ def _export_attention_graph(model: nn.Module, signature: GraphSignature) -> onnx
     except GraphCheckError as exc:
         raise ExportError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - torch.export/onnxscript raise many types; all mean "no graph"
-        raise ExportError(f"the opset-{ATTENTION_OPSET} dynamo exporter failed: {_first_line(exc)}") from exc
+        raise ExportError(f"the opset-{ATTENTION_OPSET} dynamo exporter failed: {first_line(exc)}") from exc
     finally:
         exporter_log.setLevel(previous_level)
     _name_dynamic_axes(proto, signature)
@@ -478,7 +479,7 @@ def _serialize_checked(proto: onnx.ModelProto) -> bytes:
     try:
         onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(f"the exported graph is not valid ONNX: {_first_line(exc)}") from exc
+        raise ExportError(f"the exported graph is not valid ONNX: {first_line(exc)}") from exc
     return proto.SerializeToString()
 
 
@@ -494,9 +495,4 @@ def _verify(
     except Exception as exc:  # onnxruntime raises its own exception classes; any failure means a broken graph
         if isinstance(exc, ExportError):
             raise
-        raise ExportError(f"verification failed: onnxruntime could not run the graph: {_first_line(exc)}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise ExportError(f"verification failed: onnxruntime could not run the graph: {first_line(exc)}") from exc

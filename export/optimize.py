@@ -26,6 +26,7 @@ import onnx
 
 from export.graph import initializer_bytes
 from runtime.atomic import atomic_write_bytes
+from runtime.errors import first_line
 from runtime.modelfile import ModelFileError, ModelInfo, decode_metadata
 
 MAX_SIZE_RATIO = 1.05  # an optimised graph may store at most this much more weight data than the source
@@ -63,7 +64,7 @@ def optimize_gpt2(src_onnx: Path | str, dst_onnx: Path | str, opt_level: int = 0
             optimized = optimize_model(str(source), model_type="gpt2", num_heads=heads, hidden_size=width,
                                        opt_level=opt_level, use_gpu=False).model
     except Exception as exc:  # noqa: BLE001 - the optimizer raises bare Exceptions and asserts
-        raise OptimizeError(f"the GPT-2 optimizer failed: {_first_line(exc)}") from exc
+        raise OptimizeError(f"the GPT-2 optimizer failed: {first_line(exc)}") from exc
     return _finish(original, optimized, source, target, fused=_added_ops(original, optimized))
 
 
@@ -118,7 +119,7 @@ def _load(path: Path) -> onnx.ModelProto:
     try:
         return onnx.load(str(path))
     except Exception as exc:  # noqa: BLE001 - protobuf decode errors have several types
-        raise OptimizeError(f"{path} is not a readable ONNX model: {_first_line(exc)}") from exc
+        raise OptimizeError(f"{path} is not a readable ONNX model: {first_line(exc)}") from exc
 
 
 def _gpt2_info(model: onnx.ModelProto, where: Path) -> ModelInfo:
@@ -129,8 +130,3 @@ def _gpt2_info(model: onnx.ModelProto, where: Path) -> ModelInfo:
     if info.arch != "gpt2":
         raise OptimizeError(f"{where} is a {info.arch} model; these optimisations are for GPT-2 files")
     return info
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -47,6 +47,7 @@ from onnx import helper, numpy_helper
 
 from export.graph import attribute, consumers, initializer_bytes
 from runtime.atomic import atomic_write_bytes
+from runtime.errors import first_line
 from runtime.modelfile import KEY_SOURCE, ModelFileError, ModelInfo, decode_metadata, encode_metadata
 
 Mode = Literal["int8", "int4", "fp16"]
@@ -123,7 +124,7 @@ def _quantize_int8(source: Path, work: Path) -> onnx.ModelProto:
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True, all_tensors_to_one_file=True)
         quantize_dynamic(str(prepared), str(quantized), op_types_to_quantize=["MatMul"], reduce_range=True)
     except Exception as exc:  # noqa: BLE001 - the quantizer raises bare Exceptions and asserts
-        raise QuantizeError(f"int8 quantization failed: {_first_line(exc)}") from exc
+        raise QuantizeError(f"int8 quantization failed: {first_line(exc)}") from exc
     model = onnx.load(str(quantized))
     _share_tied_table_int8(model)
     return model
@@ -145,7 +146,7 @@ def _quantize_int4(original: onnx.ModelProto) -> onnx.ModelProto:
         )
         quantizer.process()
     except Exception as exc:  # noqa: BLE001
-        raise QuantizeError(f"int4 quantization failed: {_first_line(exc)}") from exc
+        raise QuantizeError(f"int4 quantization failed: {first_line(exc)}") from exc
     result = quantizer.model.model
     _share_tied_table_int4(result)
     return result
@@ -163,7 +164,7 @@ def _convert_fp16(original: onnx.ModelProto) -> onnx.ModelProto:
             warnings.simplefilter("ignore")  # it warns about each weight value clipped to float16's range
             return convert_float_to_float16(model, keep_io_types=["logits"])
     except Exception as exc:  # noqa: BLE001 - the converter raises bare Exceptions and asserts
-        raise QuantizeError(f"fp16 conversion failed: {_first_line(exc)}") from exc
+        raise QuantizeError(f"fp16 conversion failed: {first_line(exc)}") from exc
 
 
 def _int4_block_size(model: onnx.ModelProto) -> int:
@@ -361,7 +362,7 @@ def _check_loads(model_bytes: bytes, source: Path, compare_logits: bool = False)
                 reference = OnnxModel.open(source, device="cpu", threads=1)
                 difference, peak = compare_model_files(reference, model)
         except Exception as exc:  # noqa: BLE001 - ModelLoadError, or onnxruntime's own types at run time
-            raise QuantizeError(f"the quantized model does not run in onnxruntime: {_first_line(exc)}") from exc
+            raise QuantizeError(f"the quantized model does not run in onnxruntime: {first_line(exc)}") from exc
     if compare_logits and difference > FP16_TOLERANCE * max(1.0, peak):
         raise QuantizeError(f"the fp16 model's logits differ from the source's by {difference:.3g} (max |logit| "
                             f"{peak:.3g}); keep the float32 file")
@@ -427,7 +428,7 @@ def _load(path: Path) -> onnx.ModelProto:
     try:
         return onnx.load(str(path))
     except Exception as exc:  # noqa: BLE001 - protobuf decode errors have several types
-        raise QuantizeError(f"{path} is not a readable ONNX model: {_first_line(exc)}") from exc
+        raise QuantizeError(f"{path} is not a readable ONNX model: {first_line(exc)}") from exc
 
 
 def _copy_metadata(original: onnx.ModelProto, quantized: onnx.ModelProto, mode: str) -> None:
@@ -499,8 +500,3 @@ def _quiet_quantizer() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from runtime.atomic import atomic_write_bytes
+from runtime.errors import first_line
 
 CHECKPOINT_FORMAT = "textgen-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -78,9 +79,9 @@ def _restricted_load(file: Path) -> Any:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only=True refuses any global it does not know: this is where pickle payloads end up.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        first = first_line(str(exc)) or "unsafe content"
         raise CheckpointError(f"{file} was refused: it holds objects that are not plain tensors ({first})") from exc
     except Exception as exc:  # arbitrary bytes can make the zip/pickle readers raise almost anything
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        detail = first_line(str(exc))
         reason = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
         raise CheckpointError(f"{file} is not a readable checkpoint (truncated or not ours; {reason})") from exc

@@ -19,6 +19,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from models.gpt2 import GPT2, GPT2Config
+from runtime.errors import first_line
 
 EOS_TEXT = "<|endoftext|>"
 MAX_JSON_BYTES = 4 * 1024 * 1024  # config.json and the shard index are a few KB
@@ -120,7 +121,7 @@ def _read_json(file: Path) -> dict[str, Any]:
             raise HFImportError(f"{file} is too large to be a config file")
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HFImportError(f"cannot read {file}: {_first_line(exc)}") from exc
+        raise HFImportError(f"cannot read {file}: {first_line(exc)}") from exc
     if not isinstance(data, dict):
         raise HFImportError(f"{file} is not a JSON object")
     return data
@@ -149,7 +150,7 @@ def _load_tokenizer(directory: Path) -> Tokenizer:
     except HFImportError:
         raise
     except Exception as exc:  # the tokenizers library raises plain Exception subclasses for bad files
-        raise HFImportError(f"cannot read the tokenizer in {directory}: {_first_line(exc)}") from exc
+        raise HFImportError(f"cannot read the tokenizer in {directory}: {first_line(exc)}") from exc
     # A padding/truncation setting saved with the tokenizer would silently pad or cut the user's prompts.
     tokenizer.no_padding()
     tokenizer.no_truncation()
@@ -206,7 +207,7 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(file), device="cpu")
     except (SafetensorError, OSError) as exc:
-        raise HFImportError(f"cannot read {file}: {_first_line(exc)}") from exc
+        raise HFImportError(f"cannot read {file}: {first_line(exc)}") from exc
 
 
 def _load_sharded_safetensors(index_file: Path) -> dict[str, torch.Tensor]:
@@ -228,7 +229,7 @@ def _load_pytorch_bin(file: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as exc:
         raise HFImportError(f"{file} was refused: it holds objects that are not plain tensors") from exc
     except (zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError) as exc:
-        raise HFImportError(f"cannot read {file}: {_first_line(exc)}") from exc
+        raise HFImportError(f"cannot read {file}: {first_line(exc)}") from exc
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise HFImportError(f"{file} is not a state dict of tensors")
     return data
@@ -279,8 +280,3 @@ def _check_tied_head(converted: dict[str, torch.Tensor], directory: Path) -> Non
 def _first_few(names: list[str], count: int = 4) -> str:
     shown = ", ".join(names[:count])
     return f"{shown} (and {len(names) - count} more)" if len(names) > count else shown
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

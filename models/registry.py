@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from models.checkpoint import CheckpointError
+from runtime.errors import first_line
 
 
 def build_model(arch: str, model_config: dict[str, Any]) -> nn.Module:
@@ -31,6 +32,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint weights do not fit its {checkpoint['arch']} config: {first}") from exc
+        raise CheckpointError(
+            f"checkpoint weights do not fit its {checkpoint['arch']} config: {first_line(exc)}"
+        ) from exc
     return model.eval()

@@ -27,6 +27,7 @@ from rich.text import Text
 from repl.commands import QuitRepl, ReplCompleter, ReplError, parse_command
 from repl.sampling import SettingError
 from runtime.atomic import atomic_write_text
+from runtime.errors import first_line
 from runtime.generate import GenerationResult, Session, SessionError
 from runtime.modelfile import ModelFileError
 from runtime.session import OnnxModel
@@ -162,10 +163,10 @@ class ReplApp:
             self.note("interrupted")
         except _EXPECTED_ERRORS as exc:
             self._finish_output()
-            self.error(_one_line(exc))
+            self.error(_error_line(exc))
         except Exception as exc:  # noqa: BLE001 - a bug must not end the user's session with a traceback
             self._finish_output()
-            self.error(f"internal error: {type(exc).__name__}: {_one_line(exc)}")
+            self.error(f"internal error: {type(exc).__name__}: {_error_line(exc)}")
 
     # ------------------------------------------------------------------ output
 
@@ -415,8 +416,8 @@ def replay_transcript(model: OnnxModel, settings: Settings, transcript: list[dic
     return session
 
 
-def _one_line(exc: BaseException) -> str:
-    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+def _error_line(exc: BaseException) -> str:
+    """An OSError as "path: reason" (its str() leads with "[Errno N]"); anything else its first line."""
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
-    return text or type(exc).__name__
+    return first_line(exc)

@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
+from runtime.errors import first_line
+
 if TYPE_CHECKING:
     from runtime.generate import GenerationResult, Session
     from runtime.settings import Settings
@@ -257,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()  # the reader went away (e.g. `| head`): not an error worth a message
         return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line, never a traceback
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {_error_line(exc)}", file=sys.stderr)
         return EXIT_USAGE if _is_user_error(exc) else 1
 
 
@@ -273,11 +275,11 @@ def _is_user_error(exc: Exception) -> bool:
     return isinstance(exc, known)
 
 
-def _one_line(exc: Exception) -> str:
-    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    if isinstance(exc, CliError) or type(exc).__module__.startswith("repl."):
-        return text or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+def _error_line(exc: Exception) -> str:
+    """Our own errors as written; anything else prefixed by its type, which says what kind of failure it was."""
+    line = first_line(exc)
+    ours = isinstance(exc, CliError) or type(exc).__module__.startswith(("repl.", "runtime."))
+    return line if ours or line == type(exc).__name__ else f"{type(exc).__name__}: {line}"
 
 
 def _silence_stdout() -> None:

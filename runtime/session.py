@@ -22,6 +22,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from tokenizers import Tokenizer
 
+from runtime.errors import first_line
 from runtime.modelfile import ModelFileError, ModelInfo, decode_metadata
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -29,6 +30,7 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 _QUIET = 3  # onnxruntime logger: errors only (warnings such as "some nodes assigned to CPU" stay hidden)
 _SILENT = 4  # fatal only: provider-fallback errors while probing CUDA
+_MESSAGE_LIMIT = 200  # characters of a library message quoted in ours (onnxruntime can quote whole graphs)
 # What onnxruntime raises when a run fails (bad shapes, out of memory, a provider error); names vary by version.
 _ORT_RUN_ERRORS = tuple(
     getattr(_ort_state, name) for name in ("Fail", "InvalidArgument", "RuntimeException", "EPFail", "EngineError",
@@ -52,11 +54,6 @@ class ModelLoadError(ModelFileError):
 
     A subclass of ModelFileError, so metadata errors (re-raised as this type, same message) and load errors can
     be caught either way."""
-
-
-def _one_line(text: object, limit: int = 200) -> str:
-    first = next((line.strip() for line in str(text).splitlines() if line.strip()), "")
-    return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
 def _installed(distribution: str) -> bool:
@@ -86,7 +83,7 @@ def _preload_cuda_libraries() -> str | None:
         with contextlib.redirect_stdout(captured):
             ort.preload_dlls()
     except Exception as exc:  # noqa: BLE001 - a failed preload only means we learn less about why CUDA fails
-        return _one_line(exc)
+        return first_line(exc, limit=_MESSAGE_LIMIT)
     missing = re.search(r"Failed to load (\S+?):", captured.getvalue())
     return f"{Path(missing.group(1)).name} missing" if missing else None
 
@@ -173,7 +170,7 @@ def _create_session(path: Path, providers: list[str], threads: int | None) -> or
         options = _session_options(threads, path.stat().st_size)
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several pybind types for unreadable files
-        message = _one_line(exc)
+        message = first_line(exc, limit=_MESSAGE_LIMIT)
         if "opset" in message.lower():  # e.g. a GPT-2 file with the opset-23 Attention op on an old runtime
             message += f" (textgen GPT-2 files need onnxruntime >= 1.23; this is {ort.__version__})"
         raise ModelLoadError(f"{path} is not a readable ONNX model: {message}") from exc
@@ -226,7 +223,8 @@ def _load_tokenizer(info: ModelInfo, where: Path) -> Tokenizer:
     try:
         tokenizer = Tokenizer.from_str(info.tokenizer_json)
     except Exception as exc:  # noqa: BLE001 - tokenizers raises a plain Exception for bad JSON
-        raise ModelLoadError(f"{where}: the tokenizer in the metadata cannot be loaded: {_one_line(exc)}") from exc
+        reason = first_line(exc, limit=_MESSAGE_LIMIT)
+        raise ModelLoadError(f"{where}: the tokenizer in the metadata cannot be loaded: {reason}") from exc
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size > info.vocab_size:
         raise ModelLoadError(f"{where}: tokenizer has {size} tokens but the model only {info.vocab_size} outputs")
@@ -339,7 +337,7 @@ class OnnxModel:
                 return self._run_bound(feeds)
             outputs = self.session.run(self._output_names, feeds)
         except _ORT_RUN_ERRORS as exc:
-            raise ModelRunError(f"running {self.path.name} failed: {_one_line(exc)}") from exc
+            raise ModelRunError(f"running {self.path.name} failed: {first_line(exc, limit=_MESSAGE_LIMIT)}") from exc
         return outputs[0], dict(zip(self._state_inputs, outputs[1:], strict=True))
 
     def _run_bound(self, feeds: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:

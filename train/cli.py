@@ -21,6 +21,7 @@ from rich.console import Console
 
 from models.checkpoint import CheckpointError
 from runtime.corpus import FORMATS, CorpusError
+from runtime.errors import first_line
 from train.batches import DataSizeError
 from train.config import OPTIMIZERS, SCHEDULES, TrainConfig, TrainingError
 from train.distributed import is_main_process, launched_by_torchrun
@@ -199,7 +200,6 @@ def _run(argv: Sequence[str] | None) -> int:
 
 
 def _fail(message: str) -> int:
-    first_line = message.strip().splitlines()[0] if message.strip() else "training failed"
     rank = "" if is_main_process() else f"rank {os.environ.get('RANK')}: "
-    print(f"{rank}error: {first_line}", file=sys.stderr)
+    print(f"{rank}error: {first_line(message) or 'training failed'}", file=sys.stderr)
     return EXIT_BAD_INPUT

@@ -43,6 +43,7 @@ from torch.nn import functional as F
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.registry import build_model
 from models.rnn import RNNConfig, RNNLanguageModel, State, detach_state
+from runtime.errors import first_line
 from train import distributed
 from train.batches import (
     BlockBatcher,
@@ -249,7 +250,7 @@ class Trainer:
             try:
                 model.load_state_dict(resume["model"])
             except RuntimeError as exc:
-                raise CheckpointError(f"checkpoint weights do not fit its model config: {_first_line(exc)}") from exc
+                raise CheckpointError(f"checkpoint weights do not fit its model config: {first_line(exc)}") from exc
             return data, model, dict(resume["model_config"])
         if config.init_from is not None:
             return self._load_pretrained()
@@ -351,7 +352,7 @@ class Trainer:
             self.rnn_state = self._restored_rnn_state(state.get("rnn_state"))
             restore_rng_state(self._restored_rng_state(state))  # last: building the model and data drew numbers
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"the checkpoint's training state cannot be restored: {_first_line(exc)}") from exc
+            raise CheckpointError(f"the checkpoint's training state cannot be restored: {first_line(exc)}") from exc
 
     def _restored_rnn_state(self, saved: list[torch.Tensor] | None) -> State | None:
         """This process's streams of the saved (global) RNN state. A state saved by a run with a different
@@ -717,13 +718,8 @@ def _tokenizer_from_json(text: str) -> Tokenizer:
     try:
         return Tokenizer.from_str(text)
     except Exception as exc:  # the tokenizers library raises plain Exception for malformed JSON
-        raise CheckpointError(f"the stored tokenizer cannot be read: {_first_line(exc)}") from exc
+        raise CheckpointError(f"the stored tokenizer cannot be read: {first_line(exc)}") from exc
 
 
 def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from runtime.errors import first_line
+
 EOS_TOKEN = "<|endoftext|>"
 UNK_TOKEN = "<unk>"
 KINDS = ("char", "word", "bpe")
@@ -161,8 +163,7 @@ def _load_tokenizer(path_text: str) -> Tokenizer:
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as exc:  # the library raises plain Exception for unreadable or malformed JSON
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise TokenizerError(f"{path} is not a valid tokenizer.json: {first_line}") from None
+        raise TokenizerError(f"{path} is not a valid tokenizer.json: {first_line(exc)}") from None
     if tok.token_to_id(EOS_TOKEN) is None:
         _register_specials(tok, [EOS_TOKEN])
     return tok
