@@ -17,7 +17,7 @@ from runtime.modelfile import StateSpec
 BATCH, SEQ, PAST, TOTAL = "batch", "seq", "past_seq", "total_seq"
 
 # Example sizes for tracing: distinct and >= 2 so the exporter cannot mistake one axis for another or treat
-# a size-1 axis as a constant (see ../shared/NOTES.md).
+# a size-1 axis as a constant.
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 4
 
 

@@ -7,10 +7,10 @@ onnxruntime against PyTorch -> only then write the file atomically.
 Two exporters, chosen by architecture:
 
 * RNNs: the TorchScript exporter at opset 17 (fully dynamic LSTM/GRU graphs; the dynamo exporter froze dims of
-  recurrent graphs, see ../shared/NOTES.md).
+  recurrent graphs).
 * GPT-2 (``attention="auto"``, the default): the dynamo exporter at opset 23, where ``scaled_dot_product_attention``
-  becomes the standard ONNX ``Attention`` op: one kernel per layer instead of MatMul/Softmax/MatMul, 2-19 %
-  faster GPT-2-small decoding on a 2-core CPU across runs, tiny GPTs about 2x (docs/benchmarks.md). It is
+  becomes the standard ONNX ``Attention`` op: one kernel per layer instead of MatMul/Softmax/MatMul, faster
+  GPT-2 decoding on CPU, tiny GPTs most of all (docs/benchmarks.md has the figures). It is
   exported from (batch, seq, past) = (2, 3, 4) so no axis is frozen, and goes through the same checks and parity
   runs as any other graph. If the
   dynamo export raises or any check fails, the TorchScript opset-17 graph (attention decomposed into

@@ -3,7 +3,7 @@
 * ``optimize_gpt2(src, dst)``: onnxruntime.transformers' GPT-2 fusion passes (SkipLayerNorm, BiasGelu /
   FastGelu, Attention when its pattern matcher recognises our graph). ``opt_level`` 0 runs only those Python
   fusions: on another GPT-2 graph, level 1's constant folding re-materialised the transposed LM-head weight and
-  stored the tied embedding twice (652 MB for GPT-2 small, see ../shared/NOTES.md). The result is refused when
+  stored the tied embedding twice (652 MB for GPT-2 small). The result is refused when
   its weights grow beyond ``MAX_SIZE_RATIO`` x the source's or its logits drift from the source's.
 
 The other lever measured here, exporting GPT-2 at opset 23 so that ``scaled_dot_product_attention`` becomes the

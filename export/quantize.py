@@ -11,8 +11,7 @@ entry saying how). Nothing here quantizes by hand; onnxruntime.quantization does
   on a tiny LSTM: logits off by 28 % of their peak with 8-bit weights, 1.3 % with 7-bit ones. A model file runs
   wherever it is copied, so every int8 file is made the way that is safe on every x86 CPU.
   ``MatMul`` only, because with the default op types the tied LM-head weight, which the embedding lookup also
-  reads through a Gather, was quantized as a Gather input and all of it dequantized on every step
-  (see ../shared/NOTES.md).
+  reads through a Gather, was quantized as a Gather input and all of it dequantized on every step.
 * int4: ``MatMulNBitsQuantizer`` (blocks of 128 along K, accuracy_level 4 = int8 compute in the kernel).
 
 The tied embedding: the exporter stores GPT-2's embedding once, as the LM head's ``[n_embd, vocab]`` MatMul
@@ -56,13 +55,13 @@ MODES: tuple[str, ...] = ("int8", "int4", "fp16")
 # the 4x128 char GPT-2 of the shakespeare-gpt2 preset).
 FP16_TOLERANCE = 1e-2
 MAX_FLOAT32_FRACTION = 0.01  # of the weight bytes an fp16 file may keep in float32 (ops the converter skips)
-# Blocks of 128 rather than 32: GPT-2 small 4.1 vs 5.1 ms/token (243 vs 195 tok/s) in one interleaved step loop;
-# perplexity cost +1.85 % vs +1.72 % (tiny GPT), +1.53 % vs +0.86 % (demo LSTM) in benchmarks/quantize_cost.py.
+# Blocks of 128 rather than 32: faster GPT-2 decoding for a slightly larger perplexity cost (docs/benchmarks.md,
+# levers: the int4 row).
 # A model with a narrower MatMul (K < 128, e.g. 64 wide) gets blocks of 32: the quantizer skips a weight whose K
 # is below the block size, which would leave it (and the tied LM head) in float32.
 INT4_BLOCK_SIZE = 128
 INT4_NARROW_BLOCK_SIZE = 32
-INT4_ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: 8.5 -> 5.8 ms/token on GPT-2 small (NOTES)
+INT4_ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: its fastest CPU kernel (docs/benchmarks.md, levers)
 MAX_PROTO_BYTES = 2**31 - 1
 QUANTIZED_MATMUL_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits")
 _NLL_CHUNK = 256  # tokens per runtime call while scoring text: bounds the [1, T, vocab] logits array

@@ -140,8 +140,8 @@ def default_threads(model_bytes: int) -> int:
     """intra-op threads when the user gives none: the physical cores, except for small models.
 
     A decode step of a small model (a char LSTM 1x512 is ~1M multiply-adds) is over before a second thread has
-    done useful work; measured here (2 cores, busy machine) 1 thread ran it in 0.34-0.41 ms/token and 2 threads
-    in 0.55-0.70 ms/token. Big models are memory-bound and gain from more cores."""
+    done useful work, so one thread is faster there (docs/benchmarks.md, levers). Big models are memory-bound and
+    gain from more cores."""
     return 1 if model_bytes < SMALL_MODEL_BYTES else physical_cores()
 
 

@@ -131,7 +131,8 @@ def test_int8_quantizes_the_lm_head_matmul(files: dict[str, Path]) -> None:
              and node.input[1] in initializers and vocab in initializers[node.input[1]].dims]
     assert len(heads) == 1
     assert initializers[heads[0].input[1]].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
-    # No per-step dequantization of a whole weight (the NOTES pitfall) and no float copy of the tied table left.
+    # No per-step dequantization of a whole weight (the Gather pitfall in export/quantize.py) and no float copy of
+    # the tied table left.
     for node in model.graph.node:
         if node.op_type == "DequantizeLinear":
             assert node.input[0] not in initializers
