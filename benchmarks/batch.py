@@ -1,8 +1,8 @@
 """Batched sampling: ``--n 32`` independent samples of the demo model decoded as one batch
 (runtime.generate.Session.generate_n, what ``textgen-repl --n 32`` runs) against one sample at a time.
 
-    python benchmarks/batch.py            # demo model (or a stand-in of its shape), rewrites its docs section
-    python benchmarks/batch.py --smoke    # small stand-in, seconds, prints only
+    python -m benchmarks.batch            # demo model (or a stand-in of its shape), rewrites its docs section
+    python -m benchmarks.batch --smoke    # small stand-in, seconds, prints only
 
 Both use the model's default sampler settings and produce exactly ``--tokens`` tokens per sample (end-of-text
 suppressed). Throughput counts every sample's tokens.
@@ -10,14 +10,10 @@ suppressed). Throughput counts every sample's tokens.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402 - the path line above makes `common` importable when run as a script
+from benchmarks.common import (
     Table,
     demo_model,
     fmt,

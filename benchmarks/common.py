@@ -1,7 +1,8 @@
 """Shared plumbing for the benchmark scripts: arguments, timing statistics, tables, the docs/benchmarks.md
 sections, the environment block, cached model files, and the decode loops being compared.
 
-Every script runs as ``python benchmarks/NAME.py [--smoke] [--threads N] [--repeats N] [--docs PATH | --no-docs]``.
+Every script runs from the repository root as
+``python -m benchmarks.NAME [--smoke] [--threads N] [--repeats N] [--docs PATH | --no-docs]``.
 ``--smoke`` shrinks models and token counts so the whole script runs in seconds (the tests use it); its numbers
 mean nothing and are never written to docs/benchmarks.md unless ``--docs`` names a file explicitly.
 
@@ -33,14 +34,12 @@ from typing import Any
 from runtime.atomic import atomic_write_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/ first, not the repo root
-    sys.path.insert(0, str(REPO_ROOT))
 
 DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 SHAKESPEARE = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 DEMO_MODEL = REPO_ROOT / "repl" / "demo" / "demo.onnx"
 DEFAULT_CACHE = Path(os.environ.get("TEXTGEN_BENCH_CACHE", Path.home() / ".cache" / "textgen-bench"))
-BUILD_SOURCES = ("models", "export")  # code whose change invalidates cached model files
+BUILD_SOURCES = ("models/*.py", "export/*.py", "runtime/modelfile.py")  # code whose change re-exports cached files
 FALLBACK_TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
     "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n"
@@ -304,7 +303,8 @@ def environment(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def command_line(script: str, args: argparse.Namespace) -> str:
-    return " ".join(["python", f"benchmarks/{script}", *(shlex.quote(a) for a in args.argv)])
+    """The command that reruns this benchmark, e.g. ``python -m benchmarks.batch --n 4`` for "batch.py"."""
+    return " ".join(["python", "-m", f"benchmarks.{Path(script).stem}", *(shlex.quote(a) for a in args.argv)])
 
 
 # --- reporting ----------------------------------------------------------------------------------------------------
@@ -443,7 +443,7 @@ def benchmark_eos(vocab_size: int) -> int:
 
 def _source_digest(extra: Iterable[Path] = ()) -> str:
     digest = hashlib.sha256()
-    files = sorted(p for folder in BUILD_SOURCES for p in (REPO_ROOT / folder).glob("*.py"))
+    files = sorted(p for pattern in BUILD_SOURCES for p in REPO_ROOT.glob(pattern))
     for path in [*files, *extra]:
         if path.name in ("quantize.py", "optimize.py") and path not in extra:
             continue  # they do not change the exported fp32 file

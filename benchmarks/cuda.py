@@ -1,8 +1,8 @@
 """GPT-2 decode on a CUDA GPU: our model file through the runtime on onnxruntime's CUDA provider, against the same
 loop on the CPU and PyTorch eager (KV cache) / Hugging Face ``generate`` on the GPU.
 
-    python benchmarks/cuda.py            # GPT-2 small shape, fp32 and fp16 files, rewrites its docs section
-    python benchmarks/cuda.py --smoke    # small shape, prints only
+    python -m benchmarks.cuda            # GPT-2 small shape, fp32 and fp16 files, rewrites its docs section
+    python -m benchmarks.cuda --smoke    # small shape, prints only
 
 Without a usable CUDA device (no GPU, no driver, onnxruntime without the CUDA provider, missing CUDA/cuDNN
 libraries) it prints ``skipped: <reason>`` and exits 0, leaving docs/benchmarks.md alone.
@@ -17,14 +17,11 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402 - the path line above makes `common` importable when run as a script
+from benchmarks.common import (
     GPT2_SMALL,
     GPT2_SMOKE,
     GREEDY,
@@ -52,6 +49,7 @@ from common import (  # noqa: E402 - the path line above makes `common` importab
     torch_gpt2_decode,
     torch_model,
 )
+from runtime.errors import first_line
 
 PROMPT = "ROMEO:"
 
@@ -120,7 +118,7 @@ def cuda_unavailable_reason() -> str | None:
     try:
         session = ort.InferenceSession(probe.SerializeToString(), providers=["CUDAExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - any failure means no CUDA for us
-        return f"CUDA session failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+        return f"CUDA session failed: {first_line(exc)}"
     finally:
         ort.set_default_logger_severity(3)
     if "CUDAExecutionProvider" not in session.get_providers():

@@ -2,25 +2,21 @@
 grow), and GPT-2 ms/token with the KV cache at positions 16..512, for fp32 and int4 weights, beside recomputing
 the whole prefix without a cache (what a loop without a cache pays).
 
-    python benchmarks/flat_cost.py            # char-LSTM demo shape + GPT-2 small shape, rewrites its docs section
-    python benchmarks/flat_cost.py --smoke    # small shapes and positions, seconds, prints only
+    python -m benchmarks.flat_cost            # char-LSTM demo shape + GPT-2 small shape, rewrites its docs section
+    python -m benchmarks.flat_cost --smoke    # small shapes and positions, seconds, prints only
 
 All through runtime.session's OnnxModel.run: the prefix is fed untimed, then single-token steps are timed.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402 - the path line above makes `common` importable when run as a script
+from benchmarks.common import (
     GPT2_SMALL,
     GPT2_SMOKE,
     Table,

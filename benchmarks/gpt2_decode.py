@@ -2,8 +2,8 @@
 the graph-level levers) against PyTorch eager with a KV cache and Hugging Face ``generate``, plus the memory-
 bandwidth bound measured here, file size against parameter bytes, and the session-level levers.
 
-    python benchmarks/gpt2_decode.py            # full run (GPT-2 small shape, 64 tokens x 5), rewrites its docs section
-    python benchmarks/gpt2_decode.py --smoke    # tiny shape, seconds, prints only
+    python -m benchmarks.gpt2_decode            # full run (GPT-2 small shape, 64 tokens x 5), rewrites its docs section
+    python -m benchmarks.gpt2_decode --smoke    # tiny shape, seconds, prints only
 
 Every runner decodes greedily from the same prompt with the same weights (random, seeded) and is forced to
 produce exactly ``--tokens`` tokens (end-of-text suppressed); ms/token is a whole turn's wall time (prompt
@@ -21,9 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402 - the path line above makes `common` importable when run as a script
+from benchmarks.common import (
     GPT2_SMALL,
     GPT2_SMOKE,
     GREEDY,
@@ -104,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Memory bandwidth measured here: best {fmt(bandwidth.high / 1e9)} GB/s, median "
         f"{fmt(bandwidth.median / 1e9)} GB/s (torch sum over a {64 if args.smoke else 512} MB float32 array, "
         f"{args.threads} threads, {len(bandwidth.samples)} runs); the bound uses the best.",
-        "Earlier measurements on this kind of machine (../shared/NOTES.md, not re-run here): ggml examples/gpt-2 "
+        "Earlier measurements on this kind of machine (not re-run here): ggml examples/gpt-2 "
         "2 threads f32 17.3, q8_0 6.6, q4_0 6.2 ms/token.",
     ]
     report(args, "gpt2_decode.py", "gpt2_decode", f"GPT-2 decode, batch 1, CPU, {args.threads} threads", tables,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run THERE, on the lent GPU machine, in the call that carries the last piece from benchmarks/gpu_prepare.sh:
 # puts onnxruntime-gpu together (checked against its SHA-256), unpacks it ahead of the machine's CPU-only
-# onnxruntime, runs the CUDA-marked tests and benchmarks/cuda.py (which rewrites its docs section). The logs and
+# onnxruntime, runs the CUDA-marked tests and python -m benchmarks.cuda (which rewrites its docs section). The logs and
 # docs/benchmarks.md land in $OUT; copy the section back into docs/benchmarks.md here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,7 @@ status=0  # the first failure (a failing test, a timeout's 124) becomes the exit
 timeout 240 python3 -m pytest -p no:cacheprovider -m cuda -rs tests/test_runtime.py tests/test_quantize.py 2>&1 \
     | tee "$out/pytest-cuda.log"
 rc=$?; [ "$status" -ne 0 ] || status=$rc
-timeout 420 python3 benchmarks/cuda.py 2>&1 | tee "$out/cuda.log"
+timeout 420 python3 -m benchmarks.cuda 2>&1 | tee "$out/cuda.log"
 rc=$?; [ "$status" -ne 0 ] || status=$rc
 cp docs/benchmarks.md "$out/"
 exit "$status"

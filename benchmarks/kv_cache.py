@@ -4,18 +4,16 @@ attention (12 layers, 12 heads of 64) on onnxruntime's CPU kernels: the growing 
 fixed-capacity cache (opset 24 ``TensorScatter`` writing the new position in place through IO binding, then
 ``Attention`` reading the buffer with ``nonpad_kv_seqlen``, the valid length per row).
 
-    python benchmarks/kv_cache.py            # rewrites its docs section
-    python benchmarks/kv_cache.py --smoke    # tiny shapes, seconds, prints only
+    python -m benchmarks.kv_cache            # rewrites its docs section
+    python -m benchmarks.kv_cache --smoke    # tiny shapes, seconds, prints only
 
 Only the attention part of a step is timed (q/k/v are given); weights and MatMuls are the same either way.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,9 +22,7 @@ import onnxruntime as ort
 from onnx import TensorProto
 from onnx import helper as make
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402 - the path line above makes `common` importable when run as a script
+from benchmarks.common import (
     BenchmarkError,
     Table,
     fmt_ratio,

@@ -5,7 +5,7 @@ end-to-end run (`textgen-train --arch gpt2 --init-from DIR`) starts from this st
 GPT-2 of a chosen size with a GPT-2-style byte-level BPE tokenizer trained on a corpus. With real weights on
 disk (e.g. a `save_pretrained` copy of distilgpt2 or gpt2) the same command works unchanged.
 
-    python benchmarks/make_small_hf_gpt2.py --corpus ../shared/data/tinyshakespeare.txt --out runs/small-gpt2
+    python -m benchmarks.make_small_hf_gpt2 --corpus ../shared/data/tinyshakespeare.txt --out runs/small-gpt2
 
 Needs `transformers` (a test/dev dependency).
 """

@@ -32,13 +32,10 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from benchmarks.common import cpu_model
+from runtime.atomic import atomic_write_bytes
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `python benchmarks/quality.py` puts benchmarks/ first, not the repo root
-    sys.path.insert(0, str(REPO_ROOT))
-
-from benchmarks.common import cpu_model  # noqa: E402 - importable once the repo root is on the path
-from runtime.atomic import atomic_write_bytes  # noqa: E402
-
 DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 SHAKESPEARE = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 MARK_START, MARK_END = "<!-- quality:start -->", "<!-- quality:end -->"
@@ -57,7 +54,7 @@ GOALS = {"shakespeare-char": 1.50, "shakespeare-gpt2": 1.70}  # val nats/char wi
 BUDGET = 90.0
 SMOKE_BUDGET = 2.0
 SMOKE_EVAL_TOKENS = 2000
-# ../shared/NOTES.md: nanoGPT's CPU recipe (4x128 GPT, block 64, batch 12, 2,000 iters, dropout 0) on this machine.
+# nanoGPT's CPU recipe (4x128 GPT, block 64, batch 12, 2,000 iters, dropout 0), run earlier on this kind of machine.
 NANOGPT_VAL_LOSS, NANOGPT_SECONDS, NANOGPT_STEPS = 1.8857, 92.6, 2000
 PROTOCOL_NOTES = (
     "Validation: the last 10 % of the characters (111,540 of tiny Shakespeare's 1,115,394, nanoGPT's split), all "
@@ -69,7 +66,7 @@ PROTOCOL_NOTES = (
     "validation character, so it has no sampling noise (nanoGPT's 240-window estimate has some).",
     "LSTM protocol: the validation text cut into 32 contiguous pieces, the state carried through each piece, so a "
     "prediction sees everything before it in its piece (measured +0.002 nats/char against one single stream).",
-    "nanoGPT row: nanoGPT's own code, measured earlier on this kind of machine (../shared/NOTES.md), not re-run "
+    "nanoGPT row: nanoGPT's own code, measured earlier on this kind of machine, not re-run "
     "here; its 2,000 iterations took 92.6 s wall with 2 threads. The machine behind this kind has changed since "
     "(see the machine line): `nanogpt-settings` is the same-machine yardstick, nanoGPT's CPU-recipe settings "
     "(AdamW lr 1e-3, warmup 100, weight decay 0.1, batch 12, 4x128, block 64; AdamW beta2 0.95 where nanoGPT's "
@@ -202,7 +199,7 @@ def environment() -> list[str]:
 
 
 def section(runs: Sequence[PresetRun], argv: Sequence[str], smoke: bool) -> str:
-    command = " ".join(["python", "benchmarks/quality.py", *(shlex.quote(a) for a in argv)])
+    command = " ".join(["python", "-m", "benchmarks.quality", *(shlex.quote(a) for a in argv)])
     lines = ["## Quality", "", f"Command: `{command}`" + (" (smoke: numbers mean nothing)" if smoke else ""), ""]
     lines += ["Each preset is trained by:", ""]
     for run in runs:

@@ -1,9 +1,9 @@
 """What int8 / int4 quantization (export/quantize.py) costs in quality: perplexity of held-out text through the
 runtime, fp32 file against quantized files, on models that learned something.
 
-    python benchmarks/quantize_cost.py            # trains (once, cached) the shakespeare-gpt2 preset, uses the demo
+    python -m benchmarks.quantize_cost            # trains (once, cached) the shakespeare-gpt2 preset, uses the demo
                                                   # model (or trains the shakespeare-char preset), rewrites its section
-    python benchmarks/quantize_cost.py --smoke    # random tiny models, seconds, prints only (ppl ~ vocab size)
+    python -m benchmarks.quantize_cost --smoke    # random tiny models, seconds, prints only (ppl ~ vocab size)
 
 Held-out text: the last 10% of tiny Shakespeare, the part the trainer's default ``--val-fraction 0.1`` keeps out
 of training; ``--eval-chars`` of it are scored (export.quantize.text_nll).
@@ -19,9 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402 - the path line above makes `common` importable when run as a script
+from benchmarks.common import (
     CHAR_LSTM_SMOKE,
     DEMO_MODEL,
     REPO_ROOT,

@@ -1,10 +1,10 @@
 """What the sampler chain costs per token: µs per row for several settings at a char-level vocabulary (67) and at
 GPT-2's (50,257), and end-to-end decode speed of the char-LSTM demo shape, greedy vs the full chain.
 
-    python benchmarks/sampler_cost.py               # rewrites its docs section
-    python benchmarks/sampler_cost.py --no-docs     # prints only
-    python benchmarks/sampler_cost.py --smoke       # seconds, prints only
-    python benchmarks/sampler_cost.py --gpt2-step   # also times a GPT-2-small decode step (exports ~500 MB once)
+    python -m benchmarks.sampler_cost               # rewrites its docs section
+    python -m benchmarks.sampler_cost --no-docs     # prints only
+    python -m benchmarks.sampler_cost --smoke       # seconds, prints only
+    python -m benchmarks.sampler_cost --gpt2-step   # also times a GPT-2-small decode step (exports ~500 MB once)
 
 Sampler rows: ``SamplerChain.sample`` on one row of random float32 logits (normal, sd 3) per call, with a history
 list that grows by one token per call as in the decode loop (penalties look at its last 64 tokens). End to end:
@@ -17,17 +17,13 @@ runtime picks for a model this small).
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402 - the path line above makes `common` importable when run as a script
+from benchmarks.common import (
     FULL_CHAIN,
     GPT2_SMALL,
     GPT2_SMOKE,
@@ -46,8 +42,7 @@ from common import (  # noqa: E402 - the path line above makes `common` importab
     report,
     run_main,
 )
-
-from repl.sampling import SamplerChain, SamplerSettings  # noqa: E402
+from repl.sampling import SamplerChain, SamplerSettings
 
 PROMPT = "ROMEO:"
 CHAR_VOCAB = 67  # the demo's 65 characters + end-of-text + unknown

@@ -2,8 +2,8 @@
 subprocess, beside the interpreter and onnxruntime import floors; and a check that torch is never imported on
 that path (``python -X importtime``), with the slowest imports listed.
 
-    python benchmarks/startup.py            # demo model + GPT-2 small shape (fp32, int4), rewrites its docs section
-    python benchmarks/startup.py --smoke    # small stand-in model, prints only
+    python -m benchmarks.startup            # demo model + GPT-2 small shape (fp32, int4), rewrites its docs section
+    python -m benchmarks.startup --smoke    # small stand-in model, prints only
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402 - the path line above makes `common` importable when run as a script
+from benchmarks.common import (
     GPT2_SMALL,
     REPO_ROOT,
     BenchmarkError,

@@ -1,8 +1,8 @@
 """Small-model decode speed with the FULL sampler chain on: a tiny GPT (nanoGPT's shakespeare_char shape: 4 layers,
 128 wide, 67-token char vocabulary) and the char-RNN demo shape (train/presets.py "shakespeare-char"), batch 1, CPU.
 
-    python benchmarks/tiny_decode.py            # 200 tokens x 5 turns per row, rewrites its docs section
-    python benchmarks/tiny_decode.py --smoke    # smaller shapes, seconds, prints only
+    python -m benchmarks.tiny_decode            # 200 tokens x 5 turns per row, rewrites its docs section
+    python -m benchmarks.tiny_decode --smoke    # smaller shapes, seconds, prints only
 
 Runners: ours (the model file through runtime.generate.Session, i.e. the REPL's own loop and sampler), Hugging Face
 ``generate`` (GPT only: transformers has no LSTM LM), and a PyTorch eager loop with the same weights and the same
@@ -14,14 +14,10 @@ waits that made torch 10x slower in a trial here); ``--threads 2`` compares the 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402 - the path line above makes `common` importable when run as a script
+from benchmarks.common import (
     CHAR_LSTM,
     CHAR_LSTM_SMOKE,
     FULL_CHAIN,
@@ -57,7 +53,7 @@ from common import (  # noqa: E402 - the path line above makes `common` importab
 
 PROMPT = "ROMEO:"
 NANOGPT_NOTE = ("nanoGPT's sample.py (not installable here, so not re-run): ~550 tok/s for the same tiny GPT shape, "
-                "an earlier measurement on this kind of machine (../shared/NOTES.md), quoted for scale only.")
+                "an earlier measurement on this kind of machine, quoted for scale only.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,12 +2,14 @@
 
 Speeds are not asserted (they depend on the machine and its load); what is asserted is that each script runs end
 to end, prints the rows and ratios it promises, and rewrites only its own section of a docs file. The scripts run
-in this process (imported from benchmarks/) with one shared model cache, except one run through the command line.
+in this process (imported as the benchmarks package) with one shared model cache, except those run through the
+command line (``python -m benchmarks.NAME`` from the repository root).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
+import os
 import re
 import subprocess
 import sys
@@ -16,19 +18,18 @@ from types import ModuleType
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+REPO = Path(__file__).resolve().parents[1]
 RATIO = re.compile(r"\d+\.\d\dx")
 
 
 def _load(name: str) -> ModuleType:
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class body runs
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def _run_module(name: str, *arguments: str, timeout: int) -> subprocess.CompletedProcess[str]:
+    """``python -m benchmarks.NAME ARGUMENTS`` from the repository root, as the docs say to run it."""
+    return subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *arguments], capture_output=True, text=True,
+                          timeout=timeout, check=False, cwd=REPO)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def _section(docs: Path, key: str) -> str:
     text = docs.read_text()
     assert text.count(f"<!-- benchmark:{key} -->") == 1 and text.count(f"<!-- /benchmark:{key} -->") == 1
     section = text.split(f"<!-- benchmark:{key} -->")[1].split(f"<!-- /benchmark:{key} -->")[0]
-    assert "Command: `python benchmarks/" in section and "--smoke" in section
+    assert "Command: `python -m benchmarks." in section and "--smoke" in section
     assert "- machine: " in section and "- versions: torch" in section
     assert re.search(r"^\|---", section, re.MULTILINE)  # a markdown table
     return section
@@ -132,8 +133,7 @@ def test_quantize_cost(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_cuda_skips_cleanly_or_reports(cache: Path, tmp_path: Path) -> None:
     docs = tmp_path / "bench.md"
-    result = subprocess.run([sys.executable, str(BENCHMARKS / "cuda.py"), "--smoke", "--cache-dir", str(cache),
-                             "--docs", str(docs)], capture_output=True, text=True, timeout=300, check=False)
+    result = _run_module("cuda", "--smoke", "--cache-dir", str(cache), "--docs", str(docs), timeout=300)
     assert result.returncode == 0, result.stderr
     if result.stdout.startswith("skipped: "):
         assert len(result.stdout.strip().splitlines()) == 1 and not docs.exists()
@@ -161,8 +161,7 @@ def test_sections_are_rewritten_in_place(tmp_path: Path) -> None:
     (["--cache-dir", __file__], "cannot use --cache-dir"),
 ])
 def test_bad_arguments_are_one_line_errors(arguments: list[str], message: str) -> None:
-    result = subprocess.run([sys.executable, str(BENCHMARKS / "batch.py"), "--smoke", *arguments],
-                            capture_output=True, text=True, timeout=120, check=False)
+    result = _run_module("batch", "--smoke", *arguments, timeout=120)
     assert result.returncode == 2 and message in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -171,14 +170,13 @@ def test_project_errors_become_one_line(tmp_path: Path) -> None:
     """A domain error from the project (here the quantizer refusing a file) is one line and exit code 2."""
     script = tmp_path / "failing.py"
     script.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {str(BENCHMARKS)!r})\n"
-        "from common import run_main\n"
+        "from benchmarks.common import run_main\n"
         "from export.quantize import quantize_model\n"
         "run_main(lambda argv: quantize_model('missing.onnx', 'out.onnx', 'int8'))\n"
     )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # the benchmarks package is importable from the repository root
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                            check=False, cwd=tmp_path)
+                            check=False, cwd=tmp_path, env=env)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: model file not found: missing.onnx"
 
@@ -192,8 +190,7 @@ def test_quality_smoke_writes_only_its_section(tmp_path: Path) -> None:
     marked section of a docs file (the rest of the file is kept byte for byte)."""
     docs = tmp_path / "bench.md"
     docs.write_text("# Benchmarks\n\nintro\n\n<!-- quality:start -->\nold table\n<!-- quality:end -->\n\ntail\n")
-    result = subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), "--smoke", "--docs", str(docs)],
-                            capture_output=True, text=True, timeout=600, check=False)
+    result = _run_module("quality", "--smoke", "--docs", str(docs), timeout=600)
     assert result.returncode == 0, result.stderr
     for preset in ("shakespeare-char", "shakespeare-gpt2", "nanogpt-settings"):
         assert preset in result.stdout

@@ -1,0 +1,1 @@
+"""Benchmark scripts, each run from the repository root as ``python -m benchmarks.NAME`` (see docs/benchmarks.md)."""
