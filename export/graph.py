@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,10 +23,22 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from export.adapters import GraphSignature
+from runtime.errors import first_line
 
 
 class GraphCheckError(Exception):
     """The exported graph does not match the model-file contract."""
+
+
+def load_model(path: Path, error: type[Exception]) -> onnx.ModelProto:
+    """The ONNX model at ``path``, for the passes that rewrite a written file (quantize, optimize); a missing or
+    unreadable file raises ``error``, the caller's own one-line error type."""
+    if not path.is_file():
+        raise error(f"model file not found: {path}")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - protobuf decode errors have several types
+        raise error(f"{path} is not a readable ONNX model: {first_line(exc)}") from exc
 
 
 def check_signature(model: onnx.ModelProto, signature: GraphSignature) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import onnx
 
-from export.graph import initializer_bytes
+from export.graph import initializer_bytes, load_model
 from runtime.atomic import atomic_write_bytes
 from runtime.errors import first_line
 from runtime.modelfile import ModelFileError, ModelInfo, decode_metadata
@@ -52,7 +52,7 @@ def optimize_gpt2(src_onnx: Path | str, dst_onnx: Path | str, opt_level: int = 0
     from onnxruntime.transformers.optimizer import optimize_model
 
     source, target = Path(src_onnx), Path(dst_onnx)
-    original = _load(source)
+    original = load_model(source, OptimizeError)
     info = _gpt2_info(original, source)
     config = info.model_config
     heads, width = int(config.get("n_head", 0)), int(config.get("n_embd", 0))
@@ -111,15 +111,6 @@ def _parity(reference_bytes: bytes, candidate_bytes: bytes) -> float:
 def _added_ops(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, int]:
     old, new = Counter(n.op_type for n in before.graph.node), Counter(n.op_type for n in after.graph.node)
     return {op: count for op, count in sorted(new.items()) if count > old.get(op, 0)}
-
-
-def _load(path: Path) -> onnx.ModelProto:
-    if not path.is_file():
-        raise OptimizeError(f"model file not found: {path}")
-    try:
-        return onnx.load(str(path))
-    except Exception as exc:  # noqa: BLE001 - protobuf decode errors have several types
-        raise OptimizeError(f"{path} is not a readable ONNX model: {first_line(exc)}") from exc
 
 
 def _gpt2_info(model: onnx.ModelProto, where: Path) -> ModelInfo:

@@ -44,7 +44,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from export.graph import attribute, consumers, initializer_bytes
+from export.graph import attribute, consumers, initializer_bytes, load_model
 from runtime.atomic import atomic_write_bytes
 from runtime.errors import first_line
 from runtime.modelfile import KEY_SOURCE, ModelFileError, ModelInfo, decode_metadata, encode_metadata
@@ -84,7 +84,7 @@ def quantize_model(src_onnx: Path | str, dst_onnx: Path | str, mode: Mode) -> Pa
         raise QuantizeError(f"model file not found: {source}")
     if target.exists() and target.resolve() == source.resolve():
         raise QuantizeError(f"output {target} would overwrite the source; choose another name")
-    original = _load(source)
+    original = load_model(source, QuantizeError)
     info = _textgen_info(original, source)
     if mode == "fp16" and info.arch != "gpt2":
         raise QuantizeError(f"{source}: fp16 is for GPT-2 files (GPU decoding); onnxruntime has no float16 "
@@ -421,13 +421,6 @@ def _window_nll(model: Any, ids: list[int]) -> float:
 
 
 # --- plumbing ---------------------------------------------------------------------------------------------------
-
-
-def _load(path: Path) -> onnx.ModelProto:
-    try:
-        return onnx.load(str(path))
-    except Exception as exc:  # noqa: BLE001 - protobuf decode errors have several types
-        raise QuantizeError(f"{path} is not a readable ONNX model: {first_line(exc)}") from exc
 
 
 def _copy_metadata(original: onnx.ModelProto, quantized: onnx.ModelProto, mode: str) -> None:
