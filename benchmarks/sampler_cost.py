@@ -43,11 +43,12 @@ from benchmarks.common import (
     run_main,
 )
 from repl.sampling import SamplerChain, SamplerSettings
+from runtime.defaults import DEFAULT_GENERATION
 
 PROMPT = "ROMEO:"
 CHAR_VOCAB = 67  # the demo's 65 characters + end-of-text + unknown
 GPT2_VOCAB = 50257
-EXPORT_DEFAULTS: dict[str, Any] = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}  # textgen.generation defaults
+EXPORT_DEFAULTS: dict[str, Any] = {k: v for k, v in DEFAULT_GENERATION.items() if k != "max_new_tokens"}
 CONFIGS: dict[str, dict[str, Any]] = {
     "greedy": GREEDY,
     "temperature 0.8 only": {"temperature": 0.8, "top_k": 0},

@@ -18,8 +18,8 @@ Two exporters, chosen by architecture:
   versions still get a correct, if slower, file. ``attention="op"`` makes that failure an error;
   ``attention="decomposed"`` skips the attempt.
 
-Generation defaults stored in the file are DEFAULT_GENERATION (llama.cpp's sampler defaults, which suit small
-models better than Hugging Face's temperature 1.0) overridden key by key by the checkpoint's "generation" dict.
+Generation defaults stored in the file are runtime.defaults.DEFAULT_GENERATION overridden key by key by the
+checkpoint's "generation" dict.
 
 Verification tolerance: the check fails when max |logit_onnx - logit_torch| > tolerance * max(1, peak |logit|).
 For the small-logit models textgen trains this is a plain absolute tolerance; for models with logits near
@@ -63,6 +63,7 @@ from export.verify import Verification, VerificationError, verify_gpt2, verify_r
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.registry import model_from_checkpoint
 from runtime.atomic import atomic_write_bytes
+from runtime.defaults import DEFAULT_GENERATION
 from runtime.errors import first_line
 from runtime.modelfile import ModelInfo, SpecialTokens, encode_metadata
 
@@ -72,7 +73,6 @@ ATTENTION_OPSET = 23  # the first opset with the ONNX Attention op; onnxruntime 
 AttentionMode = Literal["auto", "op", "decomposed"]
 ATTENTION_MODES: tuple[str, ...] = ("auto", "op", "decomposed")
 MAX_WEIGHT_RATIO = 1.05  # a GPT-2 graph may store at most this much more than its parameter bytes (tied weights)
-DEFAULT_GENERATION: dict[str, Any] = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "max_new_tokens": 200}
 MAX_PROTO_BYTES = 2**31 - 1  # protobuf's limit for one serialized message (we never use external data)
 
 

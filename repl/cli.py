@@ -108,21 +108,19 @@ def model_location(model_arg: str | None) -> Iterator[Path]:
 
 def build_settings(model_defaults: dict[str, Any], args: argparse.Namespace) -> Settings:
     """The model's defaults, then --sampler, then --set in order, then the --max-tokens/--seed shortcuts."""
-    from runtime.settings import Settings
+    from runtime import settings
 
-    settings = Settings(model_defaults)
-    if args.sampler is not None:
-        settings.apply_preset(args.sampler, source="cli")
-    for assignment in args.assignments:
-        key, sep, value = assignment.partition("=")
-        if not sep or not key.strip():
-            raise CliError(f"--set expects KEY=VALUE, got {assignment!r}")
-        settings.set(key.strip(), value, source="cli")
-    if args.max_tokens is not None:
-        settings.set("max_new_tokens", args.max_tokens, source="cli")
-    if args.seed is not None:
-        settings.set("seed", args.seed, source="cli")
-    return settings
+    preset = [(settings.PRESET_KEY, args.sampler)] if args.sampler is not None else []
+    shortcuts = [(key, value) for key, value in (("max_new_tokens", args.max_tokens), ("seed", args.seed))
+                 if value is not None]
+    return settings.build_settings(model_defaults, preset, map(_assignment, args.assignments), shortcuts)
+
+
+def _assignment(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise CliError(f"--set expects KEY=VALUE, got {text!r}")
+    return key.strip(), value
 
 
 # ------------------------------------------------------------------------------------------------ batch mode

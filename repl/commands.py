@@ -1,6 +1,7 @@
 """The REPL's ``:commands``: what each one does, its help text, and tab completion for names, keys and presets.
 
-Handlers take the running ReplApp and the text after the command name. They raise ReplError (or SettingError,
+Handlers take the running REPL (a ReplHost: repl.app.ReplApp, or a test double) and the text after the command
+name. They raise ReplError (or SettingError,
 SessionError, ModelFileError) with a one-line message for anything the user got wrong; the app prints it and
 the session goes on.
 """
@@ -12,7 +13,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter
 from prompt_toolkit.document import Document
@@ -21,10 +22,13 @@ from rich.table import Table
 from rich.text import Text
 
 from repl.sampling import ALIASES
-from runtime.settings import KEYS, LOOP_ALIASES, PRESET_HELP, PRESETS, canonical_key
+from runtime.settings import KEYS, LOOP_ALIASES, PRESET_HELP, PRESETS, canonical_key, format_setting
 
 if TYPE_CHECKING:
-    from repl.app import ReplApp
+    from rich.console import Console
+
+    from runtime.generate import Session
+    from runtime.settings import Settings
 
 DEFAULT_PROBS = 10
 MAX_PROBS = 100
@@ -40,7 +44,23 @@ class QuitRepl(Exception):  # noqa: N818 - a control-flow signal, not an error
     """Raised by :quit / :exit."""
 
 
-Handler = Callable[["ReplApp", str], None]
+class ReplHost(Protocol):
+    """What a command may use of the running REPL. repl.app.ReplApp provides it; this module never imports the
+    app, so the app can import the commands without an import cycle."""
+
+    console: Console
+    settings: Settings
+    session: Session
+
+    def note(self, message: str) -> None: ...
+    def regenerate(self) -> None: ...
+    def alternatives(self, count: int) -> None: ...
+    def save_session(self, target: str) -> Path: ...
+    def load_session(self, target: str) -> tuple[Path, int]: ...
+    def switch_model(self, target: str) -> None: ...
+
+
+Handler = Callable[[ReplHost, str], None]
 
 
 @dataclass(frozen=True)
@@ -55,53 +75,53 @@ class Command:
 # ------------------------------------------------------------------------------------------------ handlers
 
 
-def cmd_set(app: ReplApp, arg: str) -> None:
+def cmd_set(app: ReplHost, arg: str) -> None:
     key, value = _split_assignment(arg)
     if not key or value is None:
         raise ReplError("usage: :set KEY VALUE (e.g. :set temp 0.6); :show lists the keys")
     name, parsed = app.settings.set(key, value, source="set")
-    app.note(f"{name} = {format_value(parsed)}")
+    app.note(f"{name} = {format_setting(parsed)}")
 
 
-def cmd_unset(app: ReplApp, arg: str) -> None:
+def cmd_unset(app: ReplHost, arg: str) -> None:
     if not arg.strip():
         raise ReplError("usage: :unset KEY")
     key = canonical_key(arg.strip())
     app.settings.unset(key)
-    app.note(f"{key} back to {format_value(app.settings.get(key))} ({app.settings.source(key)})")
+    app.note(f"{key} back to {format_setting(app.settings.get(key))} ({app.settings.source(key)})")
 
 
-def cmd_show(app: ReplApp, arg: str) -> None:
+def cmd_show(app: ReplHost, arg: str) -> None:
     table = Table(box=box.SIMPLE, title="settings (* = changed from the built-in default)", title_justify="left")
     for column in ("", "key", "value", "source"):
         table.add_column(column)
     for key, value, source, changed in app.settings.rows():
         style = "bold" if changed else ""
-        table.add_row("*" if changed else "", Text(key), Text(format_value(value)), Text(source), style=style)
+        table.add_row("*" if changed else "", Text(key), Text(format_setting(value)), Text(source), style=style)
     app.console.print(table)
 
 
-def cmd_sampler(app: ReplApp, arg: str) -> None:
+def cmd_sampler(app: ReplHost, arg: str) -> None:
     name = arg.strip()
     if not name:
         for preset, text in PRESET_HELP.items():
             app.console.print(Text(f"  {preset:<11} {text}"))
         return
     applied = app.settings.apply_preset(name, source="set")
-    values = ", ".join(f"{key}={format_value(value)}" for key, value in applied.items())
+    values = ", ".join(f"{key}={format_setting(value)}" for key, value in applied.items())
     app.note(f"sampler {name.lower()}: {values}" if values else f"sampler {name.lower()}")
 
 
-def cmd_stop(app: ReplApp, arg: str) -> None:
+def cmd_stop(app: ReplHost, arg: str) -> None:
     if not arg:
         stops = app.settings.get("stop")
-        app.note(f"stop sequences: {format_value(stops)} (:stop TEXT adds one, :unset stop clears them)")
+        app.note(f"stop sequences: {format_setting(stops)} (:stop TEXT adds one, :unset stop clears them)")
         return
     stops = app.settings.add_stop(arg, source="set")
-    app.note(f"stop sequences: {format_value(stops)}")
+    app.note(f"stop sequences: {format_setting(stops)}")
 
 
-def cmd_probs(app: ReplApp, arg: str) -> None:
+def cmd_probs(app: ReplHost, arg: str) -> None:
     count = _int_argument(arg, DEFAULT_PROBS, 1, MAX_PROBS, "usage: :probs [N] (1..100)")
     ranked = app.session.next_token_probs(count)
     if not ranked:
@@ -118,35 +138,35 @@ def cmd_probs(app: ReplApp, arg: str) -> None:
     app.console.print(table)
 
 
-def cmd_n(app: ReplApp, arg: str) -> None:
+def cmd_n(app: ReplHost, arg: str) -> None:
     count = _int_argument(arg, 3, 1, MAX_ALTERNATIVES, f"usage: :n N (1..{MAX_ALTERNATIVES})")
     app.alternatives(count)
 
 
-def cmd_reset(app: ReplApp, arg: str) -> None:
+def cmd_reset(app: ReplHost, arg: str) -> None:
     app.session.reset()
     app.note("context cleared")
 
 
-def cmd_undo(app: ReplApp, arg: str) -> None:
+def cmd_undo(app: ReplHost, arg: str) -> None:
     app.note("removed the last turn" if app.session.undo() else "nothing to undo")
 
 
-def cmd_regen(app: ReplApp, arg: str) -> None:
+def cmd_regen(app: ReplHost, arg: str) -> None:
     app.regenerate()
 
 
-def cmd_save(app: ReplApp, arg: str) -> None:
+def cmd_save(app: ReplHost, arg: str) -> None:
     path = app.save_session(_path_argument(arg, "usage: :save FILE"))
     app.note(f"saved {len(app.session.turns)} turns and the settings to {path}")
 
 
-def cmd_load(app: ReplApp, arg: str) -> None:
+def cmd_load(app: ReplHost, arg: str) -> None:
     path, turns = app.load_session(_path_argument(arg, "usage: :load FILE"))
     app.note(f"loaded {path}: settings restored, {turns} turns replayed")
 
 
-def cmd_eval(app: ReplApp, arg: str) -> None:
+def cmd_eval(app: ReplHost, arg: str) -> None:
     from repl.evaluate import EvalError, evaluate_perplexity
 
     path = Path(_path_argument(arg, "usage: :eval FILE (a held-out text file)")).expanduser()
@@ -166,11 +186,11 @@ def cmd_eval(app: ReplApp, arg: str) -> None:
     )
 
 
-def cmd_model(app: ReplApp, arg: str) -> None:
+def cmd_model(app: ReplHost, arg: str) -> None:
     app.switch_model(_path_argument(arg, "usage: :model PATH"))
 
 
-def cmd_help(app: ReplApp, arg: str) -> None:
+def cmd_help(app: ReplHost, arg: str) -> None:
     name = arg.strip().lstrip(":").lower()
     if not name:
         app.console.print(Text(HELP_INTRO))
@@ -185,21 +205,11 @@ def cmd_help(app: ReplApp, arg: str) -> None:
         app.console.print(Text(command.details, style="dim"))
 
 
-def cmd_quit(app: ReplApp, arg: str) -> None:
+def cmd_quit(app: ReplHost, arg: str) -> None:
     raise QuitRepl()
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def format_value(value: object) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, str)):
-        return json.dumps(value, ensure_ascii=False)
-    return str(value)
 
 
 def display_token(text: str) -> str:

@@ -61,7 +61,7 @@ from repl.sampling import SettingError
 from runtime.generate import Session
 from runtime.modelfile import ModelFileError
 from runtime.session import ModelRunError, OnnxModel
-from runtime.settings import Settings
+from runtime.settings import Settings, build_settings
 from runtime.textmetrics import (
     bits,
     chunk_evenly,
@@ -440,31 +440,14 @@ def sweep_grid(sweeps: Sequence[Sweep]) -> list[dict[str, str]]:
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(s.values for s in sweeps))]
 
 
-def build_settings(model_defaults: dict[str, Any], fixed: Sequence[tuple[str, str]],
-                   combination: dict[str, str]) -> Settings:
-    """Settings for one grid row: model defaults, then --set values, then this row's swept values in order.
-
-    The preset ``sampler=sample`` means "the settings as given" (model defaults plus --set) here, rather than
-    resetting --set values as it does in the REPL; other presets apply on top of --set."""
-    settings = Settings(model_defaults)
-    for key, value in fixed:
-        settings.set(key, value, "cli")
-    for key, value in combination.items():
-        if key == "sampler":
-            if value.strip().lower() != "sample":
-                settings.apply_preset(value, "cli")
-        else:
-            settings.set(key, value, "cli")
-    return settings
-
-
 # ================================================================================================ output
 
 
 LENGTH_COLUMNS = ("mean_tokens", "mean_words")
 
 
-def format_value(value: float | None, decimals: int = 3) -> str:
+def format_metric(value: float | None, decimals: int = 3) -> str:
+    """A table cell: fixed decimals, an em dash for a value that is undefined (NaN) or missing."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     if isinstance(value, float) and math.isinf(value):
@@ -487,7 +470,7 @@ def row_cells(row: MetricsRow, sweeps: Sequence[Sweep], columns: Sequence[str], 
             else:
                 cells.append(row.label.get(column, "samples"))
         else:
-            cells.append(format_value(row.metrics.get(column), 1 if column in LENGTH_COLUMNS else 3))
+            cells.append(format_metric(row.metrics.get(column), 1 if column in LENGTH_COLUMNS else 3))
     return cells
 
 

@@ -1,17 +1,23 @@
 """Every user-settable generation value, with where its current value came from (for ``:show``).
 
 A value comes from one of SOURCES: the built-in default, the model file's generation defaults, the command
-line, or ``:set`` in the session. Sampler keys are parsed and validated by repl.sampling (one-line SettingError);
-the decode-loop keys (max_new_tokens, min_new_tokens, num_beams, stop) are handled here.
+line, or ``:set`` in the session, layered in that order (``build_settings`` for the first three, used by
+textgen-repl and textgen-eval alike; ``Settings.set`` for the session). The built-in and model-file defaults are
+runtime.defaults'. Sampler keys are parsed and validated by repl.sampling (one-line SettingError); the
+decode-loop keys (max_new_tokens, min_new_tokens, num_beams, stop) are handled here.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
+from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from typing import Any
 
 from repl.sampling import ALIASES, SamplerSettings, SettingError, canonical_name, parse_setting
+from repl.sampling import _as_int as as_int  # one integer parser for every setting
+from runtime.defaults import BUILTIN
 
 SOURCES = ("default", "model", "cli", "set")
 SAMPLER_KEYS = tuple(f.name for f in fields(SamplerSettings))
@@ -29,15 +35,7 @@ LOOP_ALIASES = {
 MAX_TOKENS_LIMIT = 1_000_000
 MAX_BEAMS = 64
 MAX_STOP_STRINGS = 16
-
-_BUILTIN: dict[str, Any] = {
-    **{f.name: f.default for f in fields(SamplerSettings)},
-    "max_new_tokens": 200,
-    "min_new_tokens": 0,
-    "num_beams": 1,
-    "stop": [],
-}
-
+PRESET_KEY = "sampler"  # a command-line layer's key that applies one of PRESETS rather than a setting
 # Preset name -> settings it applies. "sample" is special: it returns the sampler to the model's defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     "greedy": {"temperature": 0.0, "num_beams": 1},
@@ -92,20 +90,11 @@ def _decode_escapes(text: str) -> str:
 
 
 def _as_int(key: str, raw: object, minimum: int, maximum: int) -> int:
-    if isinstance(raw, bool):
-        raise SettingError(f"{key} must be an integer, got {raw}")
-    if isinstance(raw, float) and raw.is_integer():
-        raw = int(raw)
-    if isinstance(raw, str):
-        try:
-            raw = int(raw.strip())
-        except ValueError:
-            raise SettingError(f"{key} must be an integer, got {raw!r}") from None
-    if not isinstance(raw, int):
-        raise SettingError(f"{key} must be an integer, got {raw!r}")
-    if not minimum <= raw <= maximum:
-        raise SettingError(f"{key} must be in [{minimum}, {maximum}], got {raw}")
-    return raw
+    """The sampler's integer parsing (text, JSON's 50.0, never a bool) plus this key's range."""
+    value = as_int(key, raw)
+    if not minimum <= value <= maximum:
+        raise SettingError(f"{key} must be in [{minimum}, {maximum}], got {value}")
+    return value
 
 
 def _as_stop_list(raw: object) -> list[str]:
@@ -141,7 +130,7 @@ class Settings:
     def __init__(self, model_defaults: dict | None = None) -> None:
         self.warnings: list[str] = []
         self._model: dict[str, Any] = {}
-        self._values: dict[str, tuple[Any, str]] = {key: (_copy(value), "default") for key, value in _BUILTIN.items()}
+        self._values: dict[str, tuple[Any, str]] = {key: (_copy(value), "default") for key, value in BUILTIN.items()}
         if model_defaults is not None and not isinstance(model_defaults, dict):
             self.warnings.append("model generation defaults are not a JSON object; ignored")
             model_defaults = None
@@ -187,7 +176,7 @@ class Settings:
         if name in self._model:
             self._values[name] = (_copy(self._model[name]), "model")
         else:
-            self._values[name] = (_copy(_BUILTIN[name]), "default")
+            self._values[name] = (_copy(BUILTIN[name]), "default")
 
     def apply_preset(self, name: str, source: str = "set") -> dict[str, object]:
         """Apply a sampler preset (see PRESETS); returns the values it set."""
@@ -213,7 +202,7 @@ class Settings:
 
     def rows(self) -> list[tuple[str, object, str, bool]]:
         """(key, value, source, changed_from_default) for every key; "default" is the built-in value."""
-        return [(key, _copy(value), source, value != _BUILTIN[key]) for key, (value, source) in self._values.items()]
+        return [(key, _copy(value), source, value != BUILTIN[key]) for key, (value, source) in self._values.items()]
 
     def as_dict(self) -> dict[str, object]:
         """Every current value (JSON-friendly), e.g. for --json output and :save."""
@@ -223,5 +212,34 @@ class Settings:
         return SamplerSettings(**{key: self._values[key][0] for key in SAMPLER_KEYS})
 
 
+def format_setting(value: object) -> str:
+    """A setting's value as the user would type it back: 0.8, 40, none, "text" (strings and lists as JSON)."""
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, str)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
 def _copy(value: Any) -> Any:
     return list(value) if isinstance(value, list) else value
+
+
+def build_settings(model_defaults: dict[str, Any] | None,
+                   *layers: Iterable[tuple[str, object]] | Mapping[str, object], source: str = "cli") -> Settings:
+    """The settings before a session starts: built-in, then the model file's defaults, then each layer's
+    (key, value) pairs in order, every one recorded with ``source`` so ``:show`` can say where it came from.
+
+    A ``sampler`` key applies a preset. Here ``sampler=sample`` leaves the settings as given (it is what no preset
+    means) rather than undoing the --set values beside it; in a session ``:sampler sample`` returns the sampler to
+    the model's defaults. Raises SettingError for a bad key, value or preset name."""
+    settings = Settings(model_defaults)
+    for layer in layers:
+        for key, value in layer.items() if isinstance(layer, Mapping) else layer:
+            if key != PRESET_KEY:
+                settings.set(key, value, source)
+            elif str(value).strip().lower() != "sample":
+                settings.apply_preset(str(value), source)
+    return settings

@@ -20,7 +20,6 @@ from repl import evaluate
 from repl.evaluate import (
     EvalError,
     GenerationPlan,
-    build_settings,
     draw_samples,
     evaluate_documents,
     evaluate_perplexity,
@@ -31,6 +30,7 @@ from repl.evaluate import (
 )
 from runtime.modelfile import ModelInfo, SpecialTokens, StateSpec, encode_metadata
 from runtime.session import OnnxModel
+from runtime.settings import build_settings
 from runtime.textmetrics import chunk_evenly, distinct_n, entropy, text_stats, token_nll, unique_word_rate, words
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,9 +20,10 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from export.graph import initializer_bytes
-from export.onnx_export import DEFAULT_GENERATION, ExportError, export_checkpoint
+from export.onnx_export import ExportError, export_checkpoint
 from models.checkpoint import CheckpointError, save_checkpoint
 from models.rnn import RNNConfig, RNNLanguageModel
+from runtime.defaults import DEFAULT_GENERATION
 from runtime.modelfile import ModelInfo, decode_metadata
 
 ort.set_default_logger_severity(3)

@@ -43,6 +43,7 @@ from torch.nn import functional as F
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.registry import build_model
 from models.rnn import RNNConfig, RNNLanguageModel, State, detach_state
+from runtime.defaults import generation_defaults
 from runtime.errors import first_line
 from train import distributed
 from train.batches import (
@@ -68,7 +69,7 @@ from train.metrics import (
     plot_losses,
 )
 from train.optim import MuonWithAdamW, gpt2_optimizer
-from train.presets import DEFAULT_EPOCHS, generation_defaults
+from train.presets import DEFAULT_EPOCHS
 from train.progress import ProgressReporter
 from train.rng import capture_rng_state, restore_rng_state, seed_everything
 from train.sample import sample_continuation
@@ -219,7 +220,7 @@ class Trainer:
         self.block_len = self._block_len()
         self.cursor = DataCursor(self._batcher())
         self.val_inputs, self.val_targets, self.val_count = self._validation_data()
-        self.generation = generation_defaults(config.arch, self.data.kind)
+        self.generation = generation_defaults(self.data.kind)
         # progress through the run (all restored on resume)
         self.step = 0
         self.seconds = 0.0

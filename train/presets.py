@@ -96,11 +96,3 @@ def resolve_preset_data(path: str) -> str:
     from_repo = REPO_ROOT / candidate
     return str(from_repo) if from_repo.exists() else str(candidate)
 
-
-def generation_defaults(arch: str, tokenizer_kind: str) -> dict[str, Any]:
-    """Sampler defaults stored in the checkpoint (Hugging Face GenerationConfig names; top_k 0 = off)."""
-    if tokenizer_kind == "char":
-        return {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "max_new_tokens": 500}
-    if tokenizer_kind == "word":
-        return {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "max_new_tokens": 100}
-    return {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "max_new_tokens": 200}
