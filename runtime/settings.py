@@ -2,8 +2,8 @@
 
 A value comes from one of SOURCES: the built-in default, the model file's generation defaults, the command
 line, or ``:set`` in the session, layered in that order (``build_settings`` for the first three, used by
-textgen-repl and textgen-eval alike; ``Settings.set`` for the session). The built-in and model-file defaults are
-runtime.defaults'. Sampler keys are parsed and validated by repl.sampling (one-line SettingError); the
+textgen-repl and textgen-eval alike; ``Settings.set`` for the session). The built-in values come from
+runtime.defaults. Sampler keys are parsed and validated by repl.sampling (one-line SettingError); the
 decode-loop keys (max_new_tokens, min_new_tokens, num_beams, stop) are handled here.
 """
 
@@ -15,8 +15,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from typing import Any
 
-from repl.sampling import ALIASES, SamplerSettings, SettingError, canonical_name, parse_setting
-from repl.sampling import _as_int as as_int  # one integer parser for every setting
+from repl.sampling import (
+    ALIASES,
+    SamplerSettings,
+    SettingError,
+    _as_int,  # one integer parser for every setting
+    canonical_name,
+    parse_setting,
+)
 from runtime.defaults import BUILTIN
 
 SOURCES = ("default", "model", "cli", "set")
@@ -36,6 +42,7 @@ MAX_TOKENS_LIMIT = 1_000_000
 MAX_BEAMS = 64
 MAX_STOP_STRINGS = 16
 PRESET_KEY = "sampler"  # a command-line layer's key that applies one of PRESETS rather than a setting
+
 # Preset name -> settings it applies. "sample" is special: it returns the sampler to the model's defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     "greedy": {"temperature": 0.0, "num_beams": 1},
@@ -89,9 +96,9 @@ def _decode_escapes(text: str) -> str:
     return "".join(out)
 
 
-def _as_int(key: str, raw: object, minimum: int, maximum: int) -> int:
+def _bounded_int(key: str, raw: object, minimum: int, maximum: int) -> int:
     """The sampler's integer parsing (text, JSON's 50.0, never a bool) plus this key's range."""
-    value = as_int(key, raw)
+    value = _as_int(key, raw)
     if not minimum <= value <= maximum:
         raise SettingError(f"{key} must be in [{minimum}, {maximum}], got {value}")
     return value
@@ -114,11 +121,11 @@ def parse_value(key: str, raw: object) -> tuple[str, object]:
     """(canonical key, validated value) for any setting; raises SettingError with a one-line message."""
     name = canonical_key(key)
     if name == "max_new_tokens":
-        return name, _as_int(name, raw, 0, MAX_TOKENS_LIMIT)
+        return name, _bounded_int(name, raw, 0, MAX_TOKENS_LIMIT)
     if name == "min_new_tokens":
-        return name, _as_int(name, raw, 0, MAX_TOKENS_LIMIT)
+        return name, _bounded_int(name, raw, 0, MAX_TOKENS_LIMIT)
     if name == "num_beams":
-        return name, _as_int(name, raw, 1, MAX_BEAMS)
+        return name, _bounded_int(name, raw, 1, MAX_BEAMS)
     if name == "stop":
         return name, _as_stop_list(raw)
     return parse_setting(name, raw)
