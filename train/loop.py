@@ -7,9 +7,12 @@ Files a run writes (OUT is ``--out``):
 Both checkpoints are complete (models/checkpoint.py layout, with a ``train`` section) and either can be resumed.
 
 Validation reports the mean cross-entropy in nats per token over the validation split (``--eval-tokens`` caps
-it to its first N tokens), its perplexity, and bits per character for char-level tokenizers. What context each
-prediction sees is described in train.batches.rnn_eval_streams (RNNs: the state carried through contiguous
-pieces of the validation stream) and train.batches.gpt_eval_windows (GPT-2: non-overlapping context windows).
+it to its first N tokens), its perplexity, and bits per character for char-level tokenizers. It is scored with
+runtime.scoring's protocols and padded-vocabulary rule (softmax over the tokenizer's ids only), so an exported
+model scored by runtime.scoring.score_ids on the same tokens with ``Trainer.val_protocol`` gets the same number:
+RNNs ``stateful`` with up to 32 streams (train.batches.rnn_eval_streams: the state carried through contiguous
+pieces of the validation stream), GPT-2 ``windows`` of the training context (train.batches.gpt_eval_windows:
+non-overlapping windows from an empty context, whole windows only).
 
 Exact resume: a checkpoint stores the step, weights, optimizer and schedule state, every RNG state, the data
 position (epoch, batch index), the RNN state carried between windows, the best validation loss and the resolved
@@ -43,6 +46,7 @@ from torch.nn import functional as F
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.registry import build_model
 from models.rnn import RNNConfig, RNNLanguageModel, State, detach_state
+from runtime.scoring import ScoringProtocol
 from train import distributed
 from train.batches import (
     BlockBatcher,
@@ -217,7 +221,8 @@ class Trainer:
         self.amp_dtype, self.scaler = self._amp()
         self.block_len = self._block_len()
         self.cursor = DataCursor(self._batcher())
-        self.val_inputs, self.val_targets, self.val_count = self._validation_data()
+        self.val_inputs, self.val_targets, self.val_count, self.val_protocol = self._validation_data()
+        self.val_vocab = self.data.tokenizer.get_vocab_size(with_added_tokens=True)  # real ids: the softmax's range
         self.generation = generation_defaults(config.arch, self.data.kind)
         # progress through the run (all restored on resume)
         self.step = 0
@@ -324,14 +329,18 @@ class Trainer:
                                 f"processes a block of {self.block_len} tokens; use fewer processes or more text")
         return self.cluster.shard(batcher)
 
-    def _validation_data(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """This process's validation rows and the number of predictions over ALL processes' rows."""
+    def _validation_data(self) -> tuple[torch.Tensor, torch.Tensor, int, ScoringProtocol]:
+        """This process's validation rows, the number of predictions over ALL processes' rows, and the scoring
+        protocol those rows implement (runtime.scoring) over the first ``count + 1`` validation tokens."""
         ids = self.data.val_ids.to(self.device)
         if self.config.is_rnn:
             inputs, targets = rnn_eval_streams(ids, self.config.eval_tokens)
+            protocol = ScoringProtocol.stateful(streams=inputs.shape[0])
         else:
             inputs, targets = gpt_eval_windows(ids, self.block_len, self.config.eval_tokens)
-        return self.cluster.local_rows(inputs), self.cluster.local_rows(targets), targets.numel()
+            protocol = ScoringProtocol.windows(inputs.shape[1])
+        count = targets.numel()
+        return self.cluster.local_rows(inputs), self.cluster.local_rows(targets), count, protocol
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["train"]
@@ -492,7 +501,8 @@ class Trainer:
 
     @torch.no_grad()
     def validation_loss(self) -> float:
-        """Mean cross-entropy (nats/token) over the validation data, per the protocol in the module docstring."""
+        """Mean cross-entropy (nats/token) over the validation data: ``self.val_protocol`` over the first
+        ``self.val_count + 1`` validation tokens, softmax over the tokenizer's ids (module docstring)."""
         was_training = self.model.training
         self.model.eval()
         total = 0.0
@@ -511,7 +521,7 @@ class Trainer:
         for start in range(0, self.val_inputs.shape[1], RNN_EVAL_CHUNK):
             chunk = slice(start, start + RNN_EVAL_CHUNK)
             logits, state = self.model(self.val_inputs[:, chunk], state)
-            total += _summed_cross_entropy(logits, self.val_targets[:, chunk])
+            total += _summed_cross_entropy(logits, self.val_targets[:, chunk], self.val_vocab)
         return total
 
     def _gpt_val_total(self) -> float:
@@ -520,7 +530,7 @@ class Trainer:
         total = 0.0
         for start in range(0, windows, rows):
             logits = self.model(self.val_inputs[start : start + rows])[0]
-            total += _summed_cross_entropy(logits, self.val_targets[start : start + rows])
+            total += _summed_cross_entropy(logits, self.val_targets[start : start + rows], self.val_vocab)
         return total
 
     def _evaluate(self, window: _RateWindow) -> None:
@@ -681,7 +691,11 @@ class _RateWindow:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def _summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+def _summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, real_ids: int) -> float:
+    """Summed NLL with the softmax over the first ``real_ids`` outputs (runtime.scoring's padded-vocabulary rule:
+    ids beyond the tokenizer are never produced)."""
+    if logits.shape[-1] > real_ids:
+        logits = logits[..., :real_ids]
     flat = logits.reshape(-1, logits.shape[-1]).float()
     return F.cross_entropy(flat, targets.reshape(-1), reduction="sum").item()
 
