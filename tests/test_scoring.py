@@ -138,7 +138,7 @@ def test_trainer_validation_matches_the_scorer_on_the_exported_model(trained, ar
     resumed, _ = config_for_resume(checkpoint, {})
     trainer = Trainer(resumed, checkpoint, ProgressReporter(Console(file=io.StringIO()), live=False))
     trainer_loss = trainer.validation_loss()
-    assert trainer_loss == pytest.approx(checkpoint["metrics"]["val_loss"], rel=1e-6)  # what training reported
+    assert trainer_loss == pytest.approx(checkpoint.metrics["val_loss"], rel=1e-6)  # what training reported
     protocol = trainer.val_protocol
     assert protocol.name == (STATEFUL if arch == "lstm" else WINDOWS)
     if arch == "lstm":

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from rich.console import Console
 
-from models.checkpoint import CheckpointError
+from models.checkpoint import Checkpoint, CheckpointError
 from train.batches import DataSizeError
 from train.config import OPTIMIZERS, SCHEDULES, TrainConfig, TrainingError
 from train.corpus import FORMATS, CorpusError
@@ -109,7 +109,7 @@ def _add(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, *
     parser.add_argument(flag, default=None, **options)
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any] | None, list[str]]:
+def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Checkpoint | None, list[str]]:
     """(config, checkpoint to resume or None, notes for the user) from parsed flags, preset and defaults."""
     from train.loop import config_for_resume, load_resume_checkpoint
 
