@@ -21,8 +21,9 @@ token is a target, scored once:
   tokens of context except near the start (the Hugging Face perplexity recipe). ``stride == window`` is
   ``windows``; a smaller stride gives more context and costs ``window / stride`` times the compute.
 
-Padded vocabulary: exporters may pad the output layer beyond the tokenizer (a multiple of 64 for fast matrix
-products); those ids have no token behind them and the sampler never draws them. The softmax runs over the real
+Padded vocabulary: a model's output layer may be larger than its tokenizer (docs/model-file.md allows it, e.g. a
+vocabulary rounded up to a multiple of 64 for faster matrix products, as nanoGPT does); those ids have no token
+behind them and the sampler never draws them. The softmax runs over the real
 tokenizer ids only (``logits[..., :tokenizer_size]``), so a model is neither helped nor hurt by its padding and a
 padded and an unpadded export of the same weights score the same.
 """
