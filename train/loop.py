@@ -436,6 +436,7 @@ class Trainer:
         precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[self.amp_dtype]
         say(f"device: {self.device} ({precision}, {torch.get_num_threads()} threads); "
             f"budget: {self.budget.describe()}; lr {config.lr:g} ({config.schedule}, warmup {config.warmup_steps})")
+        say(f"validation: {self.val_count:,} tokens, protocol {self.val_protocol.describe()}")
         if self.step:
             say(f"resuming at step {self.step} ({format_seconds(self.seconds)} trained so far)")
 
