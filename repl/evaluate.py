@@ -71,6 +71,7 @@ from repl.textmetrics import (
 )
 from runtime.scoring import (
     PROTOCOL_NAMES,
+    SLIDING,
     ProgressCallback,
     ScoringError,
     ScoringProtocol,
@@ -577,10 +578,16 @@ def _reference_row(model: OnnxModel, args: argparse.Namespace, rows: Sequence[Me
 
 
 def _protocol(model: OnnxModel, name: str | None, stride: int | None) -> ScoringProtocol:
+    """The protocol --protocol/--stride ask for (runtime.scoring.default_protocol), errors worded for the CLI."""
+    context = model.info.context_length
+    if stride is not None and name not in (None, SLIDING):
+        raise EvalError(f"--stride applies to --protocol sliding, not to {name}")
+    if stride is not None and not 1 <= stride <= context:
+        raise EvalError(f"--stride must be between 1 and the model's context length {context}, got {stride}")
     try:
         return default_protocol(model, name, stride)
     except ScoringError as exc:
-        raise EvalError(str(exc).replace("a stride", "--stride").replace("the stride", "--stride")) from None
+        raise EvalError(str(exc)) from None
 
 
 def _perplexity_lines(result: PerplexityResult, path: str) -> list[str]:

@@ -185,4 +185,10 @@ def test_textgen_eval_names_the_protocol_and_rejects_a_wrong_one(trained, held_o
     assert eval_main(["--model", str(path), "--data", str(held_out), "--protocol", "stateful", "--device", "cpu"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: the stateful protocol needs an RNN")
     assert eval_main(["--model", str(path), "--data", str(held_out), "--protocol", "windows", "--stride", "4"]) == 2
-    assert "--stride applies to the sliding protocol" in capsys.readouterr().err
+    assert "--stride applies to --protocol sliding, not to windows" in capsys.readouterr().err
+    assert eval_main(["--model", str(path), "--data", str(held_out), "--stride", "17"]) == 2
+    assert "--stride must be between 1 and the model's context length 16, got 17" in capsys.readouterr().err
+    lstm = trained["lstm"][1]
+    assert eval_main(["--model", str(lstm), "--data", str(held_out), "--protocol", "sliding"]) == 2
+    assert "the sliding protocol needs a model with a context length; lstm models are scored statefully" in \
+        capsys.readouterr().err
