@@ -142,7 +142,7 @@ def default_protocol(model: OnnxModel, name: str | None = None, stride: int | No
     return ScoringProtocol.sliding(context, stride if stride is not None else max(1, context // 2))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq would compare numpy arrays
 class Score:
     """Negative log-likelihoods (nats) of ``ids[first_target : first_target + n_tokens]``, in text order."""
 

@@ -117,7 +117,8 @@ def load_resume_checkpoint(path: str | Path) -> Checkpoint:
 def config_for_resume(checkpoint: Checkpoint, overrides: dict[str, Any]) -> tuple[TrainConfig, list[str]]:
     """The saved config with the allowed ``overrides`` applied, and the names of overrides that were ignored
     because changing them would break the resumed run (model shape, tokenizer, optimizer...)."""
-    assert checkpoint.training is not None and checkpoint.training.config is not None  # load_resume_checkpoint
+    if checkpoint.training is None or not isinstance(checkpoint.training.config, dict):
+        raise CheckpointError("the checkpoint has no training config to resume from (use load_resume_checkpoint)")
     try:
         config = TrainConfig.from_dict(checkpoint.training.config)
     except TypeError as exc:
@@ -338,7 +339,8 @@ class Trainer:
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         state = checkpoint.training
-        assert state is not None  # load_resume_checkpoint
+        if state is None:
+            raise CheckpointError("the checkpoint has no training state to resume from (use load_resume_checkpoint)")
         try:
             self.optimizer.load_state_dict(state.optimizer)
             self.schedule.load_state_dict(state.scheduler)
