@@ -466,15 +466,15 @@ def checkpoint_file(spec: ModelSpec, cache_dir: Path) -> Path:
         return path
     import torch
 
-    from models.checkpoint import save_checkpoint
+    from models.checkpoint import Checkpoint, save_checkpoint
     from models.registry import build_model
 
     torch.manual_seed(spec.seed)
     model = build_model(spec.arch, spec.config).eval()
     tokenizer_json, special = tokenizer_for(spec.vocab_size)
-    save_checkpoint({"arch": spec.arch, "model_config": model.config.to_dict(), "tokenizer": tokenizer_json,
-                     "special_tokens": special, "model": model.state_dict(),
-                     "generation": {"temperature": 0.8, "top_k": 40}}, path)
+    save_checkpoint(Checkpoint(arch=spec.arch, model_config=model.config.to_dict(), tokenizer=tokenizer_json,
+                               special_tokens=special, weights=model.state_dict(),
+                               generation={"temperature": 0.8, "top_k": 40}), path)
     return path
 
 

@@ -124,12 +124,14 @@ def run_preset(preset: str, budget: float, data: Path, out_dir: Path, smoke: boo
     records = read_metrics(metrics_path(out))
     if not records:
         raise BenchmarkError(f"training {preset} wrote no evaluation to {metrics_path(out)}")
-    state = load_checkpoint(last_checkpoint_path(out))["train"]
-    seconds = float(state["seconds"])
+    state = load_checkpoint(last_checkpoint_path(out)).training
+    if state is None or state.step is None or state.best_val_loss is None:
+        raise BenchmarkError(f"{last_checkpoint_path(out)} holds no training state")
+    seconds = float(state.seconds)
     return PresetRun(
         preset=preset, command=command, model=_model_line(completed.stdout), wall_seconds=wall,
-        train_seconds=seconds, steps=int(state["step"]), tokens_per_second=int(state["tokens_seen"]) / seconds,
-        final_val_loss=float(records[-1]["val_loss"]), best_val_loss=float(state["best_val_loss"]),
+        train_seconds=seconds, steps=int(state.step), tokens_per_second=int(state.tokens_seen) / seconds,
+        final_val_loss=float(records[-1]["val_loss"]), best_val_loss=float(state.best_val_loss),
         load_before=load_before, load_after=os.getloadavg()[0], sample=_last_sample(completed.stdout),
     )
 

@@ -201,14 +201,15 @@ def _load_checkpoint(path: Path) -> _Source:
     except Exception as exc:  # torch's unpickler raises e.g. IndexError on arbitrary bytes; still a bad file
         raise CheckpointError(f"{path} is not a readable checkpoint (not ours or damaged): {first_line(exc)}") from exc
     model = model_from_checkpoint(checkpoint)
+    training = checkpoint.training
     return _Source(
-        arch=checkpoint["arch"],
+        arch=checkpoint.arch,
         model=model,
-        model_config=_json_safe(checkpoint["model_config"]),
-        tokenizer_json=checkpoint["tokenizer"],
-        special=_special_tokens(checkpoint["special_tokens"], path.name),
-        generation=_generation(checkpoint.get("generation")),
-        provenance=_provenance(path.name, checkpoint),
+        model_config=_json_safe(checkpoint.model_config),
+        tokenizer_json=checkpoint.tokenizer,
+        special=_special_tokens(checkpoint.special_tokens, path.name),
+        generation=_generation(checkpoint.generation),
+        provenance=_provenance(path.name, checkpoint.metrics or {}, training.to_dict() if training else {}),
     )
 
 
@@ -226,7 +227,7 @@ def _load_hf(path: Path) -> _Source:
         tokenizer_json=tokenizer_json,
         special=_special_tokens(special, path.name),
         generation=dict(DEFAULT_GENERATION),
-        provenance=_provenance(path.name, {}),
+        provenance=_provenance(path.name, {}, {}),
     )
 
 
@@ -256,9 +257,8 @@ def _generation(raw: Any) -> dict[str, Any]:
     return settings
 
 
-def _provenance(name: str, checkpoint: dict[str, Any]) -> dict[str, Any]:
-    train = checkpoint.get("train") if isinstance(checkpoint.get("train"), dict) else {}
-    metrics = checkpoint.get("metrics") if isinstance(checkpoint.get("metrics"), dict) else {}
+def _provenance(name: str, metrics: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:
+    """Where the weights came from: the checkpoint's last evaluation, else its training state."""
     step = _number(metrics.get("step", train.get("step")))
     val_loss = _number(metrics.get("val_loss", train.get("best_val_loss")))
     return {

@@ -24,7 +24,7 @@ MatMulNBits blocks through the ``com.microsoft`` GatherBlockQuantized op. Both e
 The float32 table is then dropped; the lookup returns exactly the dequantized weights the LM head multiplies with.
 
 ``perplexity_cost(fp32, quantized, text)`` measures what the smaller file costs in quality: per-token NLL of a
-held-out text through the runtime (runtime.session, the same path the REPL uses), for both files.
+held-out text through the one scorer (runtime.scoring, the same as textgen-eval and ``:eval``), for both files.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -64,7 +64,6 @@ INT4_NARROW_BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: its fastest CPU kernel (docs/benchmarks.md, levers)
 MAX_PROTO_BYTES = 2**31 - 1
 QUANTIZED_MATMUL_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits")
-_NLL_CHUNK = 256  # tokens per runtime call while scoring text: bounds the [1, T, vocab] logits array
 
 
 class QuantizeError(Exception):
@@ -371,53 +370,38 @@ def _check_loads(model_bytes: bytes, source: Path, compare_logits: bool = False)
 
 
 def perplexity_cost(fp32_path: Path | str, q_path: Path | str, text: str, max_tokens: int | None = None,
-                    threads: int | None = None) -> tuple[float, float, float]:
+                    threads: int | None = None, protocol: str | None = None) -> tuple[float, float, float]:
     """(perplexity of the float32 file, of the quantized file, relative increase ppl_q / ppl_fp32 - 1) on ``text``.
 
     Both files score the same tokens the same way through the runtime (see ``text_nll``)."""
-    nll_fp32 = text_nll(fp32_path, text, max_tokens, threads)
-    nll_q = text_nll(q_path, text, max_tokens, threads)
+    nll_fp32 = text_nll(fp32_path, text, max_tokens, threads, protocol)
+    nll_q = text_nll(q_path, text, max_tokens, threads, protocol)
     ppl_fp32, ppl_q = math.exp(nll_fp32), math.exp(nll_q)
     return ppl_fp32, ppl_q, ppl_q / ppl_fp32 - 1.0
 
 
-def text_nll(model_path: Path | str, text: str, max_tokens: int | None = None, threads: int | None = None) -> float:
-    """Mean negative log-likelihood (nats per token) of ``text`` under the model, as the runtime computes it.
+def text_nll(model_path: Path | str, text: str, max_tokens: int | None = None, threads: int | None = None,
+             protocol: str | None = None) -> float:
+    """Mean negative log-likelihood (nats per token) of ``text`` under the model, scored by runtime.scoring.
 
-    The text is one document after an end-of-text token. Recurrent models read it in one pass; a GPT-2 reads it in
-    consecutive windows of ``context_length`` input tokens (each window also holds the next one as the last target,
-    so every token is predicted exactly once), each from an empty cache. Padding ids beyond the tokenizer are left
-    out of the softmax, as the sampler never draws them."""
+    The text is one stream after an end-of-text token (its first ``max_tokens`` tokens when given). ``protocol``
+    names a runtime.scoring protocol; by default recurrent models are scored ``stateful`` (one pass) and a GPT-2
+    with non-overlapping ``windows`` of its context length (cheaper than sliding windows, and the same protocol
+    for both files is all a cost comparison needs). Padding ids beyond the tokenizer are left out of the softmax."""
+    from runtime.scoring import STATEFUL, WINDOWS, ScoringError, default_protocol, score_ids, stream_ids
     from runtime.session import OnnxModel
 
     model = OnnxModel.open(model_path, device="cpu", threads=threads)
-    ids = [model.info.special.eos, *model.encode(text)]
+    ids, _ = stream_ids(model, [text], single_stream=True)
     if max_tokens is not None:
         ids = ids[: max_tokens + 1]
     if len(ids) < 2:
         raise QuantizeError("the held-out text is too short to score (it needs at least one token)")
-    span = model.info.context_length or len(ids) - 1  # input tokens per window
-    total = 0.0
-    for start in range(0, len(ids) - 1, span):
-        total += _window_nll(model, ids[start : start + span + 1])
-    return total / (len(ids) - 1)
-
-
-def _window_nll(model: Any, ids: list[int]) -> float:
-    """Summed NLL of ids[1:] given the previous ids, fed in chunks from an empty state."""
-    state, past = model.initial_state(1), 0
-    usable = model.tokenizer_size
-    total = 0.0
-    for start in range(0, len(ids) - 1, _NLL_CHUNK):
-        chunk = ids[start : min(start + _NLL_CHUNK, len(ids) - 1)]
-        targets = np.asarray(ids[start + 1 : start + 1 + len(chunk)], dtype=np.int64)
-        logits, state = model.run_all(np.asarray([chunk], dtype=np.int64), state, past)
-        past += len(chunk)
-        scores = logits[0, :, :usable].astype(np.float64)
-        peak = scores.max(axis=-1, keepdims=True)
-        log_norm = peak[:, 0] + np.log(np.exp(scores - peak).sum(axis=-1))
-        total += float((log_norm - scores[np.arange(len(chunk)), targets]).sum())
-    return total
+    try:
+        chosen = default_protocol(model, protocol or (STATEFUL if model.info.context_length == 0 else WINDOWS))
+        return score_ids(model, ids, chosen).nats_per_token
+    except ScoringError as exc:
+        raise QuantizeError(f"{model_path}: {exc}") from None
 
 
 # --- plumbing ---------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from models.gpt2 import GPT2, GPT2Config
+from models.registry import build_model
 from runtime.errors import first_line
 
 EOS_TEXT = "<|endoftext|>"
@@ -68,7 +69,7 @@ def load_hf_gpt2(path: str | os.PathLike[str]) -> tuple[GPT2, GPT2Config, str, d
             f"tokenizer in {directory} has {tokenizer_size} ids but the model's vocabulary has only {config.vocab_size}"
         )
     special = {"eos": _eos_id(tokenizer, config_json, directory), "unk": None, "bos": None}
-    model = GPT2(config)
+    model = build_model("gpt2", config.to_dict())
     model.load_state_dict(_convert_state_dict(_load_weights(directory), model, directory))
     return model.float().eval(), config, tokenizer.to_str(), special
 

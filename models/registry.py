@@ -1,4 +1,7 @@
-"""Build a model from (arch, config dict) — the one place that maps checkpoint contents to nn.Modules."""
+"""Build a model from (arch, config dict) — the one place that maps checkpoint contents to nn.Modules.
+
+The trainer (fresh, fine-tuned and resumed runs), the exporter and the Hugging Face importer all build their
+models here."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from models.checkpoint import CheckpointError
+from models.checkpoint import Checkpoint, CheckpointError
 from runtime.errors import first_line
 
 
@@ -26,13 +29,16 @@ def build_model(arch: str, model_config: dict[str, Any]) -> nn.Module:
     raise CheckpointError(f"unknown architecture {arch!r}")
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
+def model_from_checkpoint(checkpoint: Checkpoint) -> nn.Module:
     """The model of a loaded checkpoint (see models.checkpoint.load_checkpoint), weights restored, eval mode."""
-    model = build_model(checkpoint["arch"], checkpoint["model_config"])
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"checkpoint weights do not fit its {checkpoint['arch']} config: {first_line(exc)}"
-        ) from exc
+    model = build_model(checkpoint.arch, checkpoint.model_config)
+    load_weights(model, checkpoint.weights, checkpoint.arch)
     return model.eval()
+
+
+def load_weights(model: nn.Module, weights: dict[str, Any], arch: str) -> None:
+    """``model.load_state_dict(weights)``, with a one-line CheckpointError when they do not fit."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint weights do not fit its {arch} config: {first_line(exc)}") from exc

@@ -180,7 +180,7 @@ def cmd_eval(app: ReplHost, arg: str) -> None:
         raise ReplError(str(exc)) from None
     app.console.print(
         f"{path}: perplexity {result.perplexity:.3f}, {result.nats_per_token:.4f} nats/token, "
-        f"{result.bits_per_char:.4f} bits/char over {result.n_tokens:,} tokens",
+        f"{result.bits_per_char:.4f} bits/char over {result.n_tokens:,} tokens; protocol {result.protocol.describe()}",
         markup=False,
         highlight=False,
     )

@@ -9,13 +9,13 @@ followed by the end-of-text token, as in training; a plain text file is one stre
 in front as the starting context, so every token of the text is scored, each exactly once, and the end-of-text
 tokens between documents are scored too (predicting where a document ends is part of the model).
 
-* RNN (lstm, gru): stateful. The whole stream is fed in chunks with the recurrent state carried from chunk to
-  chunk, so every token is predicted from everything before it — exactly what one long forward pass would give.
-* GPT-2: sliding window (the Hugging Face perplexity recipe). Windows of ``W = context_length`` tokens start
-  every ``stride`` tokens (default ``W // 2``, ``--stride``); each window is run from an empty cache and scores
-  only the tokens the previous window did not, so every token is scored once, with at least ``W - stride + 1``
-  tokens of context except near the start of the text. ``stride == W`` gives non-overlapping windows (fast,
-  pessimistic); a smaller stride gives more context per prediction and costs ``W / stride`` times the compute.
+The scoring itself is runtime.scoring (the one scorer, shared with ``:eval`` and the quantization cost check),
+which defines the protocols and the padded-vocabulary rule (softmax over the tokenizer's real ids only).
+``--protocol`` names one: ``stateful`` (the default for RNNs: state carried over the whole text, exact),
+``windows`` (non-overlapping windows of the context length, each from an empty cache: what the trainer's GPT-2
+validation and the quantization check use) or ``sliding`` (the default for GPT-2: windows of ``context_length``
+tokens every ``--stride`` tokens, default half the window, each token scored once with at least
+``W - stride + 1`` tokens of context: the Hugging Face perplexity recipe). Every result names its protocol.
 
 Reported: nats/token (mean negative log-likelihood), perplexity = exp(nats/token), bits/token, and bits/char =
 total bits / characters of the text, where each document separator counts as one character (so for a
@@ -60,6 +60,16 @@ import numpy as np
 from repl.sampling import SettingError
 from runtime.generate import Session
 from runtime.modelfile import ModelFileError
+from runtime.scoring import (
+    PROTOCOL_NAMES,
+    SLIDING,
+    ProgressCallback,
+    ScoringError,
+    ScoringProtocol,
+    default_protocol,
+    score_ids,
+    stream_ids,
+)
 from runtime.session import ModelRunError, OnnxModel
 from runtime.settings import Settings, build_settings
 from runtime.textmetrics import (
@@ -68,16 +78,10 @@ from runtime.textmetrics import (
     entropy,
     safe_exp,
     text_stats,
-    token_nll,
 )
 
-LOGIT_BUDGET = 1 << 24  # floats of logits per onnxruntime call (64 MB): bounds memory for a 50k vocabulary
-MAX_CHUNK = 4096  # tokens per stateful RNN call
 DEFAULT_SAMPLES_BATCH = 16
 DEFAULT_SEED = 0
-
-ProgressCallback = Callable[[int, int], None]
-
 
 class EvalError(Exception):
     """Evaluation cannot run with these inputs; the message is one line for the user."""
@@ -88,7 +92,7 @@ class EvalError(Exception):
 
 @dataclass(frozen=True)
 class PerplexityResult:
-    """Scores of a model on a text (see the module docstring for the protocol)."""
+    """Scores of a model on a text, and the protocol that produced them (runtime.scoring)."""
 
     nats_per_token: float
     perplexity: float
@@ -96,29 +100,34 @@ class PerplexityResult:
     bits_per_char: float
     n_tokens: int  # tokens scored
     n_chars: int  # characters they stand for (a document separator counts as one)
-    protocol: str  # how context was given, in words
+    protocol: ScoringProtocol  # how context was given
     n_unknown: int = 0  # scored tokens that were the tokenizer's unknown token
 
     def as_dict(self) -> dict[str, Any]:
-        return _json_ready(asdict(self))
+        return _json_ready(asdict(self) | {"protocol": self.protocol.as_dict()})
 
 
-def evaluate_perplexity(model: OnnxModel, text: str, stride: int | None = None,
+def evaluate_perplexity(model: OnnxModel, text: str, protocol: ScoringProtocol | None = None,
                         on_progress: ProgressCallback | None = None) -> PerplexityResult:
-    """Perplexity of ``model`` (a runtime.session.OnnxModel) on ``text``, scored as one stream."""
-    return evaluate_documents(model, [text], single_stream=True, stride=stride, on_progress=on_progress)
+    """Perplexity of ``model`` (a runtime.session.OnnxModel) on ``text``, scored as one stream with ``protocol``
+    (default: runtime.scoring.default_protocol)."""
+    return evaluate_documents(model, [text], single_stream=True, protocol=protocol, on_progress=on_progress)
 
 
-def evaluate_documents(model: OnnxModel, documents: Sequence[str], single_stream: bool, stride: int | None = None,
+def evaluate_documents(model: OnnxModel, documents: Sequence[str], single_stream: bool,
+                       protocol: ScoringProtocol | None = None,
                        on_progress: ProgressCallback | None = None) -> PerplexityResult:
     """Perplexity on documents joined with the end-of-text token (or on one stream when ``single_stream``)."""
-    ids, n_chars = _stream_ids(model, documents, single_stream)
-    if len(ids) < 2:
-        raise EvalError("the text is empty: nothing to score")
-    total, count, protocol = score_tokens(model, ids, first_target=1, stride=stride, on_progress=on_progress)
+    ids, n_chars = stream_ids(model, documents, single_stream)
+    try:
+        score = score_ids(model, ids, protocol or default_protocol(model), on_progress=on_progress)
+    except ScoringError as exc:
+        raise EvalError(str(exc)) from None
+    total, count = score.total, score.n_tokens
     mean = total / count
     unk = model.info.special.unk
-    n_unknown = int(np.count_nonzero(ids[1:] == unk)) if unk is not None else 0
+    scored = ids[score.first_target : score.first_target + count]
+    n_unknown = int(np.count_nonzero(scored == unk)) if unk is not None else 0
     return PerplexityResult(
         nats_per_token=mean,
         perplexity=safe_exp(mean),
@@ -126,120 +135,9 @@ def evaluate_documents(model: OnnxModel, documents: Sequence[str], single_stream
         bits_per_char=bits(total) / max(n_chars, 1),
         n_tokens=count,
         n_chars=n_chars,
-        protocol=protocol,
+        protocol=score.protocol,
         n_unknown=n_unknown,
     )
-
-
-def _stream_ids(model: OnnxModel, documents: Sequence[str], single_stream: bool) -> tuple[np.ndarray, int]:
-    """[eos] + tokens (each document followed by eos unless single_stream), and the characters scored."""
-    eos = model.info.special.eos
-    ids: list[int] = [eos]
-    n_chars = 0
-    for document in documents:
-        ids.extend(model.encode(document))
-        n_chars += len(document)
-        if not single_stream:
-            ids.append(eos)
-            n_chars += 1
-    return np.asarray(ids, dtype=np.int64), n_chars
-
-
-def score_tokens(model: OnnxModel, ids: Sequence[int] | np.ndarray, first_target: int = 1, stride: int | None = None,
-                 on_progress: ProgressCallback | None = None) -> tuple[float, int, str]:
-    """Summed negative log-likelihood (nats) of ``ids[first_target:]``, each token predicted from the tokens
-    before it as the model's context handling allows. Returns (total nats, tokens scored, protocol)."""
-    tokens = np.asarray(ids, dtype=np.int64)
-    if first_target < 1:
-        raise ValueError("first_target must be >= 1: the first token is context only")
-    context = model.info.context_length
-    if context == 0:
-        total, count = _score_stateful(model, tokens, first_target, on_progress)
-        return total, count, "stateful: every token sees the whole text before it"
-    step = _check_stride(stride, context)
-    total, count = _score_sliding(model, tokens, first_target, context, step, on_progress)
-    least = context - step + 1
-    plural = "s" if least != 1 else ""
-    return total, count, f"sliding window {context}, stride {step}: at least {least} token{plural} of context"
-
-
-def _check_stride(stride: int | None, window: int) -> int:
-    if stride is None:
-        return max(1, window // 2)
-    if not 1 <= stride <= window:
-        raise EvalError(f"--stride must be between 1 and the model's context length {window}, got {stride}")
-    return stride
-
-
-def _score_stateful(model: OnnxModel, ids: np.ndarray, first_target: int,
-                    on_progress: ProgressCallback | None) -> tuple[float, int]:
-    """RNN: feed ids[:-1] chunk by chunk carrying the state; position j predicts ids[j + 1]."""
-    chunk = max(1, min(MAX_CHUNK, LOGIT_BUDGET // model.info.vocab_size))
-    state = model.initial_state(1)
-    inputs = ids[:-1]
-    total, count = 0.0, 0
-    for start in range(0, len(inputs), chunk):
-        piece = inputs[start : start + chunk]
-        logits, state = model.run_all(piece[None, :], state, start)
-        targets = ids[start + 1 : start + 1 + len(piece)]
-        skip = max(0, first_target - (start + 1))  # targets before first_target are context only
-        if skip < len(piece):
-            nll = token_nll(logits[0, skip:], targets[skip:])
-            total += float(nll.sum())
-            count += len(nll)
-        if on_progress:
-            on_progress(start + len(piece), len(inputs))
-    return total, count
-
-
-@dataclass(frozen=True)
-class _Window:
-    start: int  # first input position
-    end: int  # inputs are ids[start:end]; position j predicts ids[start + j + 1]
-    first_scored: int  # first target index this window scores (targets run to `end` inclusive)
-
-
-def sliding_windows(n_ids: int, window: int, stride: int, first_target: int = 1) -> list[_Window]:
-    """The windows of the sliding protocol over ``n_ids`` tokens: each target index in [first_target, n_ids)
-    belongs to exactly one window, which predicts it from at least ``window - stride + 1`` tokens when it can."""
-    windows: list[_Window] = []
-    last_input = n_ids - 1  # the final token is a target only, never an input
-    scored_up_to = 0  # targets <= this are taken
-    start = 0
-    while scored_up_to < last_input:
-        end = min(start + window, last_input)
-        first = max(scored_up_to + 1, first_target)
-        if first <= end:
-            windows.append(_Window(start, end, first))
-        scored_up_to = end
-        start += stride
-    return windows
-
-
-def _score_sliding(model: OnnxModel, ids: np.ndarray, first_target: int, window: int, stride: int,
-                   on_progress: ProgressCallback | None) -> tuple[float, int]:
-    """GPT-2: score windows from an empty cache, batching windows of equal length into one call."""
-    plan = sliding_windows(len(ids), window, stride, first_target)
-    total, count, done = 0.0, 0, 0
-    by_length: dict[int, list[_Window]] = {}
-    for item in plan:
-        by_length.setdefault(item.end - item.start, []).append(item)
-    for length, group in by_length.items():
-        rows = max(1, LOGIT_BUDGET // (length * model.info.vocab_size))
-        for offset in range(0, len(group), rows):
-            batch = group[offset : offset + rows]
-            inputs = np.stack([ids[w.start : w.end] for w in batch])
-            logits, _ = model.run_all(inputs, model.initial_state(len(batch)), 0)
-            for row, w in enumerate(batch):
-                # target t is predicted at input position t - 1 - start
-                positions = slice(w.first_scored - 1 - w.start, w.end - w.start)
-                nll = token_nll(logits[row, positions], ids[w.first_scored : w.end + 1])
-                total += float(nll.sum())
-                count += len(nll)
-            done += len(batch)
-            if on_progress:
-                on_progress(done, len(plan))
-    return total, count
 
 
 # ================================================================================================ sampling
@@ -375,7 +273,7 @@ def reference_metrics(model: OnnxModel, documents: Sequence[str], single_stream:
                       mean_tokens: float) -> tuple[dict[str, float], int]:
     """Text metrics of held-out text cut into ``n_chunks`` chunks of ``round(mean_tokens)`` tokens.
     Returns the metrics and how many chunks the text allowed."""
-    ids, _ = _stream_ids(model, documents, single_stream)
+    ids, _ = stream_ids(model, documents, single_stream)
     length = max(1, round(mean_tokens)) if math.isfinite(mean_tokens) else 1
     chunks = chunk_evenly(ids[1:].tolist(), n_chunks, length)
     texts = [model.decode(chunk) for chunk in chunks]
@@ -399,9 +297,9 @@ def judge_nats(judge: OnnxModel, prompt: str, texts: Sequence[str]) -> float:
     for text in texts:
         ids = prompt_ids + judge.encode(text)
         if len(ids) > len(prompt_ids):
-            nats, scored, _ = score_tokens(judge, ids, first_target=len(prompt_ids))
-            total += nats
-            count += scored
+            score = score_ids(judge, ids, default_protocol(judge), first_target=len(prompt_ids))
+            total += score.total
+            count += score.n_tokens
     return total / count if count else math.nan
 
 
@@ -528,9 +426,11 @@ def _json_ready(data: Any) -> Any:
 # ================================================================================================ CLI
 
 EPILOG = """\
-perplexity protocol: RNNs are scored statefully over the whole text (state carried, exact). GPT-2 models use a
-sliding window of context_length tokens moved by --stride (default half the window); each token is scored once,
-with at least window - stride + 1 tokens of context except at the start (Hugging Face's perplexity recipe).
+perplexity protocols (--protocol): stateful, the default for RNNs (state carried over the whole text, exact);
+sliding, the default for GPT-2 (windows of context_length tokens moved by --stride, default half the window; each
+token is scored once, with at least window - stride + 1 tokens of context except at the start: Hugging Face's
+perplexity recipe); windows (non-overlapping windows of context_length tokens, each from an empty context, as the
+trainer's GPT-2 validation). The softmax runs over the tokenizer's real ids only (vocabulary padding left out).
 Documents are joined with the end-of-text token, which is scored too; bits/char counts each separator as one
 character.
 
@@ -567,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data", help="held-out text to score")
     data.add_argument("--format", default="auto", help="corpus format: auto|text|csv|tsv|docs|dir (default auto)")
     data.add_argument("--column", help="CSV/TSV column holding the text")
+    data.add_argument("--protocol", choices=PROTOCOL_NAMES, default=None,
+                      help="scoring protocol (default: stateful for RNNs, sliding for GPT-2)")
     data.add_argument("--stride", type=int, default=None,
                       help="GPT-2 sliding-window stride in tokens (default: half the context length)")
     sampling = parser.add_argument_group("sampling")
@@ -658,12 +560,25 @@ def _reference_row(model: OnnxModel, args: argparse.Namespace, rows: Sequence[Me
     return MetricsRow({}, metrics)
 
 
+def _protocol(model: OnnxModel, name: str | None, stride: int | None) -> ScoringProtocol:
+    """The protocol --protocol/--stride ask for (runtime.scoring.default_protocol), errors worded for the CLI."""
+    context = model.info.context_length
+    if stride is not None and name not in (None, SLIDING):
+        raise EvalError(f"--stride applies to --protocol sliding, not to {name}")
+    if stride is not None and not 1 <= stride <= context:
+        raise EvalError(f"--stride must be between 1 and the model's context length {context}, got {stride}")
+    try:
+        return default_protocol(model, name, stride)
+    except ScoringError as exc:
+        raise EvalError(str(exc)) from None
+
+
 def _perplexity_lines(result: PerplexityResult, path: str) -> list[str]:
     lines = [
         f"perplexity on {path}: {result.perplexity:.4g}",
         f"  {result.nats_per_token:.4f} nats/token, {result.bits_per_token:.4f} bits/token, "
         f"{result.bits_per_char:.4f} bits/char",
-        f"  {result.n_tokens:,} tokens, {result.n_chars:,} characters; {result.protocol}",
+        f"  {result.n_tokens:,} tokens, {result.n_chars:,} characters; protocol {result.protocol.describe()}",
     ]
     if result.n_unknown:
         lines.append(f"  {result.n_unknown:,} tokens were unknown to the tokenizer and scored as <unk>")
@@ -693,8 +608,9 @@ def _run(args: argparse.Namespace) -> int:
         if model.info.context_length == 0 and args.stride is not None:
             notice("--stride is ignored for RNN models: they are scored statefully over the whole text")
         stride = args.stride if model.info.context_length else None
+        protocol = _protocol(model, args.protocol, stride)
         with _progress(err, f"scoring {args.data}") as on_progress:
-            result = evaluate_documents(model, documents, single, stride=stride, on_progress=on_progress)
+            result = evaluate_documents(model, documents, single, protocol=protocol, on_progress=on_progress)
         report["perplexity"] = result.as_dict() | {"data": args.data}
         if not args.json:
             for line in _perplexity_lines(result, args.data):

@@ -1,4 +1,4 @@
-"""Pure metric functions for textgen-eval: word diversity, distinct-n, entropy, per-token log-loss.
+"""Pure metric functions for textgen-eval: word diversity, distinct-n, entropy (per-token log-loss: runtime.scoring).
 
 No model, no I/O, numpy only, so each function can be checked against hand-computed values.
 
@@ -67,21 +67,6 @@ def entropy(probabilities: np.ndarray) -> np.ndarray:
     terms = np.zeros_like(p)
     terms[positive] = p[positive] * np.log(p[positive])
     return -terms.sum(axis=-1)
-
-
-def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Negative log-likelihood in nats of ``targets`` [T] under ``logits`` [T, V] (softmax over the last axis).
-
-    Stable log-softmax: subtract the row maximum before exp; the sum runs in float64 so that uniform logits give
-    exactly log(V)."""
-    rows = np.asarray(logits, dtype=np.float32)
-    index = np.asarray(targets, dtype=np.int64)
-    if rows.ndim != 2 or index.shape != (rows.shape[0],):
-        raise ValueError(f"logits {rows.shape} and targets {index.shape} do not match")
-    peak = rows.max(axis=1, keepdims=True)
-    log_total = np.log(np.exp(rows - peak).sum(axis=1, dtype=np.float64))
-    chosen = rows[np.arange(rows.shape[0]), index].astype(np.float64) - peak[:, 0].astype(np.float64)
-    return log_total - chosen
 
 
 def bits(nats: float) -> float:

@@ -38,7 +38,7 @@ def test_round_trip_restores_weights_config_and_training_state(model, tmp_path: 
     path = tmp_path / "lstm.bin"
     save_checkpoint(payload(model), path)
     loaded = load_checkpoint(path, expect_arch=("lstm", "gru"))
-    assert loaded["train"]["step"] == 7 and loaded["special_tokens"]["eos"] == 5
+    assert loaded.training.step == 7 and loaded.special_tokens["eos"] == 5
     restored = model_from_checkpoint(loaded)
     ids = torch.tensor([[1, 2, 3, 4]])
     assert torch.equal(restored(ids)[0], model.eval()(ids)[0])
@@ -126,3 +126,68 @@ def test_a_replaced_file_keeps_its_permissions_and_a_link_keeps_its_target(tmp_p
     atomic_write_text(link, "three\n")
     assert link.is_symlink() and private.read_text() == "three\n"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["latest.json", "private.json"]
+
+
+def old_way_checkpoint(model: RNNLanguageModel) -> dict:
+    """A checkpoint dict exactly as textgen-train built and torch.save'd them before checkpoints were typed."""
+    return {
+        "format": "textgen-checkpoint",
+        "version": 1,
+        "arch": "lstm",
+        "model_config": model.config.to_dict(),
+        "tokenizer": '{"model": "stand-in"}',
+        "special_tokens": {"eos": 5, "unk": 6, "bos": None},
+        "model": model.state_dict(),
+        "generation": {"temperature": 0.8, "top_k": 0},
+        "train": {
+            "step": 12, "seconds": 3.5, "tokens_seen": 768, "optimizer": {"state": {}, "param_groups": []},
+            "scheduler": {"plateau_scale": 1.0}, "scaler": None, "rng": {"python": [1, 2, 3]}, "rng_by_rank": None,
+            "world_size": 1, "data_position": {"epoch": 0, "index": 12}, "rnn_state": [torch.ones(2, 4, 8)] * 2,
+            "config": {"arch": "lstm", "hidden_size": 8}, "best_val_loss": 1.25, "best_step": 10,
+            "evals_without_improvement": 0, "last_eval_step": 10, "tokenizer_kind": "char",
+            "a_future_field": [1, 2],  # unknown keys survive a load and a save
+        },
+        "metrics": {"step": 10, "val_loss": 1.25},
+    }
+
+
+def assert_same(saved: object, loaded: object, where: str = "") -> None:
+    if isinstance(saved, dict):
+        assert isinstance(loaded, dict) and set(saved) == set(loaded), where
+        for key in saved:
+            assert_same(saved[key], loaded[key], f"{where}.{key}")
+    elif isinstance(saved, list | tuple):
+        assert len(saved) == len(loaded), where
+        for index, (left, right) in enumerate(zip(saved, loaded, strict=True)):
+            assert_same(left, right, f"{where}[{index}]")
+    elif isinstance(saved, torch.Tensor):
+        assert torch.equal(saved, loaded), where
+    else:
+        assert saved == loaded, where
+
+
+def test_a_checkpoint_built_the_old_way_loads_typed_and_saves_back_the_same_layout(model, tmp_path: Path) -> None:
+    old = old_way_checkpoint(model)
+    path = tmp_path / "old.bin"
+    torch.save(old, path)
+    loaded = load_checkpoint(path)
+    assert loaded.arch == "lstm" and loaded.version == 1 and loaded.special_tokens["eos"] == 5
+    assert loaded.training is not None and loaded.training.step == 12 and loaded.training.missing() == []
+    assert loaded.training.data_position == {"epoch": 0, "index": 12} and loaded.training.best_val_loss == 1.25
+    assert loaded.training.extra == {"a_future_field": [1, 2]} and loaded.metrics == {"step": 10, "val_loss": 1.25}
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(model_from_checkpoint(loaded)(ids)[0], model.eval()(ids)[0])
+    assert_same(old, loaded.to_dict())
+    resaved = tmp_path / "resaved.bin"
+    save_checkpoint(loaded, resaved)
+    assert_same(old, torch.load(resaved, map_location="cpu", weights_only=True))  # the on-disk format is unchanged
+
+
+def test_an_old_dict_saved_through_save_checkpoint_is_validated_first(model, tmp_path: Path) -> None:
+    old = old_way_checkpoint(model)
+    del old["format"], old["version"]  # the old save_checkpoint added these itself
+    save_checkpoint(old, tmp_path / "ok.bin")
+    assert load_checkpoint(tmp_path / "ok.bin").training.step == 12
+    with pytest.raises(ValueError, match="'tokenizer' is missing"):
+        save_checkpoint({**old, "tokenizer": None}, tmp_path / "bad.bin")
+    assert not (tmp_path / "bad.bin").exists()

@@ -146,9 +146,9 @@ def test_two_lstm_ranks_match_one_process_with_the_global_batch(tmp_path: Path) 
     records = read_metrics(Path(f"{out}.metrics.jsonl"))
     assert [r["step"] for r in records] == [6, 12]  # written once, by rank 0
     last = load_checkpoint(last_checkpoint_path(out))
-    assert last["train"]["world_size"] == 2 and len(last["train"]["rng_by_rank"]) == 2
-    assert last["train"]["rnn_state"][0].shape == (1, 8, 32)  # both ranks' 4 streams, in global order
-    assert not any(name.startswith("module.") for name in last["model"])
+    assert last.training.world_size == 2 and len(last.training.rng_by_rank) == 2
+    assert last.training.rnn_state[0].shape == (1, 8, 32)  # both ranks' 4 streams, in global order
+    assert not any(name.startswith("module.") for name in last.weights)
     model = model_from_checkpoint(last)
     assert parameter_checksum(model) == match.group(1)  # the checkpoint holds the weights both ranks ended with
 
@@ -161,11 +161,11 @@ def test_two_lstm_ranks_match_one_process_with_the_global_batch(tmp_path: Path) 
                          max_steps=12, eval_every=6, threads=1, seed=7, batch_size=8)
     result = train(single, console=Console(file=io.StringIO()), live=False)
     reference = load_checkpoint(last_checkpoint_path(single.out))
-    for name, tensor in reference["model"].items():
-        torch.testing.assert_close(last["model"][name], tensor, rtol=0, atol=1e-2, msg=name)
+    for name, tensor in reference.weights.items():
+        torch.testing.assert_close(last.weights[name], tensor, rtol=0, atol=1e-2, msg=name)
     single_records = read_metrics(Path(f"{single.out}.metrics.jsonl"))
     assert [r["val_loss"] for r in records] == pytest.approx([r["val_loss"] for r in single_records], abs=5e-3)
-    assert result.best_val_loss == pytest.approx(last["train"]["best_val_loss"], abs=5e-3)
+    assert result.best_val_loss == pytest.approx(last.training.best_val_loss, abs=5e-3)
 
     exported = export_checkpoint(out, tmp_path / "ddp.onnx")
     assert exported.arch == "lstm" and exported.path.stat().st_size > 0
@@ -212,7 +212,7 @@ def test_sigterm_on_one_gpt2_rank_stops_both_and_resumes(tmp_path: Path) -> None
     workers_output = output.split("failed (exitcode")[0]
     assert "interrupted by SIGTERM" in workers_output and "Traceback" not in workers_output
     stopped = load_checkpoint(last_checkpoint_path(out))
-    stop_step = stopped["train"]["step"]
+    stop_step = stopped.training.step
     assert stop_step >= 3 and SYNC_LINE.search(output)
 
     # Resuming with 2 processes continues exactly: the same weights as one uninterrupted run of as many steps.
@@ -224,9 +224,9 @@ def test_sigterm_on_one_gpt2_rank_stops_both_and_resumes(tmp_path: Path) -> None
     assert straight.returncode == 0, straight.stderr[-3000:]
     a = load_checkpoint(last_checkpoint_path(out))
     b = load_checkpoint(last_checkpoint_path(straight_out))
-    assert a["train"]["step"] == b["train"]["step"] == stop_step + 4
-    for name, tensor in b["model"].items():
-        assert torch.equal(a["model"][name], tensor), name
+    assert a.training.step == b.training.step == stop_step + 4
+    for name, tensor in b.weights.items():
+        assert torch.equal(a.weights[name], tensor), name
     assert SYNC_LINE.search(resumed.stdout).group(1) == SYNC_LINE.search(straight.stdout).group(1)
     model = model_from_checkpoint(a)
     assert model.config.context_length == 16

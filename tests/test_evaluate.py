@@ -25,13 +25,14 @@ from repl.evaluate import (
     evaluate_perplexity,
     main,
     parse_sweeps,
-    sliding_windows,
     sweep_grid,
 )
+from runtime import scoring
 from runtime.modelfile import ModelInfo, SpecialTokens, StateSpec, encode_metadata
+from runtime.scoring import ScoringError, default_protocol, sliding_windows, token_nll
 from runtime.session import OnnxModel
 from runtime.settings import build_settings
-from runtime.textmetrics import chunk_evenly, distinct_n, entropy, text_stats, token_nll, unique_word_rate, words
+from runtime.textmetrics import chunk_evenly, distinct_n, entropy, text_stats, unique_word_rate, words
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = "abc def, ghij.\nab cd ef gh ij.\n"
@@ -42,7 +43,8 @@ def open_model(path: Path) -> OnnxModel:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Reference log-softmax in float64, independent of runtime.textmetrics."""
+    """Reference log-softmax in float64, independent of runtime.scoring. The callers cut the logits to the
+    tokenizer's ids first: the scorer's padded-vocabulary rule."""
     values = logits.astype(np.float64)
     shifted = values - values.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
@@ -171,8 +173,10 @@ def test_uniform_logits_give_perplexity_equal_to_vocab_size(model_factory, tmp_p
     gpt = open_model(write_uniform_gpt(tmp_path / "uniform.onnx"))
     for model in (rnn, gpt):
         result = evaluate_perplexity(model, TEXT * 3)
-        assert result.perplexity == pytest.approx(model.info.vocab_size, rel=1e-9)
-        assert result.bits_per_token == pytest.approx(math.log2(model.info.vocab_size), rel=1e-9)
+        # the softmax runs over the tokenizer's ids only: the vocabulary padding is not a possible next token
+        assert model.tokenizer_size < model.info.vocab_size
+        assert result.perplexity == pytest.approx(model.tokenizer_size, rel=1e-9)
+        assert result.bits_per_token == pytest.approx(math.log2(model.tokenizer_size), rel=1e-9)
         assert result.n_tokens == len(TEXT * 3)  # every character is one token and is scored once
         assert result.bits_per_char == pytest.approx(result.bits_per_token, rel=1e-9)
 
@@ -182,8 +186,8 @@ def test_stateful_rnn_perplexity_is_exact_across_chunks(model_files, monkeypatch
     model = open_model(model_files.lstm)
     ids = np.array([model.info.special.eos, *model.encode(TEXT * 4)], dtype=np.int64)
     logits, _ = model.run_all(ids[None, :-1], model.initial_state(1), 0)
-    direct = -log_softmax(logits[0])[np.arange(len(ids) - 1), ids[1:]].sum()
-    monkeypatch.setattr(evaluate, "MAX_CHUNK", 7)  # force many chunk boundaries
+    direct = -log_softmax(logits[0, :, : model.tokenizer_size])[np.arange(len(ids) - 1), ids[1:]].sum()
+    monkeypatch.setattr(scoring, "MAX_CHUNK", 7)  # force many chunk boundaries
     result = evaluate_perplexity(model, TEXT * 4)
     assert result.n_tokens == len(ids) - 1
     assert result.nats_per_token * result.n_tokens == pytest.approx(direct, rel=1e-5)
@@ -198,7 +202,7 @@ def test_documents_are_joined_with_eos_and_separators_count_as_characters(model_
     for doc in docs:
         ids += [*model.encode(doc), eos]
     logits, _ = model.run_all(np.array([ids[:-1]]), model.initial_state(1), 0)
-    direct = -log_softmax(logits[0])[np.arange(len(ids) - 1), ids[1:]].sum()
+    direct = -log_softmax(logits[0, :, : model.tokenizer_size])[np.arange(len(ids) - 1), ids[1:]].sum()
     assert result.n_tokens == len(ids) - 1
     assert result.n_chars == sum(map(len, docs)) + len(docs)
     assert result.nats_per_token * result.n_tokens == pytest.approx(direct, rel=1e-5)
@@ -211,8 +215,8 @@ def test_gpt2_stride_equal_to_window_matches_direct_computation_on_short_text(mo
     text = TEXT[: window - 4]  # eos + text fits in one window
     ids = np.array([model.info.special.eos, *model.encode(text)], dtype=np.int64)
     logits, _ = model.run_all(ids[None, :-1], model.initial_state(1), 0)
-    direct = -log_softmax(logits[0])[np.arange(len(ids) - 1), ids[1:]].mean()
-    result = evaluate_perplexity(model, text, stride=window)
+    direct = -log_softmax(logits[0, :, : model.tokenizer_size])[np.arange(len(ids) - 1), ids[1:]].mean()
+    result = evaluate_perplexity(model, text, protocol=default_protocol(model, stride=window))
     assert result.n_tokens == len(ids) - 1
     assert result.nats_per_token == pytest.approx(direct, rel=1e-5)
     assert result.perplexity == pytest.approx(math.exp(direct), rel=1e-5)
@@ -230,18 +234,18 @@ def test_gpt2_sliding_window_matches_brute_force_contexts(model_files, stride: i
     for target in range(1, len(ids)):
         start = max(0, math.ceil((target - window) / stride)) * stride
         logits, _ = model.run_all(ids[None, start:target], model.initial_state(1), 0)
-        expected -= log_softmax(logits[0, -1])[ids[target]]
-    result = evaluate_perplexity(model, text, stride=stride)
+        expected -= log_softmax(logits[0, -1, : model.tokenizer_size])[ids[target]]
+    result = evaluate_perplexity(model, text, protocol=default_protocol(model, stride=stride))
     assert result.n_tokens == len(ids) - 1
     assert result.nats_per_token * result.n_tokens == pytest.approx(expected, rel=1e-5)
 
 
 def test_bad_stride_and_empty_text_are_eval_errors(model_files) -> None:
     model = open_model(model_files.gpt)
-    with pytest.raises(EvalError, match="stride"):
-        evaluate_perplexity(model, TEXT, stride=model.info.context_length + 1)
-    with pytest.raises(EvalError, match="stride"):
-        evaluate_perplexity(model, TEXT, stride=0)
+    with pytest.raises(ScoringError, match="stride"):
+        evaluate_perplexity(model, TEXT, protocol=default_protocol(model, stride=model.info.context_length + 1))
+    with pytest.raises(ScoringError, match="stride"):
+        evaluate_perplexity(model, TEXT, protocol=default_protocol(model, stride=0))
     with pytest.raises(EvalError, match="empty"):
         evaluate_perplexity(model, "")
 

@@ -208,7 +208,7 @@ def test_int4_tied_lookup_is_the_dequantized_lm_head(files: dict[str, Path]) -> 
     expected = _decode_matmul_nbits(initializers[head.input[1]], initializers[head.input[2]], zero_points)
     looked_up = _run_with_output(files["gpt2.int4"], lookup.output[0])  # [1, vocab, n_embd]
     np.testing.assert_allclose(looked_up[0], expected, rtol=1e-6, atol=0)
-    fp32_table = load_checkpoint(files["gpt2.bin"])["model"]["transformer.wte.weight"].numpy()
+    fp32_table = load_checkpoint(files["gpt2.bin"]).weights["transformer.wte.weight"].numpy()
     assert float(np.abs(expected - fp32_table).max()) < 0.1 * float(np.abs(fp32_table).max())
 
 
@@ -227,7 +227,7 @@ def _torch_nll(checkpoint: Path, ids: list[int], span: int) -> float:
     """Reference: cross-entropy of the PyTorch model over windows of ``span`` inputs (plus the next target)."""
     data = load_checkpoint(checkpoint)
     model = model_from_checkpoint(data)
-    usable = len(json.loads(data["tokenizer"])["model"]["vocab"])
+    usable = len(json.loads(data.tokenizer)["model"]["vocab"])
     total = 0.0
     with torch.no_grad():
         for start in range(0, len(ids) - 1, span):

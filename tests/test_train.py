@@ -155,15 +155,15 @@ def test_loss_decreases_and_files_are_written(tmp_path: Path) -> None:
     assert "--- sample ('the ') ---" in text and "best val loss" in text
 
     best = load_checkpoint(config.out)  # weights_only=True inside
-    assert best["arch"] == "lstm" and best["train"]["best_val_loss"] == pytest.approx(result.best_val_loss)
-    assert best["train"]["step"] == result.best_step
-    assert set(best["train"]["rng"]) == {"torch", "cuda", "numpy", "python"}
-    assert best["train"]["config"]["hidden_size"] == 32 and best["generation"]["temperature"] > 0
+    assert best.arch == "lstm" and best.training.best_val_loss == pytest.approx(result.best_val_loss)
+    assert best.training.step == result.best_step
+    assert set(best.training.rng) == {"torch", "cuda", "numpy", "python"}
+    assert best.training.config["hidden_size"] == 32 and best.generation["temperature"] > 0
     last = load_checkpoint(last_checkpoint_path(config.out))
-    assert last["train"]["step"] == 40 and last["train"]["data_position"]["index"] > 0
+    assert last.training.step == 40 and last.training.data_position["index"] > 0
     model = model_from_checkpoint(best)
     logits, _ = model(torch.tensor([[0, 1, 2]]))
-    assert logits.shape == (1, 3, best["model_config"]["vocab_size"])
+    assert logits.shape == (1, 3, best.model_config["vocab_size"])
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -191,11 +191,11 @@ def test_resume_continues_exactly(tmp_path: Path, make_config) -> None:
 
     a = load_checkpoint(last_checkpoint_path(straight.out))
     b = load_checkpoint(last_checkpoint_path(split.out))
-    assert a["train"]["step"] == b["train"]["step"] == 12
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
-    assert a["train"]["scheduler"] == b["train"]["scheduler"]
-    assert a["train"]["best_val_loss"] == b["train"]["best_val_loss"]
+    assert a.training.step == b.training.step == 12
+    for name, tensor in a.weights.items():
+        assert torch.equal(tensor, b.weights[name]), name
+    assert a.training.scheduler == b.training.scheduler
+    assert a.training.best_val_loss == b.training.best_val_loss
     losses_a = [r["val_loss"] for r in read_metrics(Path(f"{straight.out}.metrics.jsonl"))]
     losses_b = [r["val_loss"] for r in read_metrics(Path(f"{split.out}.metrics.jsonl"))]
     assert losses_a == losses_b  # the evaluation skipped at the stop ran first on resume
@@ -205,10 +205,10 @@ def test_gpt2_from_scratch_checkpoint_loads(tmp_path: Path) -> None:
     config = gpt_config(tmp_path, max_steps=20, eval_every=10)
     result = train(config, console=quiet(), live=False)
     checkpoint = load_checkpoint(result.checkpoint)
-    assert checkpoint["arch"] == "gpt2" and checkpoint["model_config"]["context_length"] == 16
+    assert checkpoint.arch == "gpt2" and checkpoint.model_config["context_length"] == 16
     model = model_from_checkpoint(checkpoint)
     logits, present = model(torch.tensor([[1, 2, 3, 4]]))
-    assert logits.shape[-1] == checkpoint["model_config"]["vocab_size"] and len(present) == 1
+    assert logits.shape[-1] == checkpoint.model_config["vocab_size"] and len(present) == 1
     records = read_metrics(Path(f"{config.out}.metrics.jsonl"))
     assert records[-1]["val_loss"] < records[0]["val_loss"]
 
@@ -220,8 +220,8 @@ def test_csv_corpus_with_word_tokenizer_and_early_stopping(tmp_path: Path) -> No
     result = train(config, console=quiet(), live=False)
     assert result.stop_reason.startswith("early stopping") and result.steps < 200
     checkpoint = load_checkpoint(result.checkpoint)
-    assert checkpoint["generation"]["top_k"] == 40  # word-level defaults
-    assert '"WordLevel"' in checkpoint["tokenizer"]
+    assert checkpoint.generation["top_k"] == 40  # word-level defaults
+    assert '"WordLevel"' in checkpoint.tokenizer
 
 
 def test_sigterm_saves_a_loadable_checkpoint(tmp_path: Path) -> None:
@@ -245,7 +245,7 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path: Path) -> None:
     assert "Traceback" not in stderr
     assert "interrupted by SIGTERM" in (tmp_path / "stdout.txt").read_text()
     checkpoint = load_checkpoint(last_checkpoint_path(out))
-    assert checkpoint["train"]["step"] >= 5 and checkpoint["arch"] == "gru"
+    assert checkpoint.training.step >= 5 and checkpoint.arch == "gru"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -358,9 +358,9 @@ def test_finetune_from_hugging_face_directory(tmp_path: Path) -> None:
                         tokenizer="bpe", n_embd=16, n_head=2)
     result = train(config, console=quiet(), live=False)
     checkpoint = load_checkpoint(result.checkpoint)
-    assert json.loads(checkpoint["tokenizer"])["model"]["vocab"] == json.loads(tokenizer.to_str())["model"]["vocab"]
-    assert checkpoint["model_config"]["context_length"] == 32  # the pretrained model's positions are kept
-    assert checkpoint["special_tokens"]["eos"] == 0
+    assert json.loads(checkpoint.tokenizer)["model"]["vocab"] == json.loads(tokenizer.to_str())["model"]["vocab"]
+    assert checkpoint.model_config["context_length"] == 32  # the pretrained model's positions are kept
+    assert checkpoint.special_tokens["eos"] == 0
     model = model_from_checkpoint(checkpoint)
     assert model.transformer.wte.weight.shape == (tokenizer.get_vocab_size(), 16)
     records = read_metrics(Path(f"{config.out}.metrics.jsonl"))

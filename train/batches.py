@@ -137,9 +137,10 @@ class DataCursor:
 def rnn_eval_streams(tokens: torch.Tensor, max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Validation inputs/targets for an RNN, ``[streams, length]``.
 
-    Protocol: the validation token stream (its first ``max_tokens`` + 1 tokens when capped) is cut into up to
-    EVAL_STREAMS contiguous pieces of at least MIN_EVAL_STREAM tokens, each read from a zero state with the state
-    carried across the whole piece, so every prediction sees all validation text before it within its piece.
+    Protocol (runtime.scoring's ``stateful`` with that many streams): the validation token stream (its first
+    ``max_tokens`` + 1 tokens when capped) is cut into up to EVAL_STREAMS contiguous pieces of at least
+    MIN_EVAL_STREAM tokens, each read from a zero state with the state carried across the whole piece, so every
+    prediction sees all validation text before it within its piece.
     Running the pieces side by side makes CPU evaluation several times faster than one stream; the cost is a cold
     start per piece (up to 31 more than one stream would have): on tiny Shakespeare's 111,540 validation characters
     a 1x256 char LSTM scored 1.5567 nats/char this way and 1.5547 as one single stream (+0.002). Up to
@@ -159,11 +160,11 @@ def gpt_eval_windows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validation inputs/targets for GPT-2, ``[windows, length]``.
 
-    Protocol: the validation token stream (its first ``max_tokens`` + 1 tokens when capped) is cut into
-    non-overlapping windows of ``context_length`` tokens, each evaluated from an empty context: the j-th
-    prediction of a window sees the j tokens before it in that window (0 .. context_length - 1, on average about
-    half the context). A stream shorter than one window is one shorter window; the tail that does not fill a
-    whole window is unused."""
+    Protocol (runtime.scoring's ``windows``): the validation token stream (its first ``max_tokens`` + 1 tokens
+    when capped) is cut into non-overlapping windows of ``context_length`` tokens, each evaluated from an empty
+    context: the j-th prediction of a window sees the j tokens before it in that window (0 .. context_length - 1,
+    on average about half the context). A stream shorter than one window is one shorter window; the tail that
+    does not fill a whole window is unused."""
     tokens = tokens[: max_tokens + 1] if max_tokens is not None else tokens
     predictions = tokens.numel() - 1
     if predictions < 1:

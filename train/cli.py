@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from rich.console import Console
 
-from models.checkpoint import CheckpointError
+from models.checkpoint import Checkpoint, CheckpointError
 from runtime.corpus import FORMATS, CorpusError
 from runtime.errors import first_line
 from train.batches import DataSizeError
@@ -110,7 +110,7 @@ def _add(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, *
     parser.add_argument(flag, default=None, **options)
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any] | None, list[str]]:
+def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Checkpoint | None, list[str]]:
     """(config, checkpoint to resume or None, notes for the user) from parsed flags, preset and defaults."""
     from train.loop import config_for_resume, load_resume_checkpoint
 

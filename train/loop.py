@@ -7,9 +7,12 @@ Files a run writes (OUT is ``--out``):
 Both checkpoints are complete (models/checkpoint.py layout, with a ``train`` section) and either can be resumed.
 
 Validation reports the mean cross-entropy in nats per token over the validation split (``--eval-tokens`` caps
-it to its first N tokens), its perplexity, and bits per character for char-level tokenizers. What context each
-prediction sees is described in train.batches.rnn_eval_streams (RNNs: the state carried through contiguous
-pieces of the validation stream) and train.batches.gpt_eval_windows (GPT-2: non-overlapping context windows).
+it to its first N tokens), its perplexity, and bits per character for char-level tokenizers. It is scored with
+runtime.scoring's protocols and padded-vocabulary rule (softmax over the tokenizer's ids only), so an exported
+model scored by runtime.scoring.score_ids on the same tokens with ``Trainer.val_protocol`` gets the same number:
+RNNs ``stateful`` with up to 32 streams (train.batches.rnn_eval_streams: the state carried through contiguous
+pieces of the validation stream), GPT-2 ``windows`` of the training context (train.batches.gpt_eval_windows:
+non-overlapping windows from an empty context, whole windows only).
 
 Exact resume: a checkpoint stores the step, weights, optimizer and schedule state, every RNG state, the data
 position (epoch, batch index), the RNN state carried between windows, the best validation loss and the resolved
@@ -40,11 +43,12 @@ from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from models.registry import build_model
-from models.rnn import RNNConfig, RNNLanguageModel, State, detach_state
+from models.checkpoint import Checkpoint, CheckpointError, TrainingState, load_checkpoint, save_checkpoint
+from models.registry import build_model, load_weights, model_from_checkpoint
+from models.rnn import State, detach_state
 from runtime.defaults import generation_defaults
 from runtime.errors import first_line
+from runtime.scoring import ScoringProtocol
 from train import distributed
 from train.batches import (
     BlockBatcher,
@@ -102,23 +106,23 @@ class TrainResult:
     checksums: tuple[str, ...] = ()  # distributed runs: every rank's final parameter checksum, in rank order
 
 
-def load_resume_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint that can be resumed: a textgen checkpoint with the ``train`` section this trainer writes."""
+def load_resume_checkpoint(path: str | Path) -> Checkpoint:
+    """A checkpoint that can be resumed: a textgen checkpoint with the training state this trainer writes."""
     checkpoint = load_checkpoint(path)
-    state = checkpoint.get("train")
-    needed = ("step", "optimizer", "scheduler", "rng", "data_position", "config")
-    if not isinstance(state, dict) or any(key not in state for key in needed):
+    if checkpoint.training is None or checkpoint.training.missing():
         raise CheckpointError(f"{path} has no training state to resume from (not written by textgen-train?)")
-    if not isinstance(state["config"], dict):
+    if not isinstance(checkpoint.training.config, dict):
         raise CheckpointError(f"{path} is damaged: its training config is not a mapping")
     return checkpoint
 
 
-def config_for_resume(checkpoint: dict[str, Any], overrides: dict[str, Any]) -> tuple[TrainConfig, list[str]]:
+def config_for_resume(checkpoint: Checkpoint, overrides: dict[str, Any]) -> tuple[TrainConfig, list[str]]:
     """The saved config with the allowed ``overrides`` applied, and the names of overrides that were ignored
     because changing them would break the resumed run (model shape, tokenizer, optimizer...)."""
+    if checkpoint.training is None or not isinstance(checkpoint.training.config, dict):
+        raise CheckpointError("the checkpoint has no training config to resume from (use load_resume_checkpoint)")
     try:
-        config = TrainConfig.from_dict(checkpoint["train"]["config"])
+        config = TrainConfig.from_dict(checkpoint.training.config)
     except TypeError as exc:
         raise CheckpointError(f"the checkpoint's training config is unusable: {exc}") from exc
     allowed = {key: value for key, value in overrides.items() if key in RESUME_OVERRIDES}
@@ -130,7 +134,7 @@ def config_for_resume(checkpoint: dict[str, Any], overrides: dict[str, Any]) -> 
 def train(
     config: TrainConfig,
     *,
-    resume: dict[str, Any] | None = None,
+    resume: Checkpoint | None = None,
     console: Console | None = None,
     live: bool | None = None,
     stop_at_step: int | None = None,
@@ -195,7 +199,7 @@ class _StopSignals:
 class Trainer:
     """Everything one run holds. Construction loads data and model; ``run`` trains."""
 
-    def __init__(self, config: TrainConfig, resume: dict[str, Any] | None, reporter: ProgressReporter,
+    def __init__(self, config: TrainConfig, resume: Checkpoint | None, reporter: ProgressReporter,
                  cluster: Cluster | None = None) -> None:
         self.config = config
         self.reporter = reporter
@@ -219,7 +223,8 @@ class Trainer:
         self.amp_dtype, self.scaler = self._amp()
         self.block_len = self._block_len()
         self.cursor = DataCursor(self._batcher())
-        self.val_inputs, self.val_targets, self.val_count = self._validation_data()
+        self.val_inputs, self.val_targets, self.val_count, self.val_protocol = self._validation_data()
+        self.val_vocab = self.data.tokenizer.get_vocab_size(with_added_tokens=True)  # real ids: the softmax's range
         self.generation = generation_defaults(self.data.kind)
         # progress through the run (all restored on resume)
         self.step = 0
@@ -242,30 +247,26 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ setup
 
-    def _load_data_and_model(self, resume: dict[str, Any] | None) -> tuple[PreparedData, nn.Module, dict[str, Any]]:
+    def _load_data_and_model(self, resume: Checkpoint | None) -> tuple[PreparedData, nn.Module, dict[str, Any]]:
+        """Data and model, the model built by models.registry: from the checkpoint on resume, from a Hugging Face
+        GPT-2 with ``init_from``, else freshly initialised from the config."""
         config = self.config
         if resume is not None:
-            tokenizer = _tokenizer_from_json(resume["tokenizer"])
-            data = prepare_data(config, tokenizer, dict(resume["special_tokens"]))
-            model = build_model(resume["arch"], resume["model_config"])
-            try:
-                model.load_state_dict(resume["model"])
-            except RuntimeError as exc:
-                raise CheckpointError(f"checkpoint weights do not fit its model config: {first_line(exc)}") from exc
-            return data, model, dict(resume["model_config"])
+            tokenizer = _tokenizer_from_json(resume.tokenizer)
+            data = prepare_data(config, tokenizer, dict(resume.special_tokens))
+            return data, model_from_checkpoint(resume).train(), dict(resume.model_config)
         if config.init_from is not None:
             return self._load_pretrained()
         data = self._prepare_fresh_data()
         vocab = data.tokenizer.get_vocab_size(with_added_tokens=True)
         if config.is_rnn:
-            rnn_config = RNNConfig(vocab_size=vocab, cell=config.arch, embedding_size=config.embedding_size,
-                                   hidden_size=config.hidden_size, num_layers=config.layers, dropout=config.dropout)
-            return data, RNNLanguageModel(rnn_config), rnn_config.to_dict()
-        from models.gpt2 import GPT2, GPT2Config
-
-        gpt_config = GPT2Config(vocab_size=vocab, context_length=config.context_length, n_layer=config.n_layer,
-                                n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout)
-        return data, GPT2(gpt_config), gpt_config.to_dict()
+            shape = {"embedding_size": config.embedding_size, "hidden_size": config.hidden_size,
+                     "num_layers": config.layers}
+        else:
+            shape = {"context_length": config.context_length, "n_layer": config.n_layer, "n_head": config.n_head,
+                     "n_embd": config.n_embd}
+        model = build_model(config.arch, {"vocab_size": vocab, **shape, "dropout": config.dropout})
+        return data, model, model.config.to_dict()
 
     def _prepare_fresh_data(self) -> PreparedData:
         """Build the tokenizer from the corpus; in a distributed run rank 0 builds it and every other rank uses
@@ -280,15 +281,14 @@ class Trainer:
         return prepare_data(self.config, _tokenizer_from_json(tokenizer_json), special)
 
     def _load_pretrained(self) -> tuple[PreparedData, nn.Module, dict[str, Any]]:
-        from models.gpt2 import GPT2
         from models.hf_gpt2 import load_hf_gpt2
 
         pretrained, gpt_config, tokenizer_json, special = load_hf_gpt2(self.config.init_from)
         data = prepare_data(self.config, _tokenizer_from_json(tokenizer_json), dict(special))
         if self.config.dropout != gpt_config.dropout:  # imported models come with dropout off; fine-tuning may want it
             gpt_config = replace(gpt_config, dropout=self.config.dropout)
-            model = GPT2(gpt_config)
-            model.load_state_dict(pretrained.state_dict())
+            model = build_model("gpt2", gpt_config.to_dict())
+            load_weights(model, pretrained.state_dict(), "gpt2")
             pretrained = model
         return data, pretrained, gpt_config.to_dict()
 
@@ -326,31 +326,37 @@ class Trainer:
                                 f"processes a block of {self.block_len} tokens; use fewer processes or more text")
         return self.cluster.shard(batcher)
 
-    def _validation_data(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """This process's validation rows and the number of predictions over ALL processes' rows."""
+    def _validation_data(self) -> tuple[torch.Tensor, torch.Tensor, int, ScoringProtocol]:
+        """This process's validation rows, the number of predictions over ALL processes' rows, and the scoring
+        protocol those rows implement (runtime.scoring) over the first ``count + 1`` validation tokens."""
         ids = self.data.val_ids.to(self.device)
         if self.config.is_rnn:
             inputs, targets = rnn_eval_streams(ids, self.config.eval_tokens)
+            protocol = ScoringProtocol.stateful(streams=inputs.shape[0])
         else:
             inputs, targets = gpt_eval_windows(ids, self.block_len, self.config.eval_tokens)
-        return self.cluster.local_rows(inputs), self.cluster.local_rows(targets), targets.numel()
+            protocol = ScoringProtocol.windows(inputs.shape[1])
+        count = targets.numel()
+        return self.cluster.local_rows(inputs), self.cluster.local_rows(targets), count, protocol
 
-    def _restore(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["train"]
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        state = checkpoint.training
+        if state is None:
+            raise CheckpointError("the checkpoint has no training state to resume from (use load_resume_checkpoint)")
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.schedule.load_state_dict(state["scheduler"])
-            self.cursor.position = DataPosition.from_dict(state["data_position"])
-            if self.scaler is not None and state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
-            self.step = int(state["step"])
-            self.seconds = float(state.get("seconds", 0.0))
-            self.tokens_seen = int(state.get("tokens_seen", 0))
-            self.best_val_loss = _optional_float(state.get("best_val_loss"))
-            self.best_step = state.get("best_step")
-            self.evals_without_improvement = int(state.get("evals_without_improvement", 0))
-            self.last_eval_step = state.get("last_eval_step")
-            self.rnn_state = self._restored_rnn_state(state.get("rnn_state"))
+            self.optimizer.load_state_dict(state.optimizer)
+            self.schedule.load_state_dict(state.scheduler)
+            self.cursor.position = DataPosition.from_dict(state.data_position)
+            if self.scaler is not None and state.scaler:
+                self.scaler.load_state_dict(state.scaler)
+            self.step = int(state.step)
+            self.seconds = float(state.seconds)
+            self.tokens_seen = int(state.tokens_seen)
+            self.best_val_loss = _optional_float(state.best_val_loss)
+            self.best_step = state.best_step
+            self.evals_without_improvement = int(state.evals_without_improvement)
+            self.last_eval_step = state.last_eval_step
+            self.rnn_state = self._restored_rnn_state(state.rnn_state)
             restore_rng_state(self._restored_rng_state(state))  # last: building the model and data drew numbers
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"the checkpoint's training state cannot be restored: {first_line(exc)}") from exc
@@ -368,14 +374,14 @@ class Trainer:
         local = rank_slice_of_state(list(saved), self.cluster.rank, self.cluster.world_size)
         return tuple(t.to(self.device) for t in local)
 
-    def _restored_rng_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        by_rank = state.get("rng_by_rank")
+    def _restored_rng_state(self, state: TrainingState) -> dict[str, Any]:
+        by_rank = state.rng_by_rank
         if isinstance(by_rank, list) and len(by_rank) == self.cluster.world_size:
             return by_rank[self.cluster.rank]
         if self.cluster.rank > 0:  # no state saved for this rank: a fresh, still rank-specific stream
-            seed_everything(self.config.seed + self.cluster.rank + 7919 * int(state["step"]))
+            seed_everything(self.config.seed + self.cluster.rank + 7919 * int(state.step))
             return capture_rng_state()
-        return state["rng"]
+        return state.rng
 
     # ------------------------------------------------------------------------------------------------ run
 
@@ -434,6 +440,7 @@ class Trainer:
         precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[self.amp_dtype]
         say(f"device: {self.device} ({precision}, {torch.get_num_threads()} threads); "
             f"budget: {self.budget.describe()}; lr {config.lr:g} ({config.schedule}, warmup {config.warmup_steps})")
+        say(f"validation: {self.val_count:,} tokens, protocol {self.val_protocol.describe()}")
         if self.step:
             say(f"resuming at step {self.step} ({format_seconds(self.seconds)} trained so far)")
 
@@ -494,7 +501,8 @@ class Trainer:
 
     @torch.no_grad()
     def validation_loss(self) -> float:
-        """Mean cross-entropy (nats/token) over the validation data, per the protocol in the module docstring."""
+        """Mean cross-entropy (nats/token) over the validation data: ``self.val_protocol`` over the first
+        ``self.val_count + 1`` validation tokens, softmax over the tokenizer's ids (module docstring)."""
         was_training = self.model.training
         self.model.eval()
         total = 0.0
@@ -513,7 +521,7 @@ class Trainer:
         for start in range(0, self.val_inputs.shape[1], RNN_EVAL_CHUNK):
             chunk = slice(start, start + RNN_EVAL_CHUNK)
             logits, state = self.model(self.val_inputs[:, chunk], state)
-            total += _summed_cross_entropy(logits, self.val_targets[:, chunk])
+            total += _summed_cross_entropy(logits, self.val_targets[:, chunk], self.val_vocab)
         return total
 
     def _gpt_val_total(self) -> float:
@@ -522,7 +530,7 @@ class Trainer:
         total = 0.0
         for start in range(0, windows, rows):
             logits = self.model(self.val_inputs[start : start + rows])[0]
-            total += _summed_cross_entropy(logits, self.val_targets[start : start + rows])
+            total += _summed_cross_entropy(logits, self.val_targets[start : start + rows], self.val_vocab)
         return total
 
     def _evaluate(self, window: _RateWindow) -> None:
@@ -582,39 +590,40 @@ class Trainer:
         if self.is_main:
             save_checkpoint(self._payload(per_rank), path)
 
-    def _payload(self, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    def _payload(self, per_rank: list[dict[str, Any]]) -> Checkpoint:
         # self.model is the bare module (never the DDP wrapper): names carry no "module." prefix.
         model_state = {name: tensor.detach().cpu() for name, tensor in self.model.state_dict().items()}
         rnn_states = [part["rnn_state"] for part in per_rank]
         rnn_state = interleave_states(rnn_states) if all(s is not None for s in rnn_states) else None
-        return {
-            "arch": self.config.arch,
-            "model_config": self.model_config,
-            "tokenizer": self.data.tokenizer.to_str(),
-            "special_tokens": dict(self.data.special),
-            "model": model_state,
-            "generation": dict(self.generation),
-            "train": {
-                "step": self.step,
-                "seconds": self.seconds,
-                "tokens_seen": self.tokens_seen,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.schedule.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "rng": per_rank[0]["rng"],
-                "rng_by_rank": [part["rng"] for part in per_rank] if self.cluster.distributed else None,
-                "world_size": self.cluster.world_size,
-                "data_position": self.cursor.position.to_dict(),
-                "rnn_state": rnn_state,
-                "config": self.config.to_dict(),
-                "best_val_loss": self.best_val_loss,
-                "best_step": self.best_step,
-                "evals_without_improvement": self.evals_without_improvement,
-                "last_eval_step": self.last_eval_step,
-                "tokenizer_kind": self.data.kind,
-            },
-            "metrics": dict(self.last_metrics) if self.last_metrics else None,
-        }
+        training = TrainingState(
+            step=self.step,
+            seconds=self.seconds,
+            tokens_seen=self.tokens_seen,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.schedule.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
+            rng=per_rank[0]["rng"],
+            rng_by_rank=[part["rng"] for part in per_rank] if self.cluster.distributed else None,
+            world_size=self.cluster.world_size,
+            data_position=self.cursor.position.to_dict(),
+            rnn_state=rnn_state,
+            config=self.config.to_dict(),
+            best_val_loss=self.best_val_loss,
+            best_step=self.best_step,
+            evals_without_improvement=self.evals_without_improvement,
+            last_eval_step=self.last_eval_step,
+            tokenizer_kind=self.data.kind,
+        )
+        return Checkpoint(
+            arch=self.config.arch,
+            model_config=self.model_config,
+            tokenizer=self.data.tokenizer.to_str(),
+            special_tokens=dict(self.data.special),
+            weights=model_state,
+            generation=dict(self.generation),
+            training=training,
+            metrics=dict(self.last_metrics) if self.last_metrics else None,
+        )
 
     def _interrupted(self, reason: str, signum: int | None) -> TrainResult:
         self._save(self.last_out)
@@ -683,7 +692,11 @@ class _RateWindow:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def _summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+def _summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, real_ids: int) -> float:
+    """Summed NLL with the softmax over the first ``real_ids`` outputs (runtime.scoring's padded-vocabulary rule:
+    ids beyond the tokenizer are never produced)."""
+    if logits.shape[-1] > real_ids:
+        logits = logits[..., :real_ids]
     flat = logits.reshape(-1, logits.shape[-1]).float()
     return F.cross_entropy(flat, targets.reshape(-1), reduction="sum").item()
 
