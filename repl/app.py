@@ -29,8 +29,8 @@ from repl.commands import QuitRepl, ReplCompleter, ReplError, parse_command
 from repl.generate import GenerationResult, Session, SessionError
 from repl.modelfile import ModelFileError
 from repl.runtime import OnnxModel
-from repl.sampling import SettingError
 from repl.settings import Settings
+from runtime.sampling import SettingError
 
 SESSION_FORMAT = "textgen-repl-session"
 SESSION_VERSION = 1

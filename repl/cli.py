@@ -265,9 +265,9 @@ def _is_user_error(exc: Exception) -> bool:
     from repl.modelfile import ModelFileError
 
     known: tuple[type[Exception], ...] = (CliError, ModelFileError, OSError)
-    if "repl.sampling" in sys.modules:
+    if "runtime.sampling" in sys.modules:
         from repl.generate import SessionError
-        from repl.sampling import SettingError
+        from runtime.sampling import SettingError
 
         known += (SettingError, SessionError)
     return isinstance(exc, known)

@@ -20,8 +20,8 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from repl.sampling import ALIASES
 from repl.settings import KEYS, LOOP_ALIASES, PRESET_HELP, PRESETS, canonical_key
+from runtime.sampling import ALIASES
 
 if TYPE_CHECKING:
     from repl.app import ReplApp

@@ -60,7 +60,6 @@ import numpy as np
 from repl.generate import Session
 from repl.modelfile import ModelFileError
 from repl.runtime import ModelRunError, OnnxModel
-from repl.sampling import SettingError
 from repl.settings import Settings
 from repl.textmetrics import (
     bits,
@@ -70,6 +69,7 @@ from repl.textmetrics import (
     text_stats,
     token_nll,
 )
+from runtime.sampling import SettingError
 
 LOGIT_BUDGET = 1 << 24  # floats of logits per onnxruntime call (64 MB): bounds memory for a 50k vocabulary
 MAX_CHUNK = 4096  # tokens per stateful RNN call

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from repl.runtime import OnnxModel
-from repl.sampling import SamplerChain, SamplerSettings
 from repl.settings import Settings
+from runtime.sampling import SamplerChain, SamplerSettings
 
 TextCallback = Callable[[str], None]
 # on_step(probabilities, rows): see Session.generate_n

@@ -1,7 +1,7 @@
 """Every user-settable generation value, with where its current value came from (for ``:show``).
 
 A value comes from one of SOURCES: the built-in default, the model file's generation defaults, the command
-line, or ``:set`` in the session. Sampler keys are parsed and validated by repl.sampling (one-line SettingError);
+line, or ``:set`` in the session. Sampler keys are parsed and validated by runtime.sampling (one-line SettingError);
 the decode-loop keys (max_new_tokens, min_new_tokens, num_beams, stop) are handled here.
 """
 
@@ -11,7 +11,7 @@ import difflib
 from dataclasses import fields
 from typing import Any
 
-from repl.sampling import ALIASES, SamplerSettings, SettingError, canonical_name, parse_setting
+from runtime.sampling import ALIASES, SamplerSettings, SettingError, canonical_name, parse_setting
 
 SOURCES = ("default", "model", "cli", "set")
 SAMPLER_KEYS = tuple(f.name for f in fields(SamplerSettings))

@@ -10,8 +10,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from repl.generate import GenerationResult, Session, SessionError, TextStream, kept_on_slide, text_after
 from repl.runtime import OnnxModel
-from repl.sampling import SamplerChain, SamplerSettings, SettingError
 from repl.settings import PRESETS, Settings
+from runtime.sampling import SamplerChain, SamplerSettings, SettingError
 
 
 @pytest.fixture(scope="module")

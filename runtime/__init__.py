@@ -1,0 +1,1 @@
+"""Torch-free inference library: model file, onnxruntime session, sampler chain, scorer."""
