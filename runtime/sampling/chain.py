@@ -6,8 +6,11 @@ registry (skipping those the settings make no-ops, and for greedy decoding the s
 ``Plan`` how they can run. Rows take the plan's small-vocabulary routes when it has them, else the general path
 below: each row a ``Candidates`` that every step's ``apply`` edits in turn. Banned ids (vocabulary padding,
 per-call extras such as end-of-text before ``min_new_tokens``) are removed before every step; when the steps
-remove everything, the best allowed original logit is kept. After every draw the chain tells each step the
-token it drew (``accept``), which is how stateful steps move on.
+remove everything, the best allowed original logit is kept.
+
+Histories come with every call, so the chain is the one place that follows them for the stateful steps
+(``HistoryFollower``): a row's history one token longer than at the last call becomes ``accept(slot, token)``,
+anything else ``reset(slot, tail)``.
 
 The contract callers rely on: ``sample(logits, histories, rng)`` asks ``rng`` only for ``rng.random()`` (a batch
 of one) or ``rng.random(rows)``, one uniform per row, in row order, so a caller may hand in any object with that
@@ -27,6 +30,47 @@ from runtime.sampling.settings import SamplerSettings, resolve_order, validate
 from runtime.sampling.steps import REGISTRY, Step
 
 _BAN_CACHE_SIZE = 16  # distinct per-call ban lists remembered (the decode loop uses one or two)
+MAX_FOLLOWED_ROWS = 64  # batch rows whose history the chain follows for stateful steps
+
+
+class HistoryFollower:
+    """Turns the histories each call passes into ``accept`` / ``reset`` events for the stateful steps.
+
+    Per batch row it keeps the last ``depth`` tokens and the length it saw: the same history again is nothing
+    new (e.g. ``:probs``, then a turn), one token more is an ``accept``, anything else (a new prompt, an undo, an
+    edit inside the window, beam rows reordered) a ``reset`` with the history's tail. Rows it cannot follow (not
+    a list, beyond ``MAX_FOLLOWED_ROWS``) are reset to no state, and the steps read those histories directly."""
+
+    def __init__(self, steps: Sequence[Step]):
+        self.steps = steps
+        self.depth = max(step.depth for step in steps)
+        self._rows: dict[int, tuple[list, int]] = {}  # slot -> (tail, length)
+
+    def follow(self, slot: int, history: Sequence[int]) -> None:
+        if type(history) is not list or slot >= MAX_FOLLOWED_ROWS:
+            if self._rows.pop(slot, None) is not None:
+                for step in self.steps:
+                    step.reset(slot)
+            return
+        seen = self._rows.get(slot)
+        if seen is not None:
+            tail, length = seen
+            size = len(history)
+            if size == length and history[-self.depth :] == tail:
+                return
+            if size == length + 1 and type(history[-1]) is int and history[-self.depth - 1 : -1] == tail:
+                token = history[-1]
+                if len(tail) == self.depth:
+                    del tail[0]
+                tail.append(token)
+                self._rows[slot] = (tail, size)
+                for step in self.steps:
+                    step.accept(slot, token)
+                return
+        tail = history[-self.depth :]
+        self._rows[slot] = (tail, len(history))
+        for step in self.steps:
+            step.reset(slot, tail)
 
 
 class SamplerChain:
@@ -47,7 +91,8 @@ class SamplerChain:
         )
         built = (REGISTRY[name].from_settings(settings, self.vocab_size) for name in self.step_names)
         self.steps: list[Step] = [step for step in built if step is not None]
-        self._stateful = [step for step in self.steps if type(step).accept is not Step.accept]
+        stateful = [step for step in self.steps if step.depth is not None]
+        self._follower = HistoryFollower(stateful) if stateful else None
         self.plan = Plan(self.steps, self.vocab_size, self.greedy)
         self._work: np.ndarray | None = None  # general path: float64 batch buffer reused across calls
         self._scratch = Scratch()
@@ -115,8 +160,6 @@ class SamplerChain:
                     picked[index] = best if ids is None else ids[best]
                 else:
                     picked[index] = draw(ids, values, uniforms[index], self._scratch)
-        if self._stateful:
-            self._accept(picked.tolist())
         return picked
 
     def sample_one(self, logits: np.ndarray, history: Sequence[int], rng: np.random.Generator) -> int:
@@ -126,23 +169,12 @@ class SamplerChain:
         if plan.pick is not None:
             original = np.asarray(logits)
             if original.shape == (1, self.vocab_size):
-                token = plan.pick_one(original[0], history, 0, self._base_bans, rng.random())
-                for step in self._stateful:
-                    step.accept(0, token)
-                return token
+                if self._follower is not None:
+                    self._follower.follow(0, history)
+                return plan.pick_one(original[0], history, 0, self._base_bans, rng.random())
         return int(self.sample(logits, [history], rng)[0])
 
-    def reset(self) -> None:
-        """Forget every step's state (a new session); a chain built for each turn starts out reset anyway."""
-        for step in self.steps:
-            step.reset()
-
     # -- internals -----------------------------------------------------------------------------------------------
-
-    def _accept(self, tokens: list[int]) -> None:
-        for step in self._stateful:
-            for slot, token in enumerate(tokens):
-                step.accept(slot, token)
 
     def _check_batch(
         self, logits: np.ndarray, history: Sequence[Sequence[int]] | None
@@ -154,6 +186,9 @@ class SamplerChain:
             history = [()] * original.shape[0]
         if len(history) != original.shape[0]:
             raise ValueError(f"history has {len(history)} rows for a batch of {original.shape[0]}")
+        if self._follower is not None:
+            for slot, row in enumerate(history):
+                self._follower.follow(slot, row)
         return original, history
 
     def _bans(self, extra_banned: Sequence[int]) -> Bans:

@@ -94,6 +94,8 @@ class Plan:
         )
         last = self.sorted_filters[-1] if self.sorted_filters else None
         self.final_temperature = last if isinstance(last, TemperatureStep) else None
+        # exp((max - logit) / T) = exp(max - logit) ** (1 / T): the prefix route's weights, raised once
+        self.power = 1.0 / self.final_temperature.temperature if self.final_temperature is not None else None
         prefix_filters = self.sorted_filters[:-1] if self.final_temperature else self.sorted_filters
         # sample()'s draw: "prefix" (cuts as counts), "dense" (straight from the row), or None (row, then draw).
         # A temperature between filters (the "hf" order) takes the row route, which scales before later filters.
@@ -103,6 +105,8 @@ class Plan:
                 self.pick = "dense"
             elif all(isinstance(step, _PREFIX_CUTS) for step in prefix_filters):
                 self.pick = "prefix"
+        # ``sample`` for one row on the prefix or dense route: (original row, history, slot, bans, uniform) -> id
+        self.pick_one = self._pick_prefix if self.pick == "prefix" else self._pick_dense
         # Batches (``--n``) on these routes run as [B, V] arrays, a few numpy calls per step for all rows.
         self.whole_batch = self.pick == "dense" or (self.pick == "prefix" and self.prefilter is None)
         self.cut = CutPlan.of(prefix_filters)
@@ -148,12 +152,6 @@ class Plan:
             else:
                 picked[index] = draw_sorted(order, values, uniforms[index])
         return picked
-
-    def pick_one(self, original: np.ndarray, history: Sequence[int], slot: int, bans: Bans, uniform: float) -> int:
-        """``sample`` for one row on the prefix or dense route."""
-        if self.pick == "prefix":
-            return self._pick_prefix(original, history, slot, bans, uniform)
-        return self._pick_dense(original, history, slot, bans, uniform)
 
     # -- the sorted route ----------------------------------------------------------------------------------------
 
@@ -232,15 +230,14 @@ class Plan:
         count, weights = self._cut(neg)
         if count == 1:
             return int(order[0])
-        power = 1.0 / self.final_temperature.temperature if self.final_temperature is not None else None
         if count <= _PYTHON_DRAW_LIMIT:
-            return draw_few(order, neg, count, weights, power, uniform)
+            return draw_few(order, neg, count, weights, self.power, uniform)
         if weights is None:
             weights = np.exp(np.subtract(neg[0], neg[:count]))
         else:
             weights = weights[:count]
-        if power is not None:  # exp((max - logit) / T) = exp(max - logit) ** (1 / T)
-            weights = np.power(weights, power, out=weights)
+        if self.power is not None:
+            weights = np.power(weights, self.power, out=weights)
         by_id = order[:count].argsort()  # draw in id order, as draw does: a seed picks the same token
         return int(order[by_id[draw_weights(weights[by_id], uniform)]])
 
@@ -383,7 +380,7 @@ class Plan:
             cumulative = np.cumsum(mass, axis=1)
             target = plan.top_p * cumulative[:, -1:]
             count = np.minimum(count, (cumulative < target).sum(axis=1) + 1)  # searchsorted(side="left") + 1
-        if self.final_temperature is not None:
-            np.power(weights, 1.0 / self.final_temperature.temperature, out=weights)
+        if self.power is not None:
+            np.power(weights, self.power, out=weights)
         weights[columns >= count[:, None]] = 0.0
         return weights

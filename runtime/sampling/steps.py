@@ -4,13 +4,17 @@ Every step is one class with one interface, llama.cpp's (``llama_sampler_i``):
 
     from_settings(settings, vocab_size) -> Step | None   build from SamplerSettings; None where it would be a no-op
     apply(candidates)                                    edit one row's ``Candidates`` in place
-    accept(slot, token)                                  batch row ``slot`` drew ``token``: update own state
-    reset()                                              forget all state (a new session)
+    accept(slot, token)                                  batch row ``slot``'s history grew by ``token``
+    reset(slot=None, tokens=None)                        forget row ``slot``'s state (all rows: None); with
+                                                         ``tokens``, start it again from them
 
-State lives in the step that needs it (the penalties' window per batch row; a future mirostat's mu) and moves on
-``accept``, which the chain calls with every drawn token. Class attributes tell the chain the rest:
-``sampling_only`` steps only reshape the sampling distribution, so greedy decoding skips them (HF: warpers need
-do_sample); ``may_remove_all`` steps can remove every token, so the chain checks the row after them.
+State lives in the step that needs it (the penalties' window per batch row; a future mirostat's mu), moves only
+on ``accept`` and starts over on ``reset``. A stateful step sets ``depth``, the number of trailing history
+tokens its state follows; the chain then turns the histories each call passes into those events (one token
+appended since the last call: ``accept``; anything else, e.g. a new prompt, an undo, beam rows reordered:
+``reset`` with the history's tail), so a step never compares histories itself. Class attributes tell the chain
+the rest: ``sampling_only`` steps only reshape the sampling distribution, so greedy decoding skips them (HF:
+warpers need do_sample); ``may_remove_all`` steps can remove every token, so the chain checks the row after them.
 
 Optional fast-path forms, used by the compiled plan (``plan.py``) when a step has them and ignored otherwise:
 
@@ -47,7 +51,7 @@ from runtime.sampling.candidates import (
 if TYPE_CHECKING:
     from runtime.sampling.settings import SamplerSettings
 
-MAX_TRACKED_ROWS = 64  # batch rows whose penalty window is kept across calls
+_TRACK_VOCAB = 4096  # penalties keep their window as whole-row vectors up to this vocabulary size
 
 
 class Step:
@@ -55,6 +59,7 @@ class Step:
 
     sampling_only: ClassVar[bool] = False
     may_remove_all: ClassVar[bool] = False
+    depth: int | None = None  # trailing history tokens the step's state follows; None: no state
 
     @classmethod
     def from_settings(cls, settings: SamplerSettings, vocab_size: int) -> Step | None:
@@ -64,9 +69,9 @@ class Step:
         raise NotImplementedError
 
     def accept(self, slot: int, token: int) -> None:
-        """Stateless steps ignore the drawn tokens."""
+        """Stateless steps ignore the history's new tokens."""
 
-    def reset(self) -> None:
+    def reset(self, slot: int | None = None, tokens: Sequence[int] | None = None) -> None:
         """Stateless steps have nothing to forget."""
 
 
@@ -119,10 +124,14 @@ class PenaltiesStep(Ban):
     over the last ``last_n`` history tokens (-1: the whole history)."""
 
 
-    def __init__(self, repetition: float, presence: float, frequency: float, last_n: int):
+    def __init__(self, repetition: float, presence: float, frequency: float, last_n: int, vocab_size: int):
         self.repetition, self.presence, self.frequency, self.last_n = repetition, presence, frequency, last_n
+        self.vocab_size = vocab_size
         self.boosts = repetition < 1 or presence < 0 or frequency < 0  # may raise a logit, up to overflow
-        self._windows: dict[int, PenaltyWindow] = {}  # per batch row, on small-vocabulary plans
+        # Small vocabularies keep each row's window as vectors (``edit_row``): counting the window again cost more
+        # than all the arithmetic there. Wide rows count it from the history, cheap next to the 50k-wide work.
+        self.depth = last_n if last_n > 0 and vocab_size <= _TRACK_VOCAB else None
+        self._windows: dict[int, PenaltyWindow] = {}
 
     @classmethod
     def from_settings(cls, settings: SamplerSettings, vocab_size: int) -> PenaltiesStep | None:
@@ -130,7 +139,7 @@ class PenaltiesStep(Ban):
         neutral = s.repetition_penalty == 1 and s.presence_penalty == 0 and s.frequency_penalty == 0
         if neutral or s.penalty_last_n == 0:
             return None
-        return cls(s.repetition_penalty, s.presence_penalty, s.frequency_penalty, s.penalty_last_n)
+        return cls(s.repetition_penalty, s.presence_penalty, s.frequency_penalty, s.penalty_last_n, vocab_size)
 
     def ban(self, logits: np.ndarray, history: Sequence[int]) -> bool:
         values = self._penalize(logits, history)
@@ -162,12 +171,9 @@ class PenaltiesStep(Ban):
         return values
 
     def edit_row(self, row: np.ndarray, history: Sequence[int], slot: int, negated: bool) -> np.ndarray:
-        if self.last_n < 0 or type(history) is not list or slot >= MAX_TRACKED_ROWS:
-            return super().edit_row(row, history, slot, negated)  # whole history, arrays, huge batches: count
         window = self._windows.get(slot)
-        if window is None or not window.holds(history):
-            # A prompt, an undo, another row's history: start this row's window from the history given.
-            window = self._windows[slot] = PenaltyWindow(self, history[-self.last_n :], row.size)
+        if window is None:  # a row the chain does not follow (whole history, arrays, huge batches): count
+            return super().edit_row(row, history, slot, negated)
         return window.apply(row, negated) if window.tokens else row
 
     def accept(self, slot: int, token: int) -> None:
@@ -175,17 +181,20 @@ class PenaltiesStep(Ban):
         if window is not None:
             window.accept(token)
 
-    def reset(self) -> None:
-        self._windows.clear()
+    def reset(self, slot: int | None = None, tokens: Sequence[int] | None = None) -> None:
+        if slot is None:
+            self._windows.clear()
+        elif tokens is None:
+            self._windows.pop(slot, None)
+        else:
+            self._windows[slot] = PenaltyWindow(self, list(tokens[-self.last_n :]), self.vocab_size)
 
 
 class PenaltyWindow:
     """One batch row's penalties as whole-row vectors: a divisor (the penalty for ids in the window, 1.0
     elsewhere) and a subtrahend (presence + frequency * count, 0.0 elsewhere), so that applying them is three
     numpy calls and the untouched ids go through exact no-ops (x / 1.0, x * 1.0, x - 0.0). ``accept`` slides the
-    window by the drawn token, updating two entries instead of counting the window again, which cost more than
-    all the arithmetic at V ~ 65. ``holds`` checks that a call's history is the one the window stands for, so any
-    caller (``:probs``, beam rows, an edited history) still gets the penalties of the history it passed."""
+    window by one token, updating two entries instead of counting the window again."""
 
     __slots__ = ("step", "tokens", "counts", "divisor", "subtrahend", "product")
 
@@ -201,9 +210,6 @@ class PenaltyWindow:
         self.subtrahend = np.zeros(vocab_size)
         self.subtrahend[ids] = step.presence + step.frequency * counts
         self.product = np.empty(vocab_size)  # work row for apply
-
-    def holds(self, history: list) -> bool:
-        return history[-self.step.last_n :] == self.tokens
 
     def accept(self, token: int) -> None:
         tokens = self.tokens
