@@ -176,7 +176,9 @@ def kth_largest(values: np.ndarray, k: int) -> float:
     if stride >= 2:
         sample = values[::stride]
         bound = np.partition(sample, sample.size - k)[sample.size - k]
-        values = values[values >= bound]
+        pool = values[values >= bound]
+        if pool.size >= k:  # short only when NaNs (which never compare) are about: then use the whole row
+            values = pool
     return float(np.partition(values, values.size - k)[values.size - k])
 
 

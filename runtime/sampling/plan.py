@@ -75,6 +75,9 @@ class Plan:
         self.vocab_size = vocab_size
         leading = next((i for i, step in enumerate(steps) if not hasattr(step, "edit_row")), len(steps))
         self.banning, filters = list(steps[:leading]), list(steps[leading:])
+        # A step that may raise logits clips them below +inf, which would hide a +inf logit from the checks made
+        # after the history steps: with one, rows are checked for +inf / NaN before them.
+        self.boosting = any(getattr(step, "boosts", False) for step in self.banning)
         # Temperature alone among the filters: the row is scaled where it is and never sorted.
         alone = filters[0] if len(filters) == 1 else None
         self.dense_temperature = alone if isinstance(alone, TemperatureStep) else None
@@ -269,6 +272,8 @@ class Plan:
         are caught after the sort. Removed ids stay at the end when a min-p cut will drop them anyway."""
         # The row is negated while it is banned (one call for both), and the history steps work on it negated.
         neg = np.subtract(bans.negated_mask, original, out=self._neg)
+        if self.boosting and not _clean(neg):
+            return self._sorted(original, history, slot, bans)
         for step in self.banning:
             neg = step.edit_row(neg, history, slot, True)
         if self.prefilter is None:
@@ -297,6 +302,9 @@ class Plan:
                     uniform: float) -> int:
         """The draw straight from the whole row, negated while it is banned as in ``_sorted_candidates``."""
         neg = np.subtract(bans.negated_mask, original, out=self._neg)
+        if self.boosting and not _clean(neg):
+            _, values = self.row(original, history, slot, bans)
+            return draw(None, values, uniform, self.scratch)
         for step in self.banning:
             neg = step.edit_row(neg, history, slot, True)
         low = neg[neg.argmin()]  # -(max logit); argmin stops at a NaN
@@ -318,6 +326,7 @@ class Plan:
         row picks what it would alone, up to rounding. Rows with NaN or +inf logits, or with nothing left, are
         done one by one the careful way."""
         neg = np.subtract(bans.negated_mask, original, dtype=np.float64)
+        unclean = ~np.isfinite(neg.min(axis=1)) if self.boosting else None  # NaN or a +inf logit
         if self.banning:  # a per-row Python loop: skipped when no step bans anything (it costs at batch 32)
             for index, step_row in enumerate(neg):
                 for step in self.banning:
@@ -333,6 +342,8 @@ class Plan:
             neg = np.take_along_axis(neg, ranked, axis=1)
             first = neg[:, 0]
         careful = ~np.isfinite(first)
+        if unclean is not None:
+            careful |= unclean
         if ranked is not None:
             careful |= np.isnan(neg[:, -1])
         any_careful = bool(careful.any())
@@ -384,3 +395,9 @@ class Plan:
             np.power(weights, self.power, out=weights)
         weights[columns >= count[:, None]] = 0.0
         return weights
+
+
+def _clean(neg: np.ndarray) -> bool:
+    """No NaN and no +inf logit in a negated row (argmin stops at a NaN; a +inf logit is -inf here)."""
+    low = neg[neg.argmin()]
+    return low == low and low != -np.inf
