@@ -1,7 +1,8 @@
 """Properties every sampler step must keep, parametrized over the step registry (runtime.sampling.steps.REGISTRY):
-a new step is covered the moment it is registered, with no new test code. ``KeepAboveMeanStep`` below is a
-tiny example step, registered for this module only, to show it: it runs under every property like the real
-steps do (``pytest tests/test_sampler_steps.py -v`` lists it in each one's parameters).
+a new step is covered the moment it is registered, with no new test code. ``KeepAboveMeanStep`` and
+``CoinDropsTopStep`` below are tiny example steps (a filter; a step that reads a uniform of its own, as XTC
+will), registered for this module only, to show it: they run under every property like the real steps do
+(``pytest tests/test_sampler_steps.py -v`` lists them in each one's parameters).
 
 Settings are drawn from the validation rules themselves (``runtime.sampling.settings.RULES``: each range is a
 small object a strategy can read), so a new setting is drawn too. The properties:
@@ -25,9 +26,9 @@ from hypothesis import strategies as st
 
 import runtime.sampling.plan as sampling_plan
 from runtime.sampling import PRESET_ORDERS, REGISTRY, SamplerChain, SamplerSettings
-from runtime.sampling.candidates import Scratch
+from runtime.sampling.candidates import Candidates, Scratch
 from runtime.sampling.settings import RULES, FloatRange, IntAtLeast
-from runtime.sampling.steps import Filter
+from runtime.sampling.steps import Filter, Step
 
 
 class KeepAboveMeanStep(Filter):
@@ -45,7 +46,27 @@ class KeepAboveMeanStep(Filter):
         return values >= cut
 
 
-EXAMPLE_STEPS = {"keep_above_mean": KeepAboveMeanStep}
+class CoinDropsTopStep(Step):
+    """Example step with randomness of its own: on heads (its uniform < 0.5) the most likely token goes."""
+
+    sampling_only = True
+    random = True
+
+    @classmethod
+    def from_settings(cls, settings: SamplerSettings, vocab_size: int) -> CoinDropsTopStep:
+        return cls()
+
+    def apply(self, candidates: Candidates) -> None:
+        if candidates.uniform is None or candidates.uniform >= 0.5:
+            return  # process / probabilities: the distribution before the coin
+        ids, values = candidates.view()
+        if np.count_nonzero(values > -np.inf) > 1:
+            keep = np.ones(values.size, dtype=bool)
+            keep[values.argmax()] = False
+            candidates.keep(ids, values, keep)
+
+
+EXAMPLE_STEPS = {"keep_above_mean": KeepAboveMeanStep, "coin_drops_top": CoinDropsTopStep}
 STEPS = [*REGISTRY, *EXAMPLE_STEPS]  # what the properties run over: every registered step, and the example
 
 
@@ -143,8 +164,10 @@ def test_probabilities_are_valid_for_any_logits(step: str, data: st.DataObject) 
         assert (probs[:, banned] == 0).all() and (probs[~np.isfinite(processed)] == 0).all()
         picked = chain.sample(logits, rows, np.random.default_rng(0), extra)
         assert picked.dtype == np.int64 and picked.shape == (batch,)
-        chosen = probs[np.arange(batch), picked]
-        assert (chosen == probs.max(axis=1)).all() if chain.greedy else (chosen > 0).all()
+        assert not set(picked.tolist()) & set(banned)
+        if not any(step.random for step in chain.steps):  # a random step draws from what it leaves after its coin
+            chosen = probs[np.arange(batch), picked]
+            assert (chosen == probs.max(axis=1)).all() if chain.greedy else (chosen > 0).all()
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -211,3 +234,15 @@ def test_the_example_step_runs_and_takes_the_general_path() -> None:
     assert np.isfinite(chain.process(logits, None)).tolist() == [[True, False, True, False, True]]
     assert SamplerChain(SamplerSettings(order="top_k,temperature", top_k=2, temperature=0.7), 5).plan.small
     assert "keep_above_mean" in STEPS and set(REGISTRY) <= set(STEPS)
+
+
+
+def test_the_random_example_step_reads_its_own_uniform() -> None:
+    """The uniform a random step reads comes with the row's draw uniform (rng is still asked once per row), and
+    is independent of it: the coin drops the near-certain top token in about half of the draws."""
+    chain = SamplerChain(SamplerSettings(order="coin_drops_top", top_k=0), 3)
+    assert not chain.plan.small
+    logits = np.array([[12.0, 0.0, 0.0]])
+    assert chain.probabilities(logits, None)[0, 0] > 0.99  # no coin without a draw
+    tops = sum(int(chain.sample(logits, None, np.random.default_rng(seed))[0]) == 0 for seed in range(400))
+    assert 150 < tops < 250

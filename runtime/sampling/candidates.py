@@ -36,16 +36,19 @@ class Scratch:
 
 class Candidates:
     """One row while the chain works on it: dense float64 ``logits`` (-inf = removed), the row's ``history``, its
-    batch ``slot`` (for steps that keep state per row) and the chain's ``scratch``. ``_support`` is None (every
-    id may be finite) or a superset of the finite ids."""
+    batch ``slot`` (for steps that keep state per row), the chain's ``scratch`` and, while ``sample`` runs, the
+    ``uniform`` that ``random`` steps read (None in ``process`` / ``probabilities``, which draw nothing: such a
+    step then leaves the distribution it would draw from). ``_support`` is None (every id may be finite) or a
+    superset of the finite ids."""
 
-    __slots__ = ("logits", "history", "slot", "scratch", "_support", "may_be_empty")
+    __slots__ = ("logits", "history", "slot", "scratch", "uniform", "_support", "may_be_empty")
 
     def __init__(self, logits: np.ndarray, history: Sequence[int], slot: int = 0, scratch: Scratch | None = None):
         self.logits = logits
         self.history = history
         self.slot = slot
         self.scratch = scratch or Scratch()
+        self.uniform: float | None = None
         self._support: np.ndarray | None = None
         # Set by the steps that ban (filters always keep a token): the chain then checks for an empty row.
         self.may_be_empty = False

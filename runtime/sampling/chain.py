@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from runtime.sampling.candidates import FLOAT32_MAX, Bans, Candidates, Scratch, View, finite, probabilities, sanitize
-from runtime.sampling.draw import draw
+from runtime.sampling.draw import draw, step_uniform
 from runtime.sampling.plan import Plan
 from runtime.sampling.settings import SamplerSettings, resolve_order, validate
 from runtime.sampling.steps import REGISTRY, Step
@@ -94,6 +94,7 @@ class SamplerChain:
         stateful = [step for step in self.steps if step.depth is not None]
         self._follower = HistoryFollower(stateful) if stateful else None
         self.plan = Plan(self.steps, self.vocab_size, self.greedy)
+        self._random = any(step.random for step in self.steps)
         self._work: np.ndarray | None = None  # general path: float64 batch buffer reused across calls
         self._scratch = Scratch()
         self._ban_cache: dict[tuple, Bans] = {}
@@ -153,7 +154,7 @@ class SamplerChain:
             picked = self.plan.sample(original, history, bans, uniforms)
         else:
             picked = np.empty(rows, dtype=np.int64)
-            for index, row in enumerate(self._run(original, history, bans)):
+            for index, row in enumerate(self._run(original, history, bans, uniforms if self._random else None)):
                 ids, values = row.view()
                 if uniforms is None:
                     best = int(values.argmax())
@@ -225,11 +226,15 @@ class SamplerChain:
 
     # -- the general path ----------------------------------------------------------------------------------------
 
-    def _run(self, original: np.ndarray, history: Sequence[Sequence[int]], bans: Bans) -> list[Candidates]:
+    def _run(self, original: np.ndarray, history: Sequence[Sequence[int]], bans: Bans,
+             uniforms: Sequence[float] | None = None) -> list[Candidates]:
         """The whole batch in one reused float64 buffer, each row a Candidates that every step edits in turn."""
         work = self._load(original)
         work[:, bans.ids] = -np.inf
         rows = [Candidates(work[index], history[index], index, self._scratch) for index in range(work.shape[0])]
+        if uniforms is not None:
+            for row, uniform in zip(rows, uniforms, strict=True):
+                row.uniform = step_uniform(float(uniform))
         for index, row in enumerate(rows):
             self._process_row(row, original[index], bans)
         return rows

@@ -94,6 +94,8 @@ class Plan:
             and all(hasattr(step, "narrow_sorted") and not hasattr(step, "edit_row") for step in filters)
             # sorting a whole wide row costs more than the general path's bins
             and (cuts or not sorting or vocab_size <= _SORT_ALL_LIMIT)
+            # steps that read a uniform of their own run where the chain hands it over: the general path
+            and not any(step.random for step in steps)
         )
         last = self.sorted_filters[-1] if self.sorted_filters else None
         self.final_temperature = last if isinstance(last, TemperatureStep) else None

@@ -14,7 +14,9 @@ tokens its state follows; the chain then turns the histories each call passes in
 appended since the last call: ``accept``; anything else, e.g. a new prompt, an undo, beam rows reordered:
 ``reset`` with the history's tail), so a step never compares histories itself. Class attributes tell the chain
 the rest: ``sampling_only`` steps only reshape the sampling distribution, so greedy decoding skips them (HF:
-warpers need do_sample); ``may_remove_all`` steps can remove every token, so the chain checks the row after them.
+warpers need do_sample); ``may_remove_all`` steps can remove every token, so the chain checks the row after them;
+``random`` steps (XTC, mirostat's own draw) read ``candidates.uniform``, which ``sample`` derives from the row's
+draw uniform (``draw.step_uniform``), so the chain still asks ``rng`` for one uniform per row and call.
 
 Optional fast-path forms, used by the compiled plan (``plan.py``) when a step has them and ignored otherwise:
 
@@ -60,6 +62,7 @@ class Step:
     sampling_only: ClassVar[bool] = False
     may_remove_all: ClassVar[bool] = False
     depth: int | None = None  # trailing history tokens the step's state follows; None: no state
+    random: ClassVar[bool] = False  # reads ``candidates.uniform``, a uniform number of its own per row and call
 
     @classmethod
     def from_settings(cls, settings: SamplerSettings, vocab_size: int) -> Step | None:
