@@ -44,7 +44,7 @@ class HistoryFollower:
     def __init__(self, steps: Sequence[Step]):
         self.steps = steps
         self.depth = max(step.depth for step in steps)
-        self._rows: dict[int, tuple[list, int]] = {}  # slot -> (tail, length)
+        self._rows: dict[int, list] = {}  # slot -> [tail, length]
 
     def follow(self, slot: int, history: Sequence[int]) -> None:
         if type(history) is not list or slot >= MAX_FOLLOWED_ROWS:
@@ -54,21 +54,20 @@ class HistoryFollower:
             return
         seen = self._rows.get(slot)
         if seen is not None:
-            tail, length = seen
-            size = len(history)
-            if size == length and history[-self.depth :] == tail:
-                return
-            if size == length + 1 and type(history[-1]) is int and history[-self.depth - 1 : -1] == tail:
+            tail, depth, size = seen[0], self.depth, len(history)
+            if size == seen[1] + 1 and type(history[-1]) is int and history[-depth - 1 : -1] == tail:
                 token = history[-1]
-                if len(tail) == self.depth:
+                if len(tail) == depth:
                     del tail[0]
                 tail.append(token)
-                self._rows[slot] = (tail, size)
+                seen[1] = size
                 for step in self.steps:
                     step.accept(slot, token)
                 return
+            if size == seen[1] and history[-depth:] == tail:
+                return
         tail = history[-self.depth :]
-        self._rows[slot] = (tail, len(history))
+        self._rows[slot] = [tail, len(history)]
         for step in self.steps:
             step.reset(slot, tail)
 
@@ -149,6 +148,8 @@ class SamplerChain:
         original, history = self._check_batch(logits, history)
         rows = original.shape[0]
         bans = self._bans(extra_banned)
+        if rows == 1 and self.plan.pick is not None:  # the decode loop's call: no lists around one row
+            return np.array([self.plan.pick_one(original[0], history[0], 0, bans, rng.random())], dtype=np.int64)
         uniforms = None if self.greedy else [rng.random()] if rows == 1 else rng.random(rows)
         if self.plan.small:
             picked = self.plan.sample(original, history, bans, uniforms)
@@ -187,9 +188,13 @@ class SamplerChain:
             history = [()] * original.shape[0]
         if len(history) != original.shape[0]:
             raise ValueError(f"history has {len(history)} rows for a batch of {original.shape[0]}")
-        if self._follower is not None:
-            for slot, row in enumerate(history):
-                self._follower.follow(slot, row)
+        follower = self._follower
+        if follower is not None:
+            if len(history) == 1:
+                follower.follow(0, history[0])
+            else:
+                for slot, row in enumerate(history):
+                    follower.follow(slot, row)
         return original, history
 
     def _bans(self, extra_banned: Sequence[int]) -> Bans:

@@ -32,6 +32,7 @@ that the plan knows (see docs/architecture.md, "Sampler chain").
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
@@ -181,8 +182,13 @@ class PenaltiesStep(Ban):
 
     def accept(self, slot: int, token: int) -> None:
         window = self._windows.get(slot)
-        if window is not None:
-            window.accept(token)
+        if window is None:
+            return
+        tokens = window.tokens
+        if len(tokens) == self.last_n:
+            window.count(tokens.popleft(), -1)
+        tokens.append(token)
+        window.count(token, 1)
 
     def reset(self, slot: int | None = None, tokens: Sequence[int] | None = None) -> None:
         if slot is None:
@@ -190,18 +196,18 @@ class PenaltiesStep(Ban):
         elif tokens is None:
             self._windows.pop(slot, None)
         else:
-            self._windows[slot] = PenaltyWindow(self, list(tokens[-self.last_n :]), self.vocab_size)
+            self._windows[slot] = PenaltyWindow(self, deque(tokens[-self.last_n :]), self.vocab_size)
 
 
 class PenaltyWindow:
     """One batch row's penalties as whole-row vectors: a divisor (the penalty for ids in the window, 1.0
     elsewhere) and a subtrahend (presence + frequency * count, 0.0 elsewhere), so that applying them is three
-    numpy calls and the untouched ids go through exact no-ops (x / 1.0, x * 1.0, x - 0.0). ``accept`` slides the
-    window by one token, updating two entries instead of counting the window again."""
+    numpy calls and the untouched ids go through exact no-ops (x / 1.0, x * 1.0, x - 0.0). The step's ``accept``
+    slides the window by one token, updating two entries instead of counting the window again."""
 
     __slots__ = ("step", "tokens", "counts", "divisor", "subtrahend", "product")
 
-    def __init__(self, step: PenaltiesStep, tokens: list, vocab_size: int):
+    def __init__(self, step: PenaltiesStep, tokens: deque, vocab_size: int):
         self.step = step
         self.tokens = tokens
         ids, counts = token_counts(tokens, vocab_size)
@@ -214,14 +220,7 @@ class PenaltyWindow:
         self.subtrahend[ids] = step.presence + step.frequency * counts
         self.product = np.empty(vocab_size)  # work row for apply
 
-    def accept(self, token: int) -> None:
-        tokens = self.tokens
-        if len(tokens) == self.step.last_n:
-            self._count(tokens.pop(0), -1)
-        tokens.append(token)
-        self._count(token, 1)
-
-    def _count(self, token: int, change: int) -> None:
+    def count(self, token: int, change: int) -> None:
         if not 0 <= token < len(self.counts):
             return  # not a token id: never counted
         count = self.counts[token] = self.counts[token] + change
