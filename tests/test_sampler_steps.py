@@ -4,7 +4,7 @@ a new step is covered the moment it is registered, with no new test code. ``Keep
 will), registered for this module only, to show it: they run under every property like the real steps do
 (``pytest tests/test_sampler_steps.py -v`` lists them in each one's parameters).
 
-Settings are drawn from the validation rules themselves (``runtime.sampling.settings.RULES``: each range is a
+Settings are drawn from the validation rules themselves (``runtime.sampling.validation.RULES``: each range is a
 small object a strategy can read), so a new setting is drawn too. The properties:
 
 - valid probabilities for any logits (huge, equal, NaN, +-inf), bans and per-call bans included;
@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 import runtime.sampling.plan as sampling_plan
 from runtime.sampling import PRESET_ORDERS, REGISTRY, SamplerChain, SamplerSettings
 from runtime.sampling.candidates import Candidates, Scratch
-from runtime.sampling.settings import RULES, FloatRange, IntAtLeast
 from runtime.sampling.steps import Filter, Step
+from runtime.sampling.validation import RULES, FloatRange, IntAtLeast
 
 
 class KeepAboveMeanStep(Filter):

@@ -17,7 +17,8 @@ the steps that read the history, then takes the argmax.
 
 Modules, by concern:
 
-    settings.py    SamplerSettings, names and aliases, parsing and validation (one-line SettingError)
+    settings.py    SamplerSettings, the names and aliases users type, the preset orders
+    validation.py  parsing and validation (one-line SettingError), each setting's rule in RULES
     steps.py       the Step interface (apply / accept / reset, llama.cpp's), every step, and REGISTRY
     candidates.py  what steps work on: one row's Candidates, a call's Bans, shared numeric helpers
     plan.py        the compiled Plan: the small-vocabulary routes (sorted, prefix cuts, dense, whole batches)
@@ -28,22 +29,17 @@ docs/architecture.md ("Sampler chain") explains the interface and how to add a s
 """
 
 from runtime.sampling.chain import SamplerChain
-from runtime.sampling.settings import (
-    ALIASES,
-    PRESET_ORDERS,
-    SETTING_NAMES,
-    SamplerSettings,
-    SettingError,
+from runtime.sampling.settings import ALIASES, PRESET_ORDERS, SETTING_NAMES, SamplerSettings, SettingError, make_rng
+from runtime.sampling.steps import REGISTRY, Step
+from runtime.sampling.validation import (
     apply_setting,
     canonical_name,
-    make_rng,
     parse_setting,
     resolve_order,
     settings_from_mapping,
     step_names,
     validate,
 )
-from runtime.sampling.steps import REGISTRY, Step
 
 __all__ = [
     "ALIASES",

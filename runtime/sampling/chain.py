@@ -26,8 +26,9 @@ import numpy as np
 from runtime.sampling.candidates import FLOAT32_MAX, Bans, Candidates, Scratch, View, finite, probabilities, sanitize
 from runtime.sampling.draw import draw, step_uniform
 from runtime.sampling.plan import Plan
-from runtime.sampling.settings import SamplerSettings, resolve_order, validate
+from runtime.sampling.settings import SamplerSettings
 from runtime.sampling.steps import REGISTRY, Step
+from runtime.sampling.validation import resolve_order, validate
 
 _BAN_CACHE_SIZE = 16  # distinct per-call ban lists remembered (the decode loop uses one or two)
 MAX_FOLLOWED_ROWS = 64  # batch rows whose history the chain follows for stateful steps

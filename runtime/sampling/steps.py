@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -50,9 +50,7 @@ from runtime.sampling.candidates import (
     tail,
     token_counts,
 )
-
-if TYPE_CHECKING:
-    from runtime.sampling.settings import SamplerSettings
+from runtime.sampling.settings import SamplerSettings
 
 _TRACK_VOCAB = 4096  # penalties keep their window as whole-row vectors up to this vocabulary size
 
