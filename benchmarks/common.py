@@ -47,7 +47,7 @@ FALLBACK_TEXT = (
 EOS_TEXT = "<|endoftext|>"
 UNK_TEXT = "<unk>"
 
-# The full sampler chain the "FULL sampler chain" comparisons use: every step of repl.sampling that the torch and
+# The full sampler chain the "FULL sampler chain" comparisons use: every step of runtime.sampling that the torch and
 # Hugging Face loops can mirror (repetition penalty -> top-k -> top-p -> min-p -> temperature, llama.cpp's order).
 FULL_CHAIN: dict[str, Any] = {
     "temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repetition_penalty": 1.1, "penalty_last_n": 64,
@@ -638,7 +638,7 @@ def hf_generate(model: Any, prompt_ids: list[int], tokens: int, sampler: dict[st
 
 
 class TorchSampler:
-    """repl.sampling's llama-order chain in torch (what a hand-written PyTorch loop does): repetition penalty over
+    """runtime.sampling's llama-order chain in torch (what a hand-written PyTorch loop does): repetition penalty over
     the last ``penalty_last_n`` tokens, top-k, top-p, min-p on the model's distribution, then temperature."""
 
     def __init__(self, sampler: dict[str, Any], seed: int = 1234) -> None:

@@ -42,8 +42,8 @@ from benchmarks.common import (
     report,
     run_main,
 )
-from repl.sampling import SamplerChain, SamplerSettings
 from runtime.defaults import DEFAULT_GENERATION
+from runtime.sampling import SamplerChain, SamplerSettings
 
 PROMPT = "ROMEO:"
 CHAR_VOCAB = 67  # the demo's 65 characters + end-of-text + unknown
@@ -96,13 +96,13 @@ def sampler_costs(args: Any) -> tuple[Table, tuple[Stats, Stats]]:
         for name, values in CONFIGS.items():
             chain = SamplerChain(SamplerSettings(**values), vocab, banned_ids=[vocab - 1])
             wall, cpu = time_chain(chain, vocab, calls, args.repeats)
-            table.add(name, f"{vocab:,}", "small" if chain._small else "general", fmt_stats(wall.scaled(1e6)),
+            table.add(name, f"{vocab:,}", "small" if chain.plan.small else "general", fmt_stats(wall.scaled(1e6)),
                       fmt_stats(cpu.scaled(1e6)))
             if vocab == GPT2_VOCAB and values is FULL_CHAIN:
                 full_at_gpt2 = (wall, cpu)
     table.notes.append(f"{args.repeats} timed windows of calls per row after one untimed one; median (min–max).")
     table.notes.append("path: the small-vocabulary path (sorts the candidates once) or the general one "
-                       "(partition and bins, never sorts a 50k row); repl/sampling.py explains both.")
+                       "(partition and bins, never sorts a 50k row); runtime/sampling/plan.py explains both.")
     return table, full_at_gpt2
 
 

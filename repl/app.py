@@ -25,11 +25,11 @@ from rich.console import Console
 from rich.text import Text
 
 from repl.commands import QuitRepl, ReplCompleter, ReplError, parse_command
-from repl.sampling import SettingError
 from runtime.atomic import atomic_write_text
 from runtime.errors import first_line
 from runtime.generate import GenerationResult, Session, SessionError
 from runtime.modelfile import ModelFileError
+from runtime.sampling import SettingError
 from runtime.session import OnnxModel
 from runtime.settings import Settings
 

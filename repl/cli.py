@@ -265,9 +265,9 @@ def _is_user_error(exc: Exception) -> bool:
     from runtime.modelfile import ModelFileError
 
     known: tuple[type[Exception], ...] = (CliError, ModelFileError, OSError)
-    if "repl.sampling" in sys.modules:
-        from repl.sampling import SettingError
+    if "runtime.sampling" in sys.modules:
         from runtime.generate import SessionError
+        from runtime.sampling import SettingError
 
         known += (SettingError, SessionError)
     return isinstance(exc, known)

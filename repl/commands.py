@@ -21,7 +21,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from repl.sampling import ALIASES
+from runtime.sampling import ALIASES
 from runtime.settings import KEYS, LOOP_ALIASES, PRESET_HELP, PRESETS, canonical_key, format_setting
 
 if TYPE_CHECKING:

@@ -57,9 +57,9 @@ from typing import Any
 
 import numpy as np
 
-from repl.sampling import SettingError
 from runtime.generate import Session
 from runtime.modelfile import ModelFileError
+from runtime.sampling import SettingError
 from runtime.scoring import (
     PROTOCOL_NAMES,
     SLIDING,

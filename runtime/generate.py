@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from repl.sampling import SamplerChain, SamplerSettings
+from runtime.sampling import SamplerChain, SamplerSettings
 from runtime.session import OnnxModel
 from runtime.settings import Settings
 

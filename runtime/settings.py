@@ -3,7 +3,7 @@
 A value comes from one of SOURCES: the built-in default, the model file's generation defaults, the command
 line, or ``:set`` in the session, layered in that order (``build_settings`` for the first three, used by
 textgen-repl and textgen-eval alike; ``Settings.set`` for the session). The built-in values come from
-runtime.defaults. Sampler keys are parsed and validated by repl.sampling (one-line SettingError); the
+runtime.defaults. Sampler keys are parsed and validated by runtime.sampling (one-line SettingError); the
 decode-loop keys (max_new_tokens, min_new_tokens, num_beams, stop) are handled here.
 """
 
@@ -15,15 +15,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from typing import Any
 
-from repl.sampling import (
-    ALIASES,
-    SamplerSettings,
-    SettingError,
-    _as_int,  # one integer parser for every setting
-    canonical_name,
-    parse_setting,
-)
 from runtime.defaults import BUILTIN
+from runtime.sampling import ALIASES, SamplerSettings, SettingError, canonical_name, parse_setting
+from runtime.sampling.validation import _as_int  # one integer parser for every setting
 
 SOURCES = ("default", "model", "cli", "set")
 SAMPLER_KEYS = tuple(f.name for f in fields(SamplerSettings))

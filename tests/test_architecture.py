@@ -12,8 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-
 from repl.sampling import SamplerSettings
+
 from runtime.defaults import BUILTIN, DEFAULT_GENERATION, generation_defaults
 from runtime.errors import first_line
 from runtime.settings import KEYS, SettingError, Settings, build_settings, format_setting
@@ -29,9 +29,7 @@ ALLOWED = {
     "repl": {"runtime"},
     "benchmarks": {"models", "train", "export", "runtime", "repl"},
 }
-# repl/sampling.py becomes the package runtime/sampling/ (issue 18 item 2, on its own branch); until then the
-# runtime's decode loop and settings import it from repl.
-PENDING = {("runtime.generate", "repl.sampling"), ("runtime.settings", "repl.sampling")}
+PENDING: set[tuple[str, str]] = set()  # known layering exceptions: none
 
 
 def _module_name(path: Path) -> str:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from repl.sampling import SamplerChain, SamplerSettings, SettingError
 from runtime.generate import GenerationResult, Session, SessionError, TextStream, kept_on_slide, text_after
+from runtime.sampling import SamplerChain, SamplerSettings, SettingError
 from runtime.session import OnnxModel
 from runtime.settings import PRESETS, Settings
 

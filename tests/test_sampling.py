@@ -1,4 +1,4 @@
-"""The sampler chain (repl/sampling.py): each step by hand, agreement with Hugging Face's logits processors,
+"""The sampler chain (runtime/sampling/): each step by hand, agreement with Hugging Face's logits processors,
 properties over arbitrary settings/logits, seeded draws and the setting parser. The behaviour tests run on both
 implementations (the small-vocabulary path these vocabularies take by default, and the general one), and the two
 must agree with each other."""
@@ -30,8 +30,8 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-import repl.sampling as sampling
-from repl.sampling import (
+import runtime.sampling.plan as sampling_plan
+from runtime.sampling import (
     PRESET_ORDERS,
     SamplerChain,
     SamplerSettings,
@@ -53,12 +53,12 @@ OFF = {"top_k": 0}  # the dataclass default top_k=50 would be a no-op at V=5 any
 @contextmanager
 def general_path() -> Iterator[None]:
     """Chains built inside take the general path whatever their vocabulary (every vocabulary counts as wide)."""
-    saved = sampling.SMALL_VOCAB
-    sampling.SMALL_VOCAB = 0
+    saved = sampling_plan.SMALL_VOCAB
+    sampling_plan.SMALL_VOCAB = 0
     try:
         yield
     finally:
-        sampling.SMALL_VOCAB = saved
+        sampling_plan.SMALL_VOCAB = saved
 
 
 @pytest.fixture(params=["small", "general"])
@@ -482,8 +482,8 @@ def test_small_and_general_paths_agree(values: dict, vocab: int) -> None:
     small = SamplerChain(settings, vocab, banned_ids=[vocab - 1, 3])
     with general_path():
         general = SamplerChain(settings, vocab, banned_ids=[vocab - 1, 3])
-    assert not general._small
-    assert small._small or vocab > 1024  # what is compared on the narrower rows is really the small path
+    assert not general.plan.small
+    assert small.plan.small or vocab > 1024  # what is compared on the narrower rows is really the small path
     histories = [rng.integers(0, 50, size=100).tolist() for _ in range(3)]
     histories[2] += [-1, vocab + 5]  # not token ids: ignored
     for extra in ((), [0]):
@@ -503,20 +503,20 @@ def test_small_and_general_paths_agree(values: dict, vocab: int) -> None:
 
 def test_each_vocabulary_takes_the_cheaper_path() -> None:
     full = SamplerSettings(**FULL)
-    assert SamplerChain(full, 67)._small and SamplerChain(full, 4096)._small  # a leading top-k cuts wide rows
-    assert not SamplerChain(full, 4097)._small and not SamplerChain(full, 50257)._small
+    assert SamplerChain(full, 67).plan.small and SamplerChain(full, 4096).plan.small  # a leading top-k cuts wide
+    assert not SamplerChain(full, 4097).plan.small and not SamplerChain(full, 50257).plan.small
     nucleus = SamplerSettings(top_k=0, top_p=0.9)  # sorts whole rows: only up to 1024 wide
-    assert SamplerChain(nucleus, 1024)._small and not SamplerChain(nucleus, 1025)._small
-    assert SamplerChain(SamplerSettings(temperature=0.7, top_k=0), 4096)._small  # no sort at all
-    assert not SamplerChain(replace(full, order="top_k,penalties"), 67)._small  # bans after a filter
+    assert SamplerChain(nucleus, 1024).plan.small and not SamplerChain(nucleus, 1025).plan.small
+    assert SamplerChain(SamplerSettings(temperature=0.7, top_k=0), 4096).plan.small  # no sort at all
+    assert not SamplerChain(replace(full, order="top_k,penalties"), 67).plan.small  # bans after a filter
     # sample() on the small path: prefix cuts as counts (top-k, top-p, min-p in any order, temperature last) ...
-    assert SamplerChain(full, 67)._prefix_pick
-    assert SamplerChain(replace(full, order="min_p,top_p,top_k,temperature"), 67)._prefix_pick
-    assert not SamplerChain(replace(full, order="hf"), 67)._prefix_pick  # scales before filtering: _small_row
-    assert not SamplerChain(replace(full, typical_p=0.9), 67)._prefix_pick  # typical-p keeps a subset
+    assert SamplerChain(full, 67).plan.pick == "prefix"
+    assert SamplerChain(replace(full, order="min_p,top_p,top_k,temperature"), 67).plan.pick == "prefix"
+    assert SamplerChain(replace(full, order="hf"), 67).plan.pick is None  # scales before filtering: Plan.row
+    assert SamplerChain(replace(full, typical_p=0.9), 67).plan.pick is None  # typical-p keeps a subset
     # ... or straight from the dense row when nothing cuts
-    assert SamplerChain(SamplerSettings(temperature=0.7, top_k=0), 67)._dense_pick
-    assert not SamplerChain(SamplerSettings(temperature=0.0), 67)._dense_pick  # greedy: argmax
+    assert SamplerChain(SamplerSettings(temperature=0.7, top_k=0), 67).plan.pick == "dense"
+    assert SamplerChain(SamplerSettings(temperature=0.0), 67).plan.pick is None  # greedy: argmax
 
 
 def test_penalty_window_follows_a_history_edited_between_calls() -> None:
@@ -655,7 +655,7 @@ def test_validate_and_helpers() -> None:
 
 
 def test_importing_the_sampler_does_not_import_torch() -> None:
-    code = "import sys, repl.sampling; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, runtime.sampling; sys.exit(1 if 'torch' in sys.modules else 0)"
     repo_root = Path(__file__).resolve().parents[1]
     assert subprocess.run([sys.executable, "-c", code], cwd=repo_root, timeout=60).returncode == 0
 
@@ -675,7 +675,7 @@ def test_a_batch_picks_what_each_row_picks_alone(values: dict) -> None:
     vocab, batch = 67, 6
     rng = np.random.default_rng(7)
     together = SamplerChain(SamplerSettings(**values), vocab, banned_ids=[vocab - 1, 3])
-    assert together._whole_batch
+    assert together.plan.whole_batch
     alone = [SamplerChain(SamplerSettings(**values), vocab, banned_ids=[vocab - 1, 3]) for _ in range(batch)]
     histories = [rng.integers(0, 50, size=80).tolist() for _ in range(batch)]
     for _ in range(40):
