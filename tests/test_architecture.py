@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from repl.sampling import SamplerSettings
+from runtime.sampling import SamplerSettings
 
 from runtime.defaults import BUILTIN, DEFAULT_GENERATION, generation_defaults
 from runtime.errors import first_line
