@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from models.atomic import atomic_write_bytes
+from models.atomic import atomic_write_bytes, write_with_fallback
 
 CHECKPOINT_FORMAT = "textgen-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -43,6 +43,13 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str]) -> No
         if key not in data:
             raise ValueError(f"checkpoint payload lacks {key!r}")
     atomic_write_bytes(path, lambda handle: torch.save(data, handle))
+
+
+def save_checkpoint_or_fallback(payload: dict[str, Any], path: str | os.PathLike[str]) -> tuple[Path, OSError | None]:
+    """``save_checkpoint``, but a failed write (disk full, folder gone) goes to a fallback path beside it or in the
+    working directory (models.atomic.write_with_fallback) instead of losing the run: (where it went, the failure)."""
+    data = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}
+    return write_with_fallback(path, lambda handle: torch.save(data, handle))
 
 
 def load_checkpoint(path: str | os.PathLike[str], expect_arch: tuple[str, ...] | None = None) -> dict[str, Any]:
