@@ -90,7 +90,9 @@ def check_output_path(path: str | os.PathLike[str], flag: str, inputs: tuple[str
     return target
 
 
-def write_with_fallback(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> tuple[Path, OSError | None]:
+def write_with_fallback(
+    path: str | os.PathLike[str], write: Callable[[BinaryIO], object]
+) -> tuple[Path, OSError | None]:
     """``atomic_write_bytes`` to ``path``; if that fails (disk full, folder gone), to a fallback beside it, then
     in the working directory, so finished work is never discarded. Returns (where it went, the first failure or
     None). Raises the first failure when no place could take it."""

@@ -54,7 +54,8 @@ _CREDIT_LINE = re.compile(r"^[ \t]*" + _CREDIT + r"[ \t]*(?:\n|\Z)", re.IGNORECA
 # licence summary) and "*** END OF THE PROJECT GUTENBERG EBOOK ..." starts the licence (~18 KB of legal text).
 _GUTENBERG_START = re.compile(r"^[ \t]*\*\*\*[ \t]*START OF (?:THE|THIS) PROJECT GUTENBERG EBOOK[^\n]*\n?",
                               re.IGNORECASE | re.MULTILINE)
-_GUTENBERG_END = re.compile(r"^[ \t]*\*\*\*[ \t]*END OF (?:THE|THIS) PROJECT GUTENBERG EBOOK", re.IGNORECASE | re.MULTILINE)
+_GUTENBERG_END = re.compile(r"^[ \t]*\*\*\*[ \t]*END OF (?:THE|THIS) PROJECT GUTENBERG EBOOK",
+                            re.IGNORECASE | re.MULTILINE)
 
 
 class CorpusError(Exception):

@@ -11,7 +11,6 @@ from train.config import TrainConfig
 from train.corpus import CorpusFilters, DataReport, load_corpus, split_train_val
 from train.tokenizer import build_tokenizer, encode_documents, special_token_ids, tokenizer_kind
 
-
 MIN_VAL_TOKENS = 1000  # below this a validation loss is mostly noise
 
 
