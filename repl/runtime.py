@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ctypes.util
 import importlib.metadata
 import io
 import os
@@ -54,9 +55,10 @@ class ModelLoadError(ModelFileError):
     be caught either way."""
 
 
-def _one_line(text: object, limit: int = 200) -> str:
-    first = next((line.strip() for line in str(text).splitlines() if line.strip()), "")
-    return first if len(first) <= limit else first[: limit - 3] + "..."
+def _one_line(text: object) -> str:
+    """The whole message on one line: onnxruntime puts the cause at the end of long multi-line messages (e.g.
+    "Unsupported model IR version: 11, max supported IR version: 10"), so nothing is cut off."""
+    return " ".join(str(text).split())
 
 
 def _installed(distribution: str) -> bool:
@@ -103,14 +105,31 @@ def _cuda_reason(preload_problem: str | None) -> str:
     return "the CUDA provider failed to initialise (check CUDA/cuDNN versions for this onnxruntime-gpu)"
 
 
+NVIDIA_DEVICE_FILES = ("/proc/driver/nvidia/gpus", "/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg")
+
+
+def nvidia_gpu_present(device_files: tuple[str, ...] = NVIDIA_DEVICE_FILES) -> bool:
+    """Whether this machine shows an NVIDIA driver or GPU at all (Linux device files, WSL's /dev/dxg; on Windows
+    the driver's nvcuda.dll). Cheap, and it never loads CUDA: a machine without a GPU is never told about CUDA."""
+    if os.name == "nt":
+        return ctypes.util.find_library("nvcuda") is not None
+    return any(os.path.exists(path) for path in device_files)
+
+
 def select_providers(device: str) -> tuple[list[str], str | None]:
     """Execution providers to ask for, and a one-line reason CUDA will probably not work (None if none known).
 
-    ``auto`` tries CUDA whenever this onnxruntime build has the provider; ``cuda`` insists on it (OnnxModel.open
+    ``auto`` tries CUDA when this onnxruntime build has the provider AND the machine shows an NVIDIA driver or GPU
+    (nvidia_gpu_present), so a machine without one hears nothing about CUDA; ``cuda`` insists on it (OnnxModel.open
     raises if the session does not really get it); ``cpu`` never touches CUDA."""
     if device not in DEVICES:
         raise ModelLoadError(f"unknown device {device!r} (choose from {', '.join(DEVICES)})")
     if device == "cpu":
+        return [CPU], None
+    if not nvidia_gpu_present():
+        if device == "cuda":
+            raise ModelLoadError("--device cuda requested but CUDA is not usable here: this machine shows no NVIDIA "
+                                 "GPU or driver (no /dev/nvidia0, no /proc/driver/nvidia); use --device cpu")
         return [CPU], None
     if CUDA not in ort.get_available_providers():
         reason = "this onnxruntime build has no CUDA provider (install onnxruntime-gpu)"
