@@ -77,16 +77,16 @@ def check_output_path(path: str | os.PathLike[str], flag: str, inputs: tuple[str
     target = Path(path).expanduser()
     named = f"{flag} {path}" if flag else str(path)
     if target.is_dir():
-        raise OutputPathError(f"{named} is a directory; give a file name")
+        raise OutputPathError(f"cannot write {named}: it is a directory; give a file name")
     for source in inputs:
         if source is not None and target.exists() and Path(source).exists() and _same_file(target, Path(source)):
-            raise OutputPathError(f"{named} is the input file {source}; choose another output")
+            raise OutputPathError(f"cannot write {named}: it is the input file {source}; choose another output")
     folder = _nearest_existing_folder(target.parent)
     if folder is None:
-        raise OutputPathError(f"{named} cannot be written: {_first_file_in(target.parent)} is a file, not a folder")
+        raise OutputPathError(f"cannot write {named}: {_first_file_in(target.parent)} is a file, not a folder")
     reason = _write_probe(folder)
     if reason is not None:
-        raise OutputPathError(f"{named} cannot be written: {folder} is not writable ({reason})")
+        raise OutputPathError(f"cannot write {named}: {folder} is not writable ({reason})")
     return target
 
 

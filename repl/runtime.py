@@ -404,6 +404,25 @@ class OnnxModel:
         except Exception:  # noqa: BLE001 - e.g. a vocabulary without an unk token; encode char by char instead
             return self._encode_per_character(text)
 
+    def unknown_pieces(self, text: str) -> list[str]:
+        """The distinct characters (words, for a word-level vocabulary) of ``text`` that the tokenizer reads as
+        its unknown token or drops, in order of appearance; empty for byte-level BPE, which reads any text."""
+        unk = self.info.special.unk
+        try:
+            encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        except Exception:  # noqa: BLE001 - no unk token: the characters that cannot be encoded are dropped
+            pieces = [char for char in dict.fromkeys(text) if not self._encodes(char)]
+        else:
+            pieces = [text[start:end] for token, (start, end) in zip(encoding.ids, encoding.offsets, strict=True)
+                      if token == unk and end > start]
+        return list(dict.fromkeys(pieces))
+
+    def _encodes(self, char: str) -> bool:
+        try:
+            return bool(self.tokenizer.encode(char, add_special_tokens=False).ids)
+        except Exception:  # noqa: BLE001
+            return False
+
     def _encode_per_character(self, text: str) -> list[int]:
         ids: list[int] = []
         for char in text:

@@ -166,7 +166,7 @@ def check_outputs(config: TrainConfig) -> None:
         try:
             check_output_path(companion, "", inputs=(config.data,))
         except OutputPathError as exc:
-            raise OutputPathError(f"--out {config.out} writes {exc}") from None
+            raise OutputPathError(f"{exc} (written beside --out {config.out})") from None
 
 
 def _preset(name: str | None) -> dict[str, Any]:
