@@ -77,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.eval_text and not args.quantize:
         print("error: --eval-text goes with --quantize", file=sys.stderr)
         return EXIT_USER_ERROR
+    problem = _early_problem(args)  # answered in the first second, before torch is imported
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
     try:
         from export.onnx_export import ATTENTION_OPSET, export_checkpoint
 
@@ -98,6 +102,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0
+
+
+def _early_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the input or output path that needs no torch to see: a file that is not a checkpoint
+    (an ONNX model, anything else), and an --output that is a folder, the input itself or unwritable."""
+    from models.atomic import OutputPathError, check_output_path
+    from models.filekind import sniff_file_kind
+
+    source = Path(args.checkpoint)
+    if source.is_file():
+        try:
+            kind = sniff_file_kind(source)
+        except OSError as exc:
+            return f"cannot read {source}: {exc.strerror or exc}"
+        if kind == "onnx":
+            return f"{source} is an ONNX model, not a checkpoint — open it with textgen-repl --model {source}"
+        if kind == "other":
+            return f"{source} is not a PyTorch checkpoint (textgen-train writes a PyTorch zip file)"
+        if kind == "empty":
+            return f"{source} is empty"
+    if args.output is not None:
+        target = Path(args.output)
+    elif source.is_dir():
+        target = source.resolve().parent / f"{source.resolve().name}.onnx"
+    else:
+        target = source.with_suffix(".onnx")
+    try:
+        check_output_path(target, "--output", inputs=(source,))
+    except OutputPathError as exc:
+        return str(exc)
+    return None
 
 
 def _quantize(fp32_path: Path, mode: str, eval_text: str | None) -> int:

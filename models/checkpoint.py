@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from models.atomic import atomic_write_bytes, write_with_fallback
+from models.filekind import sniff_file_kind
 
 CHECKPOINT_FORMAT = "textgen-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -81,6 +82,11 @@ def load_checkpoint(path: str | os.PathLike[str], expect_arch: tuple[str, ...] |
 
 
 def _restricted_load(file: Path) -> Any:
+    kind = sniff_file_kind(file)
+    if kind == "onnx":
+        raise CheckpointError(f"{file} is an ONNX model, not a checkpoint — open it with textgen-repl --model {file}")
+    if kind == "other":
+        raise CheckpointError(f"{file} is not a PyTorch checkpoint (textgen-train writes a PyTorch zip file)")
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

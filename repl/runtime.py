@@ -23,6 +23,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from tokenizers import Tokenizer
 
+from models.filekind import sniff_file_kind
 from repl.modelfile import ModelFileError, ModelInfo, decode_metadata
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -184,6 +185,9 @@ def _check_file(path: Path) -> None:
         raise ModelLoadError(f"{path} is not a file")
     if path.stat().st_size == 0:
         raise ModelLoadError(f"{path} is empty")
+    if sniff_file_kind(path) in ("torch-zip", "pickle"):
+        raise ModelLoadError(f"{path} is a PyTorch checkpoint, not an ONNX model — export it first: "
+                             f"textgen-export --checkpoint {path}")
 
 
 def _create_session(path: Path, providers: list[str], threads: int | None) -> ort.InferenceSession:
