@@ -11,13 +11,22 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints its usage block before the error; a bad flag here is one ``error: ...`` line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="textgen-export",
         description="Export a textgen checkpoint (or a Hugging Face GPT-2 directory) to one verified ONNX file.",
     )

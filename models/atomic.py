@@ -86,7 +86,7 @@ def check_output_path(path: str | os.PathLike[str], flag: str, inputs: tuple[str
         raise OutputPathError(f"cannot write {named}: {_first_file_in(target.parent)} is a file, not a folder")
     reason = _write_probe(folder)
     if reason is not None:
-        raise OutputPathError(f"cannot write {named}: {folder} is not writable ({reason})")
+        raise OutputPathError(f"cannot write {named}: no file can be created in {folder} ({reason})")
     return target
 
 

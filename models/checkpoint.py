@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +89,18 @@ def _restricted_load(file: Path) -> Any:
     if kind == "other":
         raise CheckpointError(f"{file} is not a PyTorch checkpoint (textgen-train writes a PyTorch zip file)")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise beside our own one line
+            warnings.simplefilter("ignore")
+            return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only=True refuses any global it does not know: this is where pickle payloads end up.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
-        raise CheckpointError(f"{file} was refused: it holds objects that are not plain tensors ({first})") from exc
+        # torch's own message suggests weights_only=False, which would run the file's code: never repeat it.
+        raise CheckpointError(f"{file} was refused: it holds Python objects that are not plain tensors (a pickle "
+                              "that could run code when loaded); textgen checkpoints hold only tensors") from exc
     except Exception as exc:  # arbitrary bytes can make the zip/pickle readers raise almost anything
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         reason = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+        if kind == "torch-zip":
+            raise CheckpointError(f"{file} is not a readable checkpoint: truncated or damaged (its zip archive "
+                                  f"cannot be read; {reason})") from exc
         raise CheckpointError(f"{file} is not a readable checkpoint (truncated or not ours; {reason})") from exc

@@ -308,7 +308,7 @@ def _is_user_error(exc: Exception) -> bool:
 
 def _one_line(exc: Exception) -> str:
     text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    if isinstance(exc, CliError) or type(exc).__module__.startswith("repl."):
+    if isinstance(exc, CliError) or type(exc).__module__.startswith(("repl.", "models.")):
         return text or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
