@@ -394,6 +394,18 @@ def test_session_bad_inputs_each_answer_one_line_and_the_session_goes_on(workspa
     assert "5 tokens" in buffer.getvalue()
 
 
+@pytest.mark.parametrize("tool", ["train", "export", "repl", "eval"])
+def test_every_flag_has_help_text(tool: str) -> None:
+    import argparse
+    import importlib
+
+    parser = importlib.import_module(TOOLS[tool][0]).build_parser()
+    missing = [action.option_strings[0] for action in parser._actions
+               if action.option_strings and not (action.help and action.help.strip())]
+    assert missing == [], f"{TOOLS[tool][1]} flags without help: {missing}"
+    assert isinstance(parser, argparse.ArgumentParser)
+
+
 # ---------------------------------------------------------------------------------------------------- the docs
 
 

@@ -2,7 +2,8 @@
 
 Files a run writes (OUT is ``--out``):
 - ``OUT``: the best checkpoint so far by validation loss (written when an evaluation improves on it);
-- ``OUT.last``: the latest state (written at every evaluation, at the end, and when interrupted);
+- ``OUT.last``: the latest state (written at the first evaluation, then at evaluations at most every
+  LAST_STATE_INTERVAL seconds, at the end, and when interrupted: a short run's evaluations stay cheap);
 - ``OUT.metrics.jsonl``: one JSON object per evaluation; ``OUT.loss.png``: the loss curves, drawn at the end.
 Both checkpoints are complete (models/checkpoint.py layout, with a ``train`` section) and either can be resumed.
 
@@ -78,6 +79,7 @@ GPT_EVAL_LOGITS = 2**24  # logits elements per evaluation batch (bounds memory f
 CALIBRATION_STEPS = 4  # steps timed (after the first, which pays for warm-up) before a time budget is planned
 FINAL_FILES_SECONDS = 2.0  # kept at the end of a time budget for the loss plot, last writes and process exit
 EVAL_MARGIN = 1.2  # the final evaluation is reserved this many times the last one's duration (load varies)
+LAST_STATE_INTERVAL = 60.0  # seconds between OUT.last writes at evaluations (each is a full checkpoint)
 MAX_CURVE_POINTS = 4000  # training-loss points kept for the plot (thinned beyond that)
 SAMPLE_TOKENS = {"char": 200}  # tokens sampled per --prime at each evaluation; 60 for other tokenizers
 # Settings a resumed run may change; everything else comes from the checkpoint so the run continues exactly.
@@ -244,6 +246,8 @@ class Trainer:
         self.eval_seconds: float | None = None  # what the last evaluation (with its checkpoint writes) took
         self.pace: tuple[float, float] | None = None  # (steps/s, training tokens/s) once measured
         self.metrics_failed = False
+        self.last_saved: float | None = None  # when OUT.last was last written (time.monotonic())
+        self.last_saved_step: int | None = None
         if resume is not None:
             self._restore(resume)
         self.metrics_log = MetricsLog(metrics_path(config.out), append=resume is not None) if self.is_main else None
@@ -432,8 +436,8 @@ class Trainer:
                     break
             stop_reason = self.budget.reached(self.step, self.seconds, self.cursor.epochs_done(), self._reserve())
         if self.step > 0 and self.last_eval_step != self.step:
-            self._evaluate(window)  # writes OUT.last too
-        else:
+            self._evaluate(window)
+        if self.last_saved_step != self.step:
             self._save(self.last_out)
         return self._finish(stop_reason)
 
@@ -632,7 +636,8 @@ class Trainer:
             self._print_samples()
         if improved:
             self._save(self.out)
-        self._save(self.last_out)
+        if self.last_saved is None or time.monotonic() - self.last_saved >= LAST_STATE_INTERVAL:
+            self._save(self.last_out)
         self.eval_seconds = time.monotonic() - began
 
     def _log_metrics(self, record: dict[str, Any]) -> None:
@@ -678,6 +683,8 @@ class Trainer:
             "rng": capture_rng_state(),
             "rnn_state": [t.detach().cpu() for t in self.rnn_state] if self.rnn_state is not None else None,
         })
+        if path == self.last_out:
+            self.last_saved, self.last_saved_step = time.monotonic(), self.step
         if self.is_main:
             written, failure = save_checkpoint_or_fallback(self._payload(per_rank), path)
             if failure is not None:
