@@ -99,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             reason = _one_line(result.fallback)
             print(f"notice: the opset-{ATTENTION_OPSET} Attention-op graph was not used ({reason}); wrote the "
                   "decomposed-attention graph instead (correct, slower on CPU)", file=sys.stderr)
+        if result.write_failure:
+            print(f"warning: could not write {result.write_failure}; wrote the verified file to {result.path} "
+                  "instead", file=sys.stderr)
         graph = f"opset {result.opset}" + (", ONNX Attention op" if result.attention_op else "")
         print(f"wrote {result.path} ({_human_size(result.bytes)}, {result.arch}, {graph})")
         print(f"verified with onnxruntime {result.provider}: max abs logit diff {result.max_abs_diff:.3g}")

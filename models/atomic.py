@@ -111,8 +111,9 @@ def write_with_fallback(
 
 
 def fallback_paths(target: Path) -> list[Path]:
-    """Where a failed write goes instead: ``NAME.recovered-PID`` beside the target, then in the working folder."""
-    name = f"{target.name}.recovered-{os.getpid()}"
+    """Where a failed write goes instead: ``STEM.recovered-PID.SUFFIX`` (the suffix kept, so ``.onnx`` stays an
+    .onnx file) beside the target, then in the working folder."""
+    name = f"{target.stem}.recovered-{os.getpid()}{target.suffix}"
     beside, here = target.with_name(name), Path.cwd() / name
     return [beside] if beside.resolve() == here.resolve() else [beside, here]
 

@@ -95,3 +95,26 @@ def test_cli_json_carries_each_seed_timings_and_warnings() -> None:
     plain = run_cli("--prompt", "Café ROMEO:", "--n", "2", "--seed", "11", "--max-tokens", "10")
     assert "--- sample 1/2 (seed 11) ---" in plain.stdout and "--- sample 2/2 (seed 12) ---" in plain.stdout
     assert plain.stderr.strip() == "note: not in the model's vocabulary, read as unknown: é"
+
+
+def test_onnxruntime_load_errors_keep_their_cause_on_one_line(tmp_path: Path) -> None:
+    """A foreign ONNX file of a newer IR version: onnxruntime's cause sits at the end of a long message; it must
+    reach the user whole (it used to be cut off with '...')."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from repl.runtime import ModelLoadError
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph)
+    model.ir_version = 99
+    path = tmp_path / "future.onnx"
+    onnx.save(model, path)
+    with pytest.raises(ModelLoadError) as caught:
+        OnnxModel.open(path, device="cpu")
+    message = str(caught.value)
+    assert "\n" not in message and not message.endswith("...")
+    assert message.startswith(f"{path} is not a readable ONNX model") and "IR version" in message
+    assert "99" in message

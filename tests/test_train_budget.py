@@ -71,7 +71,7 @@ def test_a_bad_out_is_refused_before_torch_is_imported(tmp_path: Path) -> None:
 
 
 def test_a_failing_final_write_falls_back_and_says_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Disk full at OUT (pretended): the finished run goes to OUT.recovered-PID beside it, and the log says so."""
+    """Disk full at OUT (pretended): the finished run goes to run.recovered-PID.bin beside it, and the log says so."""
     config = tiny_lstm(tmp_path)
     real_write = models.atomic._write_atomically
 
@@ -82,11 +82,11 @@ def test_a_failing_final_write_falls_back_and_says_where(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(models.atomic, "_write_atomically", disk_full_at_out)
     result, log = run_quietly(config)
-    fallback = tmp_path / f"run.bin.recovered-{os.getpid()}"
+    fallback = tmp_path / f"run.recovered-{os.getpid()}.bin"
     assert f"warning: could not write {tmp_path / 'run.bin'} (No space left on device); saved it to {fallback}" in log
     assert ".tmp" not in log  # never the temp file's name
     assert load_checkpoint(fallback)["train"]["step"] in (5, 10)
-    assert load_checkpoint(tmp_path / f"run.bin.last.recovered-{os.getpid()}")["train"]["step"] == 10
+    assert load_checkpoint(tmp_path / f"run.bin.recovered-{os.getpid()}.last")["train"]["step"] == 10
     assert result.steps == 10  # type: ignore[attr-defined]
 
 
@@ -224,3 +224,28 @@ def test_strip_boilerplate_is_a_cli_flag(tmp_path: Path) -> None:
                                       str(tmp_path / "x.bin"), "--strip-boilerplate"])
     assert resolve_config(args)[0].strip_boilerplate is True
     json.dumps(resolve_config(args)[0].to_dict())  # stored in checkpoints as plain values
+
+
+def test_a_failing_export_write_falls_back_and_says_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The same promise for textgen-export: a verified file whose write fails goes beside it, and stderr says so."""
+    from export.cli import main as export_main
+
+    config = tiny_lstm(tmp_path, max_steps=1, eval_every=1)
+    run_quietly(config)
+    real_write = models.atomic._write_atomically
+
+    def disk_full_at_target(target: Path, write: object) -> None:
+        if target.name == "run.onnx":
+            raise OSError(errno.ENOSPC, "No space left on device", str(target.parent / ".run.onnx.1234.tmp"))
+        real_write(target, write)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(models.atomic, "_write_atomically", disk_full_at_target)
+    assert export_main(["--checkpoint", str(tmp_path / "run.bin"), "--output", str(tmp_path / "run.onnx")]) == 0
+    fallback = tmp_path / f"run.recovered-{os.getpid()}.onnx"
+    err = capsys.readouterr().err
+    assert err.strip() == (f"warning: could not write {tmp_path / 'run.onnx'}: No space left on device; wrote the "
+                           f"verified file to {fallback} instead")
+    from repl.runtime import OnnxModel
+
+    assert OnnxModel.open(fallback, device="cpu", threads=1).info.vocab_size > 0

@@ -77,7 +77,7 @@ from train.schedule import EVAL_POINTS, Budget, LRSchedule, fit_plan
 RNN_EVAL_CHUNK = 256  # tokens per forward call when evaluating an RNN (state carried between chunks)
 GPT_EVAL_LOGITS = 2**24  # logits elements per evaluation batch (bounds memory for big vocabularies)
 CALIBRATION_STEPS = 4  # steps timed (after the first, which pays for warm-up) before a time budget is planned
-FINAL_FILES_SECONDS = 2.0  # kept at the end of a time budget for the loss plot, last writes and process exit
+FINAL_FILES_SECONDS = 3.0  # kept at the end of a time budget for the loss plot, last writes and process exit
 EVAL_MARGIN = 1.2  # the final evaluation is reserved this many times the last one's duration (load varies)
 LAST_STATE_INTERVAL = 60.0  # seconds between OUT.last writes at evaluations (each is a full checkpoint)
 MAX_CURVE_POINTS = 4000  # training-loss points kept for the plot (thinned beyond that)
@@ -638,7 +638,9 @@ class Trainer:
             self._save(self.out)
         if self.last_saved is None or time.monotonic() - self.last_saved >= LAST_STATE_INTERVAL:
             self._save(self.last_out)
-        self.eval_seconds = time.monotonic() - began
+        # rank 0's measure on every rank, so all of them take the same stop decision from it
+        self.eval_seconds = float(self.cluster.broadcast(time.monotonic() - began))
+        self.seconds += self.eval_seconds  # the clock as the budget sees it, until the next step re-reads it
 
     def _log_metrics(self, record: dict[str, Any]) -> None:
         """Append to OUT.metrics.jsonl; a failed write is said once and training goes on (the checkpoints matter
