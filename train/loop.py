@@ -248,6 +248,9 @@ class Trainer:
         self.metrics_failed = False
         self.last_saved: float | None = None  # when OUT.last was last written (time.monotonic())
         self.last_saved_step: int | None = None
+        self.evals_this_run = 0
+        self.train_seconds_this_run = 0.0  # time in training steps alone (evaluations left out): the true pace
+        self.steps_this_run = 0
         if resume is not None:
             self._restore(resume)
         self.metrics_log = MetricsLog(metrics_path(config.out), append=resume is not None) if self.is_main else None
@@ -414,6 +417,8 @@ class Trainer:
             # All ranks agree on the loss, the clock and any signal, so they all take the same decisions below.
             agreed = self.cluster.agree_step(loss, tokens, base_seconds + time.monotonic() - start, signals.received)
             window.add(agreed.loss, agreed.tokens, time.monotonic() - step_start)
+            self.train_seconds_this_run += time.monotonic() - step_start
+            self.steps_this_run += 1
             self.step += 1
             self.tokens_seen += agreed.tokens
             self.seconds = agreed.seconds
@@ -470,6 +475,19 @@ class Trainer:
         self.schedule.warmup_steps, self.eval_every = plan.warmup_steps, plan.eval_every
         for note in plan.notes:
             self.reporter.say(note)
+
+    def _refit_eval_interval(self) -> None:
+        """After each evaluation of a time-budgeted run: with the evaluation's real cost and the steps' real pace
+        known, shorten the interval if the evaluations still due would otherwise not fit (never lengthen it)."""
+        if (self.budget.time_budget is None or "eval_every" not in self.config.fit_to_budget
+                or self.steps_this_run == 0 or self.train_seconds_this_run <= 0 or self.eval_seconds is None):
+            return
+        pace = self.steps_this_run / self.train_seconds_this_run
+        evals_left = max(1, EVAL_POINTS - self.evals_this_run)  # the final one included
+        training_time = self.budget.time_budget - self.seconds - self._reserve() - (evals_left - 1) * self.eval_seconds
+        interval = int(max(0.0, training_time) * pace) // evals_left
+        interval = int(self.cluster.broadcast(max(1, interval)))  # rank 0's, so every rank evaluates together
+        self.eval_every = min(self.eval_every, interval)
 
     def _restore_plan(self, plan: dict[str, Any] | None) -> None:
         if not isinstance(plan, dict):
@@ -641,6 +659,8 @@ class Trainer:
         # rank 0's measure on every rank, so all of them take the same stop decision from it
         self.eval_seconds = float(self.cluster.broadcast(time.monotonic() - began))
         self.seconds += self.eval_seconds  # the clock as the budget sees it, until the next step re-reads it
+        self.evals_this_run += 1
+        self._refit_eval_interval()
 
     def _log_metrics(self, record: dict[str, Any]) -> None:
         """Append to OUT.metrics.jsonl; a failed write is said once and training goes on (the checkpoints matter
