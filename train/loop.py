@@ -246,7 +246,7 @@ class Trainer:
         self.eval_seconds: float | None = None  # what the last evaluation (with its checkpoint writes) took
         self.pace: tuple[float, float] | None = None  # (steps/s, training tokens/s) once measured
         self.metrics_failed = False
-        self.last_saved: float | None = None  # when OUT.last was last written (time.monotonic())
+        self.last_saved: float | None = None  # when OUT.last was last written (the run's clock, self.seconds)
         self.last_saved_step: int | None = None
         self.evals_this_run = 0
         self.train_seconds_this_run = 0.0  # time in training steps alone (evaluations left out): the true pace
@@ -654,7 +654,7 @@ class Trainer:
             self._print_samples()
         if improved:
             self._save(self.out)
-        if self.last_saved is None or time.monotonic() - self.last_saved >= LAST_STATE_INTERVAL:
+        if self.last_saved is None or self.seconds - self.last_saved >= LAST_STATE_INTERVAL:
             self._save(self.last_out)
         # rank 0's measure on every rank, so all of them take the same stop decision from it
         self.eval_seconds = float(self.cluster.broadcast(time.monotonic() - began))
@@ -706,7 +706,8 @@ class Trainer:
             "rnn_state": [t.detach().cpu() for t in self.rnn_state] if self.rnn_state is not None else None,
         })
         if path == self.last_out:
-            self.last_saved, self.last_saved_step = time.monotonic(), self.step
+            # the run's clock, which every rank agrees on (train.distributed), so all of them decide alike
+            self.last_saved, self.last_saved_step = self.seconds, self.step
         if self.is_main:
             written, failure = save_checkpoint_or_fallback(self._payload(per_rank), path)
             if failure is not None:
