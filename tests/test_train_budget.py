@@ -104,6 +104,7 @@ def test_fit_plan_shortens_defaults_and_keeps_explicit_values() -> None:
     assert (roomy.warmup_steps, roomy.eval_every, roomy.notes) == (100, 250, ())
 
 
+@pytest.mark.slow
 def test_a_time_budget_fits_warmup_evaluations_and_wall_time(tmp_path: Path) -> None:
     """A default warmup far longer than the run is cut (and said), the run gets ~5 evaluations with one at the
     end, and the whole call, evaluations and files included, stays within the budget."""
@@ -148,6 +149,7 @@ def test_the_plot_draws_the_training_curve_without_any_evaluation(tmp_path: Path
     assert not plot_losses(tmp_path / "none.jsonl", tmp_path / "empty.png", "t")
 
 
+@pytest.mark.slow
 def test_sigterm_writes_the_plot_and_the_latest_state(tmp_path: Path) -> None:
     out = tmp_path / "run.bin"
     process = subprocess.Popen(
