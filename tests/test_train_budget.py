@@ -24,7 +24,7 @@ from train.corpus import strip_gutenberg
 from train.data import MIN_VAL_TOKENS, prepare_data
 from train.loop import train
 from train.metrics import plot_losses, read_metrics
-from train.schedule import EVAL_POINTS, fit_plan
+from train.schedule import EVAL_POINTS, evaluation_points, fit_plan
 
 REPO = Path(__file__).resolve().parents[1]
 AESOP = REPO.parent / "shared" / "data" / "aesop-fables-pg21.txt"
@@ -102,6 +102,13 @@ def test_fit_plan_shortens_defaults_and_keeps_explicit_values() -> None:
     assert (kept.warmup_steps, kept.eval_every, kept.notes) == (100, 250, ())
     roomy = fit_plan(10_000, warmup_steps=100, eval_every=250, fit_warmup=True, fit_eval=True, budget_words="x")
     assert (roomy.warmup_steps, roomy.eval_every, roomy.notes) == (100, 250, ())
+
+
+def test_evaluations_take_at_most_a_fifth_of_a_time_budget() -> None:
+    assert evaluation_points(None, 30.0) == EVAL_POINTS  # steps/epochs budgets: the full count
+    assert evaluation_points(60.0, 1.0) == EVAL_POINTS
+    assert evaluation_points(60.0, 4.0) == 3  # 5 x 4 s would be a third of 60 s
+    assert evaluation_points(60.0, 30.0) == 2  # never fewer than one midway and one at the end
 
 
 @pytest.mark.slow

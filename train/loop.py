@@ -72,7 +72,7 @@ from train.presets import DEFAULT_EPOCHS, generation_defaults
 from train.progress import ProgressReporter
 from train.rng import capture_rng_state, restore_rng_state, seed_everything
 from train.sample import sample_continuation
-from train.schedule import EVAL_POINTS, Budget, LRSchedule, fit_plan
+from train.schedule import EVAL_POINTS, Budget, LRSchedule, evaluation_points, fit_plan
 
 RNN_EVAL_CHUNK = 256  # tokens per forward call when evaluating an RNN (state carried between chunks)
 GPT_EVAL_LOGITS = 2**24  # logits elements per evaluation batch (bounds memory for big vocabularies)
@@ -249,6 +249,7 @@ class Trainer:
         self.last_saved: float | None = None  # when OUT.last was last written (the run's clock, self.seconds)
         self.last_saved_step: int | None = None
         self.evals_this_run = 0
+        self.eval_points = EVAL_POINTS  # fewer when evaluations are dear (train.schedule.evaluation_points)
         self.train_seconds_this_run = 0.0  # time in training steps alone (evaluations left out): the true pace
         self.steps_this_run = 0
         if resume is not None:
@@ -461,7 +462,8 @@ class Trainer:
         if elapsed <= 0:
             return
         self.pace = ((self.step - first_step) / elapsed, (self.tokens_seen - first_tokens) / elapsed)
-        reserve = EVAL_POINTS * self._evaluation_estimate() + FINAL_FILES_SECONDS
+        self.eval_points = evaluation_points(self.budget.time_budget, self._evaluation_estimate())
+        reserve = self.eval_points * self._evaluation_estimate() + FINAL_FILES_SECONDS
         self._apply_plan(self.budget.expected_steps(self.step, self.seconds, self.pace[0], self._batches_per_epoch(),
                                                     reserve))
 
@@ -471,23 +473,25 @@ class Trainer:
             return
         words = f"the {self.budget.describe()} budget"
         plan = fit_plan(expected, self.schedule.warmup_steps, self.eval_every,
-                        "warmup_steps" in self.config.fit_to_budget, "eval_every" in self.config.fit_to_budget, words)
+                        "warmup_steps" in self.config.fit_to_budget, "eval_every" in self.config.fit_to_budget, words,
+                        self.eval_points)
         self.schedule.warmup_steps, self.eval_every = plan.warmup_steps, plan.eval_every
         for note in plan.notes:
             self.reporter.say(note)
 
     def _refit_eval_interval(self) -> None:
         """After each evaluation of a time-budgeted run: with the evaluation's real cost and the steps' real pace
-        known, shorten the interval if the evaluations still due would otherwise not fit (never lengthen it)."""
+        known, space the evaluations still due over the time left (never beyond the configured interval)."""
         if (self.budget.time_budget is None or "eval_every" not in self.config.fit_to_budget
                 or self.steps_this_run == 0 or self.train_seconds_this_run <= 0 or self.eval_seconds is None):
             return
         pace = self.steps_this_run / self.train_seconds_this_run
-        evals_left = max(1, EVAL_POINTS - self.evals_this_run)  # the final one included
+        self.eval_points = min(self.eval_points, evaluation_points(self.budget.time_budget, self.eval_seconds))
+        evals_left = max(1, self.eval_points - self.evals_this_run)  # the final one included
         training_time = self.budget.time_budget - self.seconds - self._reserve() - (evals_left - 1) * self.eval_seconds
         interval = int(max(0.0, training_time) * pace) // evals_left
         interval = int(self.cluster.broadcast(max(1, interval)))  # rank 0's, so every rank evaluates together
-        self.eval_every = min(self.eval_every, interval)
+        self.eval_every = min(self.config.eval_every, interval)
 
     def _restore_plan(self, plan: dict[str, Any] | None) -> None:
         if not isinstance(plan, dict):

@@ -20,7 +20,8 @@ from typing import Any
 
 MIN_LR_RATIO = 0.1
 WARMUP_FRACTION = 0.1  # a default/preset warmup longer than this share of the run's steps is shortened to it
-EVAL_POINTS = 5  # evaluations a run gets at least (the last at the end), so the loss plot has a curve
+EVAL_POINTS = 5  # evaluations a run gets at least (the last at the end), so the loss plot has a curve...
+EVAL_SHARE = 0.2  # ...unless they would take more than this share of a time budget: then fewer (at least 2)
 PLATEAU_FACTOR = 0.5
 PLATEAU_PATIENCE = 2
 PLATEAU_MIN_SCALE = 1 / 64
@@ -143,19 +144,27 @@ class FittedPlan:
     notes: tuple[str, ...]
 
 
+def evaluation_points(time_budget: float | None, eval_seconds: float) -> int:
+    """How many evaluations a run gets: EVAL_POINTS, or fewer (at least 2) when that many would take more than
+    EVAL_SHARE of a time budget (the per-step training curve in the plot shows the trend between them)."""
+    if time_budget is None or eval_seconds <= 0:
+        return EVAL_POINTS
+    return max(2, min(EVAL_POINTS, int(EVAL_SHARE * time_budget / eval_seconds)))
+
+
 def fit_plan(expected_steps: int, warmup_steps: int, eval_every: int, fit_warmup: bool, fit_eval: bool,
-             budget_words: str) -> FittedPlan:
+             budget_words: str, points: int = EVAL_POINTS) -> FittedPlan:
     """Shorten a default/preset warmup to WARMUP_FRACTION of ``expected_steps`` and the evaluation interval so a
-    run gets EVAL_POINTS evaluations; settings the user gave explicitly are kept as they are."""
+    run gets ``points`` evaluations; settings the user gave explicitly are kept as they are."""
     notes = []
     warmup_cap = max(1, int(WARMUP_FRACTION * expected_steps))
     if fit_warmup and warmup_steps > warmup_cap:
         notes.append(f"note: warmup shortened from {warmup_steps} to {warmup_cap} steps ({WARMUP_FRACTION:.0%} of the "
                      f"~{expected_steps:,} steps {budget_words} allows; --warmup-steps N keeps your own)")
         warmup_steps = warmup_cap
-    interval_cap = max(1, expected_steps // EVAL_POINTS)
+    interval_cap = max(1, expected_steps // points)
     if fit_eval and eval_every > interval_cap:
         notes.append(f"note: evaluating every {interval_cap:,} steps instead of {eval_every:,}, so the "
-                     f"~{expected_steps:,} steps get about {EVAL_POINTS} evaluations (the last at the end)")
+                     f"~{expected_steps:,} steps get about {points} evaluations (the last at the end)")
         eval_every = interval_cap
     return FittedPlan(warmup_steps, eval_every, tuple(notes))
