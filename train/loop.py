@@ -250,6 +250,9 @@ class Trainer:
         self.last_saved_step: int | None = None
         self.evals_this_run = 0
         self.eval_points = EVAL_POINTS  # fewer when evaluations are dear (train.schedule.evaluation_points)
+        # A run fitted to its budget evaluates at next_eval_step (re-planned after each evaluation); otherwise at
+        # every multiple of eval_every.
+        self.next_eval_step: int | None = None
         self.train_seconds_this_run = 0.0  # time in training steps alone (evaluations left out): the true pace
         self.steps_this_run = 0
         if resume is not None:
@@ -476,6 +479,8 @@ class Trainer:
                         "warmup_steps" in self.config.fit_to_budget, "eval_every" in self.config.fit_to_budget, words,
                         self.eval_points)
         self.schedule.warmup_steps, self.eval_every = plan.warmup_steps, plan.eval_every
+        if "eval_every" in self.config.fit_to_budget:
+            self.next_eval_step = max(1, math.ceil(self.step / self.eval_every)) * self.eval_every
         for note in plan.notes:
             self.reporter.say(note)
 
@@ -487,17 +492,24 @@ class Trainer:
             return
         pace = self.steps_this_run / self.train_seconds_this_run
         self.eval_points = min(self.eval_points, evaluation_points(self.budget.time_budget, self.eval_seconds))
-        evals_left = max(1, self.eval_points - self.evals_this_run)  # the final one included
+        evals_left = self.eval_points - self.evals_this_run  # the final one included
+        if evals_left <= 1:  # only the evaluation at the end is still due
+            self.next_eval_step = 2**62
+            return
         training_time = self.budget.time_budget - self.seconds - self._reserve() - (evals_left - 1) * self.eval_seconds
         interval = int(max(0.0, training_time) * pace) // evals_left
-        interval = int(self.cluster.broadcast(max(1, interval)))  # rank 0's, so every rank evaluates together
-        self.eval_every = min(self.config.eval_every, interval)
+        interval = int(self.cluster.broadcast(max(1, min(self.config.eval_every, interval))))  # rank 0's everywhere
+        self.eval_every = interval
+        if self.next_eval_step is not None:
+            self.next_eval_step = self.step + interval
 
     def _restore_plan(self, plan: dict[str, Any] | None) -> None:
         if not isinstance(plan, dict):
             return
         self.planned = bool(plan.get("planned", False))
         self.eval_every = int(plan.get("eval_every", self.eval_every))
+        next_step = plan.get("next_eval_step")
+        self.next_eval_step = int(next_step) if isinstance(next_step, int) else None
         curve = plan.get("train_curve")
         if isinstance(curve, torch.Tensor) and curve.ndim == 2:
             self.train_curve = [(int(step), float(loss)) for step, loss in curve.tolist()]
@@ -600,7 +612,11 @@ class Trainer:
         )
 
     def _evaluation_due(self) -> bool:
-        return self.step > 0 and self.step % self.eval_every == 0 and self.last_eval_step != self.step
+        if self.step == 0 or self.last_eval_step == self.step:
+            return False
+        if self.next_eval_step is not None:
+            return self.step >= self.next_eval_step
+        return self.step % self.eval_every == 0
 
     # ------------------------------------------------------------------------------------------------ evaluation
 
@@ -664,6 +680,8 @@ class Trainer:
         self.eval_seconds = float(self.cluster.broadcast(time.monotonic() - began))
         self.seconds += self.eval_seconds  # the clock as the budget sees it, until the next step re-reads it
         self.evals_this_run += 1
+        if self.next_eval_step is not None:
+            self.next_eval_step = self.step + self.eval_every
         self._refit_eval_interval()
 
     def _log_metrics(self, record: dict[str, Any]) -> None:
@@ -751,6 +769,7 @@ class Trainer:
                 "plan": {
                     "planned": self.planned,
                     "eval_every": self.eval_every,
+                    "next_eval_step": self.next_eval_step,
                     "train_curve": torch.tensor(self.train_curve, dtype=torch.float64).reshape(-1, 2),
                 },
             },
