@@ -222,12 +222,16 @@ def output_stream(path: str | None) -> Iterator[IO[str]]:
 
 
 def _write_output(target: Path, shown: str, text: str) -> None:
-    from models.atomic import atomic_write_text
+    """The generated output, never thrown away: a failed write (disk full) goes beside it or to the working folder."""
+    from models.atomic import write_with_fallback
 
     try:
-        atomic_write_text(target, text)
+        written, failure = write_with_fallback(target, lambda handle: handle.write(text.encode("utf-8")))
     except OSError as exc:
         raise CliError(f"cannot write {shown}: {exc.strerror or exc}") from None
+    if failure is not None:
+        print(f"warning: could not write {shown} ({failure.strerror or failure}); wrote the output to {written} "
+              "instead", file=sys.stderr)
 
 
 def input_prompts(stream: IO[str]) -> Iterator[str]:

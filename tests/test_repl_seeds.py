@@ -118,3 +118,31 @@ def test_onnxruntime_load_errors_keep_their_cause_on_one_line(tmp_path: Path) ->
     assert "\n" not in message and not message.endswith("...")
     assert message.startswith(f"{path} is not a readable ONNX model") and "IR version" in message
     assert "99" in message
+
+
+def test_a_failing_output_write_falls_back_and_says_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """textgen-repl --output: generated text is never thrown away when its write fails (disk full, pretended)."""
+    import errno
+    import os
+
+    import models.atomic
+    from repl.cli import main
+
+    real_write = models.atomic._write_atomically
+
+    def disk_full(target: Path, write: object) -> None:
+        if target.name == "out.txt":
+            raise OSError(errno.ENOSPC, "No space left on device", str(target.parent / ".out.txt.77.tmp"))
+        real_write(target, write)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(models.atomic, "_write_atomically", disk_full)
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "out.txt"
+    assert main(["--model", str(DEMO), "--device", "cpu", "--prompt", "ROMEO:", "--max-tokens", "12", "--seed", "4",
+                 "--output", str(target)]) == 0
+    fallback = tmp_path / f"out.recovered-{os.getpid()}.txt"
+    err = capsys.readouterr().err.strip()
+    assert err == (f"warning: could not write {target} (No space left on device); wrote the output to {fallback} "
+                   "instead")
+    assert len(fallback.read_text(encoding="utf-8").rstrip("\n")) == 12 and not target.exists()
