@@ -326,8 +326,8 @@ class ReplApp:
         """Model, provider, the main sampler values and the last speed (plain text: no markup parsing)."""
         settings = self.settings
         last = self.last_result
-        speed = (f"prompt {last.prompt_tokens_per_s:.0f} tok/s · gen {last.tokens_per_s:.1f} tok/s"
-                 if last is not None else "– tok/s")
+        speed = (f"prompt {last.prompt_fed} tok, {last.prompt_tokens_per_s:.0f} tok/s · "
+                 f"gen {len(last.tokens)} tok, {last.tokens_per_s:.1f} tok/s" if last is not None else "– tok/s")
         sampler = (f"temp {settings.get('temperature'):g}  top_k {settings.get('top_k')}  "
                    f"top_p {settings.get('top_p'):g}")
         text = f" {self.model.path.name} │ {self.model.provider} │ {sampler} │ {speed} "

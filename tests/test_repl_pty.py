@@ -302,7 +302,7 @@ def test_unknown_prompt_characters_are_named_once_per_turn_and_timings_are_split
     term.expect_exact("not in the model's vocabulary, read as unknown: П р и в е т м — é")
     term.expect(r"5 tokens · [\d.]+ tok/s · max_tokens · prompt \d+ tokens in \d+ ms \(\d+ tok/s\)")
     assert term.text.count("not in the model's vocabulary") == 1
-    term.expect(r"prompt \d+ tok/s · gen [\d.]+ tok/s")  # the toolbar
+    term.expect(r"prompt \d+ tok, \d+ tok/s · gen 5 tok, [\d.]+ tok/s")  # the toolbar
     term.child.sendline(":n 2")
     for index in (1, 2):
         term.expect_exact(f"alternative {index}/2")
