@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from runtime.errors import first_line
 
@@ -18,8 +19,16 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints its usage block before the error; a bad flag here is one ``error: ...`` line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="textgen-export",
         description="Export a textgen checkpoint (or a Hugging Face GPT-2 directory) to one verified ONNX file.",
     )
@@ -79,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.eval_text and not args.quantize:
         print("error: --eval-text goes with --quantize", file=sys.stderr)
         return EXIT_USER_ERROR
+    problem = _early_problem(args)  # answered in the first second, before torch is imported
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
     try:
         from export.onnx_export import ATTENTION_OPSET, export_checkpoint
 
@@ -88,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             reason = first_line(result.fallback)
             print(f"notice: the opset-{ATTENTION_OPSET} Attention-op graph was not used ({reason}); wrote the "
                   "decomposed-attention graph instead (correct, slower on CPU)", file=sys.stderr)
+        if result.write_failure:
+            print(f"warning: could not write {result.write_failure}; wrote the verified file to {result.path} "
+                  "instead", file=sys.stderr)
         graph = f"opset {result.opset}" + (", ONNX Attention op" if result.attention_op else "")
         print(f"wrote {result.path} ({_human_size(result.bytes)}, {result.arch}, {graph})")
         print(f"verified with onnxruntime {result.provider}: max abs logit diff {result.max_abs_diff:.3g}")
@@ -100,6 +116,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {first_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0
+
+
+def _early_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the input or output path that needs no torch to see: a file that is not a checkpoint
+    (an ONNX model, anything else), and an --output that is a folder, the input itself or unwritable."""
+    from runtime.atomic import OutputPathError, check_output_path
+    from runtime.filekind import sniff_file_kind
+
+    source = Path(args.checkpoint)
+    if source.is_file():
+        try:
+            kind = sniff_file_kind(source)
+        except OSError as exc:
+            return f"cannot read {source}: {exc.strerror or exc}"
+        if kind == "onnx":
+            return f"{source} is an ONNX model, not a checkpoint — open it with textgen-repl --model {source}"
+        if kind == "other":
+            return f"{source} is not a PyTorch checkpoint (textgen-train writes a PyTorch zip file)"
+        if kind == "empty":
+            return f"{source} is empty"
+    if args.output is not None:
+        target = Path(args.output)
+    elif source.is_dir():
+        target = source.resolve().parent / f"{source.resolve().name}.onnx"
+    else:
+        target = source.with_suffix(".onnx")
+    try:
+        check_output_path(target, "--output", inputs=(source,))
+    except OutputPathError as exc:
+        return str(exc)
+    return None
 
 
 def _quantize(fp32_path: Path, mode: str, eval_text: str | None) -> int:

@@ -62,7 +62,7 @@ from export.graph import (
 from export.verify import Verification, VerificationError, verify_gpt2, verify_rnn
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.registry import model_from_checkpoint
-from runtime.atomic import atomic_write_bytes
+from runtime.atomic import write_with_fallback
 from runtime.defaults import DEFAULT_GENERATION
 from runtime.errors import first_line
 from runtime.modelfile import ModelInfo, SpecialTokens, encode_metadata
@@ -90,6 +90,8 @@ class ExportResult:
     opset: int = DEFAULT_OPSET
     attention_op: bool = False  # True: GPT-2 attention is the ONNX Attention op (opset 23)
     fallback: str | None = None  # one line: why the Attention-op graph was not used although it was tried
+    write_failure: str | None = None  # one line: why the requested output could not be written (``path`` is where
+    # the verified file went instead, beside it or in the working folder)
 
 
 @dataclass
@@ -160,13 +162,14 @@ def export_checkpoint(
             fallback = str(exc).removesuffix("; nothing was written")
     if built is None:
         built = _build(job, False, DEFAULT_OPSET if opset is None else opset)
-    try:
-        atomic_write_bytes(target, lambda handle: handle.write(built.model_bytes))
+    try:  # a verified export is never thrown away: a failed write goes to a fallback path, said by the CLI
+        written, failure = write_with_fallback(target, lambda handle: handle.write(built.model_bytes))
     except OSError as exc:
         raise ExportError(f"cannot write {target}: {exc.strerror or exc}") from exc
     verification = built.verification
-    return ExportResult(target, len(built.model_bytes), verification.max_abs_diff, loaded.arch,
-                        verification.provider, built.opset, built.attention_op, fallback)
+    return ExportResult(written, len(built.model_bytes), verification.max_abs_diff, loaded.arch,
+                        verification.provider, built.opset, built.attention_op, fallback,
+                        None if failure is None else f"{target}: {failure.strerror or failure}")
 
 
 def default_output_path(source: Path) -> Path:

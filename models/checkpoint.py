@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -31,8 +32,9 @@ from typing import Any
 
 import torch
 
-from runtime.atomic import atomic_write_bytes
+from runtime.atomic import atomic_write_bytes, write_with_fallback
 from runtime.errors import first_line
+from runtime.filekind import sniff_file_kind
 
 CHECKPOINT_FORMAT = "textgen-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -151,16 +153,30 @@ class Checkpoint:
         )
 
 
-def save_checkpoint(checkpoint: Checkpoint | Mapping[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write ``checkpoint`` atomically. A mapping in the on-disk layout (how checkpoints were built before they
+def _on_disk(checkpoint: Checkpoint | Mapping[str, Any]) -> dict[str, Any]:
+    """The on-disk dict of ``checkpoint``. A mapping in the on-disk layout (how checkpoints were built before they
     were typed) is validated as ``Checkpoint.from_dict`` would and written the same way."""
     if not isinstance(checkpoint, Checkpoint):
         try:
             checkpoint = Checkpoint.from_dict({"format": CHECKPOINT_FORMAT, **checkpoint}, where="the payload")
         except CheckpointError as exc:
             raise ValueError(str(exc)) from exc
-    data = checkpoint.to_dict()
+    return checkpoint.to_dict()
+
+
+def save_checkpoint(checkpoint: Checkpoint | Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write ``checkpoint`` atomically."""
+    data = _on_disk(checkpoint)
     atomic_write_bytes(path, lambda handle: torch.save(data, handle))
+
+
+def save_checkpoint_or_fallback(
+    checkpoint: Checkpoint | Mapping[str, Any], path: str | os.PathLike[str]
+) -> tuple[Path, OSError | None]:
+    """``save_checkpoint``, but a failed write (disk full, folder gone) goes to a fallback path beside it or in the
+    working directory (runtime.atomic.write_with_fallback) instead of losing the run: (where it went, the failure)."""
+    data = _on_disk(checkpoint)
+    return write_with_fallback(path, lambda handle: torch.save(data, handle))
 
 
 def load_checkpoint(path: str | os.PathLike[str], expect_arch: tuple[str, ...] | None = None) -> Checkpoint:
@@ -182,13 +198,24 @@ def load_checkpoint(path: str | os.PathLike[str], expect_arch: tuple[str, ...] |
 
 
 def _restricted_load(file: Path) -> Any:
+    kind = sniff_file_kind(file)
+    if kind == "onnx":
+        raise CheckpointError(f"{file} is an ONNX model, not a checkpoint — open it with textgen-repl --model {file}")
+    if kind == "other":
+        raise CheckpointError(f"{file} is not a PyTorch checkpoint (textgen-train writes a PyTorch zip file)")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise beside our own one line
+            warnings.simplefilter("ignore")
+            return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only=True refuses any global it does not know: this is where pickle payloads end up.
-        first = first_line(str(exc)) or "unsafe content"
-        raise CheckpointError(f"{file} was refused: it holds objects that are not plain tensors ({first})") from exc
+        # torch's own message suggests weights_only=False, which would run the file's code: never repeat it.
+        raise CheckpointError(f"{file} was refused: it holds Python objects that are not plain tensors (a pickle "
+                              "that could run code when loaded); textgen checkpoints hold only tensors") from exc
     except Exception as exc:  # arbitrary bytes can make the zip/pickle readers raise almost anything
         detail = first_line(str(exc))
         reason = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+        if kind == "torch-zip":
+            raise CheckpointError(f"{file} is not a readable checkpoint: truncated or damaged (its zip archive "
+                                  f"cannot be read; {reason})") from exc
         raise CheckpointError(f"{file} is not a readable checkpoint (truncated or not ours; {reason})") from exc

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.text import Text
 
 from repl.commands import QuitRepl, ReplCompleter, ReplError, parse_command
-from runtime.atomic import atomic_write_text
+from runtime.atomic import atomic_write_text, check_output_path
 from runtime.errors import first_line
 from runtime.generate import GenerationResult, Session, SessionError
 from runtime.modelfile import ModelFileError
@@ -93,6 +93,7 @@ class ReplApp:
         self.console = console or Console(highlight=False, emoji=False)
         self.use_history = history
         self.last_tokens_per_s: float | None = None
+        self.last_result: GenerationResult | None = None  # for the toolbar's prompt / generation timings
         self._ends_with_newline = True
         self._notices: list[str] = []  # notices of the running turn, shown after its text (once each)
         self._interrupt_requested = False  # set by Ctrl-C while an input is handled
@@ -215,11 +216,16 @@ class ReplApp:
         if message not in self._notices:
             self._notices.append(message)
 
-    def report(self, result: GenerationResult) -> None:
+    def report(self, result: GenerationResult, show_seed: bool = False) -> None:
+        """The turn's status line: generation then prompt timings (llama.cpp's split), why it stopped, the seed."""
         self._finish_output()
         self.last_tokens_per_s = result.tokens_per_s
-        parts = [f"{len(result.tokens)} tokens", f"{result.tokens_per_s:.1f} tok/s", result.stop_reason]
-        if self.settings.get("seed") is None and self.settings.get("temperature") > 0:
+        self.last_result = result
+        parts = [f"{len(result.tokens)} tokens", f"{result.tokens_per_s:.1f} tok/s", result.stop_reason,
+                 f"prompt {result.prompt_fed} tokens in {result.prompt_seconds * 1000:.0f} ms "
+                 f"({result.prompt_tokens_per_s:.0f} tok/s)"]
+        sampled = self.settings.get("temperature") > 0
+        if sampled and (show_seed or self.settings.get("seed") is None):
             parts.append(f"seed {result.seed}")
         self.note(" · ".join(parts))
 
@@ -255,12 +261,12 @@ class ReplApp:
             self.console.print(Text(f"── alternative {index}/{count} ──", style="bold"))
             self._ends_with_newline = True
             self.write_text(result.text)
-            self.report(result)
+            self.report(result, show_seed=True)  # each alternative's own seed: --seed N alone reproduces it
 
     # ------------------------------------------------------------------ :save / :load / :model
 
     def save_session(self, target: str) -> Path:
-        path = Path(target).expanduser()
+        path = check_output_path(target, ":save", inputs=(self.model.path,))
         transcript = [
             {"prompt": prompt, "text": result.text, "tokens": [int(t) for t in result.tokens],
              "stop_reason": result.stop_reason}
@@ -320,7 +326,9 @@ class ReplApp:
     def toolbar(self) -> FormattedText:
         """Model, provider, the main sampler values and the last speed (plain text: no markup parsing)."""
         settings = self.settings
-        speed = f"{self.last_tokens_per_s:.1f} tok/s" if self.last_tokens_per_s is not None else "– tok/s"
+        last = self.last_result
+        speed = (f"prompt {last.prompt_fed} tok, {last.prompt_tokens_per_s:.0f} tok/s · "
+                 f"gen {len(last.tokens)} tok, {last.tokens_per_s:.1f} tok/s" if last is not None else "– tok/s")
         sampler = (f"temp {settings.get('temperature'):g}  top_k {settings.get('top_k')}  "
                    f"top_p {settings.get('top_p'):g}")
         text = f" {self.model.path.name} │ {self.model.provider} │ {sampler} │ {speed} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import io
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -35,8 +36,14 @@ modes:
   no --prompt, stdin a terminal    interactive REPL (type :help inside)
   --prompt TEXT                    one generation (or --n N of them) for TEXT, printed, then exit
   no --prompt, stdin piped         one independent generation per input line (blank lines are skipped);
-                                   plain text: each continuation then a newline (it may hold newlines
-                                   itself: use --json for exact boundaries); --json: one JSON object per line
+                                   plain text: a "--- PROMPT ---" line, then its continuation and a
+                                   newline (the text may hold newlines itself: use --json for exact
+                                   boundaries); --json: one JSON object per input line
+
+timings (--json fields, and the REPL's status line), split like llama.cpp's:
+  prompt_fed tokens processed in prompt_seconds (prompt_tokens_per_s), then n_tokens generated in
+  gen_seconds (tokens_per_s: generation only); seconds is the whole call.
+  Each --n sample carries its own seed: --seed SEED alone reproduces that sample.
 
 examples:
   textgen-repl --model lstm.onnx
@@ -72,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", metavar="N", help="shortcut for --set seed=N (same seed, same text)")
     parser.add_argument("--n", type=_positive_int, metavar="N", help="N independent samples per prompt")
     parser.add_argument("--json", action="store_true", help="print JSON (one object per prompt) instead of text")
-    parser.add_argument("--output", metavar="FILE", help="write the output to FILE instead of stdout")
+    parser.add_argument("--output", metavar="FILE",
+                        help="write the output to FILE instead of stdout (checked before the model loads)")
     parser.add_argument("--no-history", action="store_true",
                         help="do not read or write the REPL input history ($XDG_STATE_HOME/textgen/history, "
                              "by default ~/.local/state/textgen/history)")
@@ -133,9 +141,14 @@ def result_record(result: GenerationResult) -> dict[str, Any]:
         "tokens": [int(token) for token in result.tokens],
         "n_tokens": len(result.tokens),
         "seconds": round(result.seconds, 6),
+        "prompt_fed": result.prompt_fed,
+        "prompt_seconds": round(result.prompt_seconds, 6),
+        "prompt_tokens_per_s": round(result.prompt_tokens_per_s, 3),
+        "gen_seconds": round(result.gen_seconds, 6),
         "tokens_per_s": round(result.tokens_per_s, 3),
         "stop_reason": result.stop_reason,
         "seed": result.seed,
+        "warnings": list(result.warnings),
     }
 
 
@@ -143,15 +156,18 @@ class BatchRunner:
     """Non-interactive generation: each prompt starts from an empty context and is written to ``out``."""
 
     def __init__(self, session: Session, out: IO[str], as_json: bool, samples: int | None,
-                 model_path: Path) -> None:
+                 model_path: Path, headers: bool = False) -> None:
         self.session = session
         self.out = out
         self.as_json = as_json
         self.samples = samples
         self.model_path = model_path
+        self.headers = headers  # piped prompts in plain text: a "--- PROMPT ---" line before each output
 
     def run(self, prompt: str) -> None:
         self.session.reset()
+        if self.headers and not self.as_json:
+            self._write(f"--- {prompt} ---\n")
         if self.samples is None:
             self._single(prompt)
         else:
@@ -173,7 +189,7 @@ class BatchRunner:
             self._write_json({"prompt": prompt, "samples": samples, "seed": results[0].seed})
             return
         for index, result in enumerate(results, start=1):
-            self._write(f"--- sample {index}/{count} ---\n{result.text}\n")
+            self._write(f"--- sample {index}/{count} (seed {result.seed}) ---\n{result.text}\n")
 
     def _write_json(self, fields: dict[str, Any]) -> None:
         record = {"model": str(self.model_path), **fields, "settings": self.session.settings.as_dict()}
@@ -190,15 +206,32 @@ def _notice(message: str) -> None:
 
 @contextlib.contextmanager
 def output_stream(path: str | None) -> Iterator[IO[str]]:
+    """stdout, or ``path`` written through a temp file beside it that replaces it at the end (also after Ctrl-C,
+    keeping what was generated): a run that fails half way leaves an existing file as it was."""
     if path is None:
         yield sys.stdout
         return
+    target = Path(path).expanduser()
+    buffer = io.StringIO()
     try:
-        handle = open(Path(path).expanduser(), "w", encoding="utf-8")  # noqa: SIM115 - closed below
+        yield buffer
+    except KeyboardInterrupt:
+        _write_output(target, path, buffer.getvalue())
+        raise
+    _write_output(target, path, buffer.getvalue())
+
+
+def _write_output(target: Path, shown: str, text: str) -> None:
+    """The generated output, never thrown away: a failed write (disk full) goes beside it or to the working folder."""
+    from runtime.atomic import write_with_fallback
+
+    try:
+        written, failure = write_with_fallback(target, lambda handle: handle.write(text.encode("utf-8")))
     except OSError as exc:
-        raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
-    with handle:
-        yield handle
+        raise CliError(f"cannot write {shown}: {exc.strerror or exc}") from None
+    if failure is not None:
+        print(f"warning: could not write {shown} ({failure.strerror or failure}); wrote the output to {written} "
+              "instead", file=sys.stderr)
 
 
 def input_prompts(stream: IO[str]) -> Iterator[str]:
@@ -212,7 +245,7 @@ def input_prompts(stream: IO[str]) -> Iterator[str]:
 def run_batch(session: Session, args: argparse.Namespace, model_path: Path) -> int:
     prompts: Iterator[str] = iter([args.prompt]) if args.prompt is not None else input_prompts(sys.stdin)
     with output_stream(args.output) as out:
-        runner = BatchRunner(session, out, args.json, args.n, model_path)
+        runner = BatchRunner(session, out, args.json, args.n, model_path, headers=args.prompt is None)
         for prompt in prompts:
             runner.run(prompt)
     return EXIT_OK
@@ -226,6 +259,10 @@ def _run(args: argparse.Namespace) -> int:
     if interactive and (args.json or args.output or args.n):
         raise CliError("--json, --n and --output need --prompt or prompts piped on stdin")
     build_settings({}, args)  # a bad --set fails here, before the (slower) model load
+    if args.output is not None:  # a folder, the model itself or an unwritable place: refused before any work
+        from runtime.atomic import check_output_path
+
+        check_output_path(args.output, "--output", inputs=(args.model,) if args.model else ())
     from runtime.generate import Session
     from runtime.session import OnnxModel
 

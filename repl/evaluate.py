@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.atomic import OutputPathError, check_output_path
 from runtime.generate import Session
 from runtime.modelfile import ModelFileError
 from runtime.sampling import SettingError
@@ -461,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", help="model file (.onnx); default: the bundled demo model")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where to run (auto: CUDA when usable, else CPU)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: physical cores)")
     data = parser.add_argument_group("perplexity")
     data.add_argument("--data", help="held-out text to score")
@@ -671,8 +673,10 @@ def _sampling_report(args: argparse.Namespace, rows: Sequence[MetricsRow],
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.csv is not None:  # refused before the model loads, not after the whole evaluation
+            check_output_path(args.csv, "--csv", inputs=tuple(p for p in (args.model, args.data, args.reference) if p))
         return _run(args)
-    except (EvalError, ModelFileError, ModelRunError, SettingError) as exc:
+    except (EvalError, ModelFileError, ModelRunError, SettingError, OutputPathError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     except KeyboardInterrupt:

@@ -53,6 +53,14 @@ _TRAILING_CREDIT = re.compile(rf"(?:[ \t]*{_CREDIT}|{_CUT_CREDIT})\s*\Z", re.IGN
 _CREDIT_LINE = re.compile(r"^[ \t]*" + _CREDIT + r"[ \t]*(?:\n|\Z)", re.IGNORECASE | re.MULTILINE)
 
 
+# Project Gutenberg's edition markers: "*** START OF THE PROJECT GUTENBERG EBOOK ..." ends the header (title page,
+# licence summary) and "*** END OF THE PROJECT GUTENBERG EBOOK ..." starts the licence (~18 KB of legal text).
+_GUTENBERG_START = re.compile(r"^[ \t]*\*\*\*[ \t]*START OF (?:THE|THIS) PROJECT GUTENBERG EBOOK[^\n]*\n?",
+                              re.IGNORECASE | re.MULTILINE)
+_GUTENBERG_END = re.compile(r"^[ \t]*\*\*\*[ \t]*END OF (?:THE|THIS) PROJECT GUTENBERG EBOOK",
+                            re.IGNORECASE | re.MULTILINE)
+
+
 class CorpusError(Exception):
     """The corpus cannot be used; the message is one line meant for the user."""
 
@@ -70,6 +78,7 @@ class CorpusFilters:
     drop_patterns: list[str] = field(default_factory=list)
     strip_source_lines: bool = False
     keep_script: str | None = None
+    strip_boilerplate: bool = False
 
 
 @dataclass
@@ -83,6 +92,8 @@ class DataReport:
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
     credits_stripped: int = 0
     characters: int = 0
+    boilerplate_found: int = 0  # characters of Project Gutenberg header/licence in the kept documents
+    boilerplate_stripped: int = 0  # characters of it removed (--strip-boilerplate)
 
     def lines(self) -> list[str]:
         out = [
@@ -94,6 +105,9 @@ class DataReport:
             out.append("dropped: " + ", ".join(dropped))
         if self.credits_stripped:
             out.append(f"source credits stripped from {self.credits_stripped:,} documents")
+        if self.boilerplate_stripped:
+            out.append(f"boilerplate: stripped {self.boilerplate_stripped:,} characters of Project Gutenberg header "
+                       "and licence")
         out.append(f"characters: {self.characters:,}")
         return out
 
@@ -251,6 +265,13 @@ def _apply_filters(documents: list[str], filters: CorpusFilters, report: DataRep
     in_script = _script_checker(filters.keep_script)
     kept = []
     for doc in documents:
+        body, removed = strip_gutenberg(doc)
+        if removed:
+            if filters.strip_boilerplate:
+                report.boilerplate_stripped += removed
+                doc = body
+            else:
+                report.boilerplate_found += removed
         if filters.strip_source_lines:
             stripped = strip_credits(doc)
             report.credits_stripped += int(stripped != doc)
@@ -278,6 +299,17 @@ def _drop_reason(
     if filters.max_words is not None and words > filters.max_words:
         return "too long"
     return None
+
+
+def strip_gutenberg(doc: str) -> tuple[str, int]:
+    """The text between Project Gutenberg's START and END markers, and how many characters were around it
+    (0 and the text unchanged when it has neither marker)."""
+    start = _GUTENBERG_START.search(doc)
+    end = _GUTENBERG_END.search(doc, start.end() if start else 0)
+    if start is None and end is None:
+        return doc, 0
+    body = doc[start.end() if start else 0:end.start() if end else len(doc)].strip("\n") + "\n"
+    return body, len(doc) - len(body)
 
 
 def strip_credits(doc: str) -> str:

@@ -21,3 +21,13 @@ def first_line(error: BaseException | str, limit: int | None = None) -> str:
     if limit is not None and len(text) > limit:
         return text[: limit - 3] + "..."
     return text
+
+
+def whole_line(error: BaseException | str) -> str:
+    """All of ``error``'s message on one line (whitespace runs, newlines included, become one space).
+
+    For libraries that put the cause at the end of a long multi-line message: onnxruntime's load errors end with
+    e.g. "Unsupported model IR version: 11, max supported IR version: 10", which ``first_line`` would cut off.
+    """
+    text = " ".join(str(error).split())
+    return text or (type(error).__name__ if isinstance(error, BaseException) else "")

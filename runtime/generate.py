@@ -48,8 +48,21 @@ class GenerationResult:
     seconds: float
     tokens_per_s: float
     stop_reason: str  # "eos" | "max_tokens" | "stop_sequence" | "interrupted"
-    seed: int | None
+    seed: int | None  # the seed that reproduces exactly this text alone (``--seed``), alternatives included
     slid: bool = False  # the context window slid during this turn
+    # Timings split like llama.cpp's: prompt processing (every token fed before the first new one: pending tokens,
+    # the prompt, a leading end-of-text) and generation; ``tokens_per_s`` is the generation rate only.
+    prompt_seconds: float = 0.0
+    prompt_fed: int = 0
+    warnings: list[str] = field(default_factory=list)  # e.g. prompt characters the model does not know
+
+    @property
+    def gen_seconds(self) -> float:
+        return max(0.0, self.seconds - self.prompt_seconds)
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prompt_fed / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,31 @@ class _Plan:
         """The chain for the token after ``generated`` new ones. Banning eos through a second chain built once,
         rather than per-call extra bans, keeps the per-step cost of the sampler flat."""
         return self.chain_without_eos if generated < self.min_new else self.chain
+
+
+class RowRandom:
+    """One ``np.random.Generator`` per batch row, behind the one-generator interface the sampler chain uses
+    (``random()`` for a batch of one, ``random(rows)`` for a batch): row i draws from ``default_rng(seeds[i])``
+    exactly what a single generation with ``--seed seeds[i]`` draws, so each alternative of ``:n`` / ``--n`` is
+    reproduced alone by its own seed. Anything else the chain might ask for is refused loudly rather than drawn
+    from a shared stream, which would silently break that promise."""
+
+    def __init__(self, seeds: Sequence[int]) -> None:
+        self.seeds = list(seeds)
+        self._rows = [np.random.default_rng(seed) for seed in self.seeds]
+
+    def random(self, size: int | None = None) -> float | np.ndarray:
+        if size is None:
+            return self._rows[0].random()
+        if size != len(self._rows):
+            raise ValueError(f"RowRandom has {len(self._rows)} rows, asked for {size} draws")
+        return np.array([row.random() for row in self._rows])
+
+
+def alternative_seed(seed: int, index: int) -> int:
+    """The seed of alternative ``index`` (0-based) of a ``:n`` / ``--n`` run with ``seed``: the first one is the
+    seed itself, so ``--n 1`` and a plain run agree."""
+    return seed + index
 
 
 def kept_on_slide(context_length: int) -> int:
@@ -219,6 +257,7 @@ class Session:
         # Streams only see sampled ids (never padding) and eos never reaches them: skip OnnxModel.decode's filter.
         self._decode_fast = model.tokenizer.decode
         self._fed = self._empty(1)
+        self._prompt_done: float | None = None  # when the running turn's prompt was processed
 
     # ------------------------------------------------------------------ public API
 
@@ -264,18 +303,40 @@ class Session:
         plan = self._plan()
         started = time.perf_counter()
         prompt_ids = self._prompt_ids(prompt)
+        warnings = self._prompt_warnings(prompt, on_notice)
         self._begin_turn(prompt)
         slides = _SlideNotices(on_notice)
         first_new = len(self.history) + len(prompt_ids)
         self.history.extend(prompt_ids)
+        fed_before, self._prompt_done = self._fed.end, None
         if plan.beams > 1:
             reason, text = self._beam_turn(plan, first_new, slides, on_text)
         else:
             reason, text = self._sample_turn(plan, first_new, slides, on_text)
         tokens = self.history[first_new:]
         result = _result(text, tokens, len(prompt_ids), started, reason, plan.seed, slides.happened)
+        result.prompt_seconds = (self._prompt_done or time.perf_counter()) - started
+        result.prompt_fed, result.warnings = max(0, first_new - fed_before), warnings
+        finish_timings(result)
         self._turns[-1].result = result
         return result
+
+    def _prompt_warnings(self, prompt: str, on_notice: TextCallback | None) -> list[str]:
+        """One line naming the prompt's characters (or words) the model's vocabulary does not have, said once."""
+        unknown = self.model.unknown_pieces(prompt) if prompt else []
+        if not unknown:
+            return []
+        shown = " ".join(repr(piece)[1:-1] if piece.isprintable() else repr(piece) for piece in unknown[:20])
+        more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+        warning = f"not in the model's vocabulary, read as unknown: {shown}{more}"
+        if on_notice is not None:
+            on_notice(warning)
+        return [warning]
+
+    def _mark_prompt_done(self) -> None:
+        """Called once the prompt's logits exist: the end of prompt processing (see GenerationResult)."""
+        if self._prompt_done is None:
+            self._prompt_done = time.perf_counter()
 
     def generate_n(self, prompt: str, n: int, on_notice: TextCallback | None = None, *,
                    batch_size: int | None = None, on_step: StepCallback | None = None) -> list[GenerationResult]:
@@ -298,9 +359,12 @@ class Session:
         plan = self._plan()
         started = time.perf_counter()
         prompt_ids = self._prompt_ids(prompt)
+        warnings = self._prompt_warnings(prompt, on_notice)
         context = self.history + prompt_ids
         slides = _SlideNotices(on_notice)
+        fed_before = self._fed.end
         base = self._advance([context], self._fed, slides)
+        prompt_seconds = time.perf_counter() - started
         size = batch_size or n
         rows: list[_BatchRow] = []
         while len(rows) < n:
@@ -308,8 +372,14 @@ class Session:
             rows.extend(batch)
             if any(row.reason == "interrupted" for row in batch):  # Ctrl-C: start no further batch
                 rows.extend(_BatchRow([], "interrupted", "") for _ in range(n - len(rows)))
-        return [_result(row.text, row.tokens, len(prompt_ids), started, row.reason, plan.seed, slides.happened)
-                for row in rows]
+        results = []
+        for index, row in enumerate(rows):
+            result = _result(row.text, row.tokens, len(prompt_ids), started, row.reason,
+                             alternative_seed(plan.seed, index), slides.happened)
+            result.prompt_seconds, result.prompt_fed = prompt_seconds, max(0, len(context) - fed_before)
+            result.warnings = warnings
+            results.append(finish_timings(result))
+        return results
 
     def _decode_batch(self, plan: _Plan, context: list[int], base: _Fed, n: int, slides: _SlideNotices,
                       on_step: StepCallback | None, first_row: int) -> list[_BatchRow]:
@@ -324,10 +394,11 @@ class Session:
         reasons: list[str | None] = [None] * n
         counts: list[int | None] = [None] * n  # tokens kept (eos included) once a row has ended
         steps, live, eos = 0, n, self._eos
+        rng = RowRandom([alternative_seed(plan.seed, first_row + index) for index in range(n)])
         try:
             for step in range(plan.max_new):
                 chain = plan.chain_at(step)
-                picked = chain.sample(fed.logits, rows, plan.rng)
+                picked = chain.sample(fed.logits, rows, rng)
                 if on_step is not None:
                     _report_step(on_step, chain, fed.logits, rows, picked, reasons, first_row)
                 tokens = picked.tolist()
@@ -465,6 +536,7 @@ class Session:
         try:
             while generated < plan.max_new:
                 self._fed = self._advance(rows, self._fed, on_slide)
+                self._mark_prompt_done()
                 token = plan.chain_at(generated).sample_one(self._fed.logits, history, rng)
                 history.append(token)
                 generated += 1
@@ -489,6 +561,7 @@ class Session:
         search: _BeamSearch | None = None
         try:
             self._fed = self._advance([self.history], self._fed, on_slide)
+            self._mark_prompt_done()
             search = _BeamSearch(self, plan, on_slide)
             tokens, reason = search.run()
         except KeyboardInterrupt:
@@ -630,3 +703,10 @@ def _result(text: str, tokens: list[int], prompt_tokens: int, started: float, re
         text=text, tokens=list(tokens), prompt_tokens=prompt_tokens, seconds=seconds,
         tokens_per_s=len(tokens) / seconds if seconds > 0 else 0.0, stop_reason=reason, seed=seed, slid=slid,
     )
+
+
+def finish_timings(result: GenerationResult) -> GenerationResult:
+    """Make ``tokens_per_s`` the generation rate alone, once ``prompt_seconds`` is known."""
+    gen = result.gen_seconds
+    result.tokens_per_s = len(result.tokens) / gen if gen > 0 else 0.0
+    return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ctypes.util
 import importlib.metadata
 import io
 import os
@@ -22,7 +23,8 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from tokenizers import Tokenizer
 
-from runtime.errors import first_line
+from runtime.errors import whole_line
+from runtime.filekind import sniff_file_kind
 from runtime.modelfile import ModelFileError, ModelInfo, decode_metadata
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -30,7 +32,6 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 _QUIET = 3  # onnxruntime logger: errors only (warnings such as "some nodes assigned to CPU" stay hidden)
 _SILENT = 4  # fatal only: provider-fallback errors while probing CUDA
-_MESSAGE_LIMIT = 200  # characters of a library message quoted in ours (onnxruntime can quote whole graphs)
 # What onnxruntime raises when a run fails (bad shapes, out of memory, a provider error); names vary by version.
 _ORT_RUN_ERRORS = tuple(
     getattr(_ort_state, name) for name in ("Fail", "InvalidArgument", "RuntimeException", "EPFail", "EngineError",
@@ -83,7 +84,7 @@ def _preload_cuda_libraries() -> str | None:
         with contextlib.redirect_stdout(captured):
             ort.preload_dlls()
     except Exception as exc:  # noqa: BLE001 - a failed preload only means we learn less about why CUDA fails
-        return first_line(exc, limit=_MESSAGE_LIMIT)
+        return whole_line(exc)
     missing = re.search(r"Failed to load (\S+?):", captured.getvalue())
     return f"{Path(missing.group(1)).name} missing" if missing else None
 
@@ -100,14 +101,31 @@ def _cuda_reason(preload_problem: str | None) -> str:
     return "the CUDA provider failed to initialise (check CUDA/cuDNN versions for this onnxruntime-gpu)"
 
 
+NVIDIA_DEVICE_FILES = ("/proc/driver/nvidia/gpus", "/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg")
+
+
+def nvidia_gpu_present(device_files: tuple[str, ...] = NVIDIA_DEVICE_FILES) -> bool:
+    """Whether this machine shows an NVIDIA driver or GPU at all (Linux device files, WSL's /dev/dxg; on Windows
+    the driver's nvcuda.dll). Cheap, and it never loads CUDA: a machine without a GPU is never told about CUDA."""
+    if os.name == "nt":
+        return ctypes.util.find_library("nvcuda") is not None
+    return any(os.path.exists(path) for path in device_files)
+
+
 def select_providers(device: str) -> tuple[list[str], str | None]:
     """Execution providers to ask for, and a one-line reason CUDA will probably not work (None if none known).
 
-    ``auto`` tries CUDA whenever this onnxruntime build has the provider; ``cuda`` insists on it (OnnxModel.open
+    ``auto`` tries CUDA when this onnxruntime build has the provider AND the machine shows an NVIDIA driver or GPU
+    (nvidia_gpu_present), so a machine without one hears nothing about CUDA; ``cuda`` insists on it (OnnxModel.open
     raises if the session does not really get it); ``cpu`` never touches CUDA."""
     if device not in DEVICES:
         raise ModelLoadError(f"unknown device {device!r} (choose from {', '.join(DEVICES)})")
     if device == "cpu":
+        return [CPU], None
+    if not nvidia_gpu_present():
+        if device == "cuda":
+            raise ModelLoadError("--device cuda requested but CUDA is not usable here: this machine shows no NVIDIA "
+                                 "GPU or driver (no /dev/nvidia0, no /proc/driver/nvidia); use --device cpu")
         return [CPU], None
     if CUDA not in ort.get_available_providers():
         reason = "this onnxruntime build has no CUDA provider (install onnxruntime-gpu)"
@@ -162,6 +180,9 @@ def _check_file(path: Path) -> None:
         raise ModelLoadError(f"{path} is not a file")
     if path.stat().st_size == 0:
         raise ModelLoadError(f"{path} is empty")
+    if sniff_file_kind(path) in ("torch-zip", "pickle"):
+        raise ModelLoadError(f"{path} is a PyTorch checkpoint, not an ONNX model — export it first: "
+                             f"textgen-export --checkpoint {path}")
 
 
 def _create_session(path: Path, providers: list[str], threads: int | None) -> ort.InferenceSession:
@@ -170,7 +191,7 @@ def _create_session(path: Path, providers: list[str], threads: int | None) -> or
         options = _session_options(threads, path.stat().st_size)
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several pybind types for unreadable files
-        message = first_line(exc, limit=_MESSAGE_LIMIT)
+        message = whole_line(exc)
         if "opset" in message.lower():  # e.g. a GPT-2 file with the opset-23 Attention op on an old runtime
             message += f" (textgen GPT-2 files need onnxruntime >= 1.23; this is {ort.__version__})"
         raise ModelLoadError(f"{path} is not a readable ONNX model: {message}") from exc
@@ -223,7 +244,7 @@ def _load_tokenizer(info: ModelInfo, where: Path) -> Tokenizer:
     try:
         tokenizer = Tokenizer.from_str(info.tokenizer_json)
     except Exception as exc:  # noqa: BLE001 - tokenizers raises a plain Exception for bad JSON
-        reason = first_line(exc, limit=_MESSAGE_LIMIT)
+        reason = whole_line(exc)
         raise ModelLoadError(f"{where}: the tokenizer in the metadata cannot be loaded: {reason}") from exc
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size > info.vocab_size:
@@ -337,7 +358,7 @@ class OnnxModel:
                 return self._run_bound(feeds)
             outputs = self.session.run(self._output_names, feeds)
         except _ORT_RUN_ERRORS as exc:
-            raise ModelRunError(f"running {self.path.name} failed: {first_line(exc, limit=_MESSAGE_LIMIT)}") from exc
+            raise ModelRunError(f"running {self.path.name} failed: {whole_line(exc)}") from exc
         return outputs[0], dict(zip(self._state_inputs, outputs[1:], strict=True))
 
     def _run_bound(self, feeds: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -382,6 +403,25 @@ class OnnxModel:
             return self.tokenizer.encode(text, add_special_tokens=False).ids
         except Exception:  # noqa: BLE001 - e.g. a vocabulary without an unk token; encode char by char instead
             return self._encode_per_character(text)
+
+    def unknown_pieces(self, text: str) -> list[str]:
+        """The distinct characters (words, for a word-level vocabulary) of ``text`` that the tokenizer reads as
+        its unknown token or drops, in order of appearance; empty for byte-level BPE, which reads any text."""
+        unk = self.info.special.unk
+        try:
+            encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        except Exception:  # noqa: BLE001 - no unk token: the characters that cannot be encoded are dropped
+            pieces = [char for char in dict.fromkeys(text) if not self._encodes(char)]
+        else:
+            pieces = [text[start:end] for token, (start, end) in zip(encoding.ids, encoding.offsets, strict=True)
+                      if token == unk and end > start]
+        return list(dict.fromkeys(pieces))
+
+    def _encodes(self, char: str) -> bool:
+        try:
+            return bool(self.tokenizer.encode(char, add_special_tokens=False).ids)
+        except Exception:  # noqa: BLE001
+            return False
 
     def _encode_per_character(self, text: str) -> list[int]:
         ids: list[int] = []

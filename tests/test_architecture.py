@@ -12,10 +12,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from runtime.sampling import SamplerSettings
 
 from runtime.defaults import BUILTIN, DEFAULT_GENERATION, generation_defaults
-from runtime.errors import first_line
+from runtime.errors import first_line, whole_line
+from runtime.sampling import SamplerSettings
 from runtime.settings import KEYS, SettingError, Settings, build_settings, format_setting
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,3 +181,10 @@ def test_settings_layer_presets_in_order() -> None:
                                               (["x", "y"], '["x", "y"]'), (1e-06, "1e-06")])
 def test_format_setting(value: object, shown: str) -> None:
     assert format_setting(value) == shown
+
+
+def test_whole_line_keeps_the_cause_at_the_end_of_a_long_message() -> None:
+    message = "Load model failed:\n  /src/model.cc:256 onnxruntime::Model\n  Unsupported model IR version: 11"
+    assert whole_line(RuntimeError(message)).endswith("Unsupported model IR version: 11")
+    assert "\n" not in whole_line(RuntimeError(message))
+    assert whole_line(KeyError()) == "KeyError"

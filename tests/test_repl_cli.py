@@ -176,7 +176,8 @@ def test_stdin_lines_each_get_a_generation(cycle_model):
     stdin = "ROMEO:\n\nJULIET:\n"
     result = run_cli("--model", str(cycle_model), "--sampler", "greedy", "--max-tokens", "7", stdin=stdin)
     assert result.returncode == 0, result
-    assert result.stdout.splitlines() == ["[bold] ", "[bold] "]  # blank line skipped
+    # issue 17: each output under a "--- PROMPT ---" line, so successive outputs never run together
+    assert result.stdout.splitlines() == ["--- ROMEO: ---", "[bold] ", "--- JULIET: ---", "[bold] "]
     records = run_cli("--model", str(cycle_model), "--max-tokens", "9", "--seed", "2", "--json", stdin=stdin)
     lines = [json.loads(line) for line in records.stdout.splitlines()]
     assert [line["prompt"] for line in lines] == ["ROMEO:", "JULIET:"]
@@ -186,7 +187,8 @@ def test_stdin_lines_each_get_a_generation(cycle_model):
 def test_stdin_lines_are_independent(cycle_model):
     """Each piped line starts from an empty context: the same line twice gives the same text with a fixed seed."""
     result = run_cli("--model", str(cycle_model), "--max-tokens", "30", "--seed", "9", stdin="ab\nab\n")
-    first, second = result.stdout.splitlines()
+    header, first, header_again, second = result.stdout.splitlines()
+    assert header == header_again == "--- ab ---"
     assert first == second and len(first) == 30
 
 

@@ -290,3 +290,21 @@ def test_demo_model_stop_regen_eval_and_traceback_free(start, tmp_path):
     term.expect(r"stop\s+\[\]\s+default")
     assert term.quit() == 0
     assert "Traceback" not in term.text
+
+
+def test_unknown_prompt_characters_are_named_once_per_turn_and_timings_are_split(start, tmp_path):
+    """Issue 17: 'Привет, мир — café' to the demo model names its unknown characters in one dim line (once,
+    however often they occur), the status line splits prompt processing from generation, and each :n
+    alternative shows its own seed."""
+    demo = REPO / "repl" / "demo" / "demo.onnx"
+    term = start("--max-tokens", "5", "--seed", "3", model=demo)
+    term.child.sendline("Привет, мир — café, Привет")
+    term.expect_exact("not in the model's vocabulary, read as unknown: П р и в е т м — é")
+    term.expect(r"5 tokens · [\d.]+ tok/s · max_tokens · prompt \d+ tokens in \d+ ms \(\d+ tok/s\)")
+    assert term.text.count("not in the model's vocabulary") == 1
+    term.expect(r"prompt \d+ tok, \d+ tok/s · gen 5 tok, [\d.]+ tok/s")  # the toolbar
+    term.child.sendline(":n 2")
+    for index in (1, 2):
+        term.expect_exact(f"alternative {index}/2")
+        term.expect(rf"seed {3 + index - 1}\b")
+    assert term.quit() == 0

@@ -294,8 +294,11 @@ def test_cpu_device_gives_a_cpu_session_without_notes(model_files, monkeypatch):
 def test_auto_reports_what_the_session_really_got(model_files):
     model = OnnxModel.open(model_files.lstm, device="auto")
     assert model.provider == model.session.get_providers()[0]
-    available = session_module.ort.get_available_providers()
-    if model.provider == "CPUExecutionProvider" and "CUDAExecutionProvider" in available:
+    if model.provider == "CPUExecutionProvider" and not session_module.nvidia_gpu_present():
+        assert model.device_note is None  # issue 17: no CUDA notice on a machine without a GPU
+    elif model.provider == "CPUExecutionProvider" and "CUDAExecutionProvider" in (
+        session_module.ort.get_available_providers()
+    ):
         assert model.device_note and "running on CPU" in model.device_note and "\n" not in model.device_note
 
 
@@ -333,3 +336,27 @@ def test_repl_runtime_does_not_import_torch():
 
 def test_physical_cores_is_positive():
     assert 1 <= session_module.physical_cores()
+
+
+def test_auto_on_a_machine_without_a_gpu_says_nothing_about_cuda(model_files, monkeypatch):
+    """Issue 17: the "CUDA not usable (libcublasLt.so.13 missing)" notice only where a GPU is present."""
+    monkeypatch.setattr(session_module, "nvidia_gpu_present", lambda *args: False)
+    model = OnnxModel.open(model_files.lstm, device="auto")
+    assert model.provider == "CPUExecutionProvider" and model.device_note is None
+    with pytest.raises(ModelLoadError, match="shows no NVIDIA GPU or driver"):
+        OnnxModel.open(model_files.lstm, device="cuda")
+
+
+def test_gpu_presence_is_read_from_device_files(tmp_path):
+    assert not session_module.nvidia_gpu_present((str(tmp_path / "nvidia0"),))
+    (tmp_path / "nvidia0").write_text("")
+    assert session_module.nvidia_gpu_present((str(tmp_path / "nvidia0"),))
+
+
+def test_a_gpu_that_is_present_but_unusable_is_noted(model_files, monkeypatch):
+    """With a (pretended) GPU present, auto tries CUDA; where the provider cannot start, one note says why."""
+    monkeypatch.setattr(session_module, "nvidia_gpu_present", lambda *args: True)
+    model = OnnxModel.open(model_files.lstm, device="auto")
+    available = session_module.ort.get_available_providers()
+    if model.provider == "CPUExecutionProvider" and "CUDAExecutionProvider" in available:
+        assert model.device_note and "CUDA not usable" in model.device_note and "\n" not in model.device_note

@@ -40,6 +40,7 @@ class TrainConfig:
     drop_patterns: list[str] = field(default_factory=list)
     strip_source_lines: bool = False
     keep_script: str | None = None
+    strip_boilerplate: bool = False
     # tokenizer
     tokenizer: str = "char"
     vocab_size: int | None = None
@@ -77,6 +78,9 @@ class TrainConfig:
     threads: int | None = None
     prime: list[str] = field(default_factory=list)
     preset: str | None = None
+    # Settings that came from a default or preset rather than a flag, which the run may fit to its budget
+    # (train.schedule.fit_plan): "warmup_steps", "eval_every". Explicit flags are never changed.
+    fit_to_budget: list[str] = field(default_factory=list)
 
     @property
     def is_rnn(self) -> bool:

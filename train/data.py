@@ -7,9 +7,11 @@ from dataclasses import dataclass
 import torch
 from tokenizers import Tokenizer
 
-from runtime.corpus import CorpusFilters, load_corpus, split_train_val
+from runtime.corpus import CorpusFilters, DataReport, load_corpus, split_train_val
 from train.config import TrainConfig
 from train.tokenizer import build_tokenizer, encode_documents, special_token_ids, tokenizer_kind
+
+MIN_VAL_TOKENS = 1000  # below this a validation loss is mostly noise
 
 
 @dataclass
@@ -37,6 +39,7 @@ def prepare_data(
     filters = CorpusFilters(
         min_words=config.min_words, max_words=config.max_words, drop_patterns=list(config.drop_patterns),
         strip_source_lines=config.strip_source_lines, keep_script=config.keep_script,
+        strip_boilerplate=config.strip_boilerplate,
     )
     corpus = load_corpus(config.data, config.format, config.column, filters)
     train_docs, val_docs = split_train_val(corpus, config.val_fraction)
@@ -53,8 +56,29 @@ def prepare_data(
         f"(last {config.val_fraction:g} held out)",
         f"tokenizer: {kind}, {tokenizer.get_vocab_size(with_added_tokens=True):,} tokens; "
         f"train {train_ids.numel():,} tokens, validation {val_ids.numel():,} tokens",
+        *sanity_warnings(config, corpus.report, train_ids.numel(), val_ids.numel()),
     ]
     return PreparedData(tokenizer, special, kind, train_ids, val_ids, report)
+
+
+def sanity_warnings(config: TrainConfig, report: DataReport, train_tokens: int, val_tokens: int) -> list[str]:
+    """One ``warning:`` line per thing about the corpus that makes a run mislead (training goes on)."""
+    warnings = []
+    block = config.seq_len if config.is_rnn else config.context_length
+    batch = config.batch_size * block
+    if train_tokens < batch:
+        warnings.append(f"warning: the training text is {train_tokens:,} tokens, smaller than one batch "
+                        f"({config.batch_size} x {block} = {batch:,} tokens): the model will memorise it, and its "
+                        "losses say little; use more text")
+    if val_tokens < MIN_VAL_TOKENS:
+        warnings.append(f"warning: the validation split is only {val_tokens:,} tokens (under {MIN_VAL_TOKENS:,}): "
+                        "its loss is noisy and the best checkpoint is picked on it; use more text or a larger "
+                        "--val-fraction")
+    if report.boilerplate_found:
+        warnings.append(f"warning: {report.source} carries {report.boilerplate_found:,} characters of Project "
+                        "Gutenberg header and licence (the licence at the end becomes validation text); "
+                        "--strip-boilerplate removes them")
+    return warnings
 
 
 def _encode(tokenizer: Tokenizer, docs: list[str], single_stream: bool) -> torch.Tensor:

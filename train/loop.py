@@ -2,7 +2,8 @@
 
 Files a run writes (OUT is ``--out``):
 - ``OUT``: the best checkpoint so far by validation loss (written when an evaluation improves on it);
-- ``OUT.last``: the latest state (written at every evaluation, at the end, and when interrupted);
+- ``OUT.last``: the latest state (written at the first evaluation, then at evaluations at most every
+  LAST_STATE_INTERVAL seconds, at the end, and when interrupted: a short run's evaluations stay cheap);
 - ``OUT.metrics.jsonl``: one JSON object per evaluation; ``OUT.loss.png``: the loss curves, drawn at the end.
 Both checkpoints are complete (models/checkpoint.py layout, with a ``train`` section) and either can be resumed.
 
@@ -43,7 +44,13 @@ from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
-from models.checkpoint import Checkpoint, CheckpointError, TrainingState, load_checkpoint, save_checkpoint
+from models.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    TrainingState,
+    load_checkpoint,
+    save_checkpoint_or_fallback,
+)
 from models.registry import build_model, load_weights, model_from_checkpoint
 from models.rnn import State, detach_state
 from runtime.defaults import generation_defaults
@@ -77,10 +84,15 @@ from train.presets import DEFAULT_EPOCHS
 from train.progress import ProgressReporter
 from train.rng import capture_rng_state, restore_rng_state, seed_everything
 from train.sample import sample_continuation
-from train.schedule import Budget, LRSchedule
+from train.schedule import EVAL_POINTS, Budget, LRSchedule, evaluation_points, fit_plan
 
 RNN_EVAL_CHUNK = 256  # tokens per forward call when evaluating an RNN (state carried between chunks)
 GPT_EVAL_LOGITS = 2**24  # logits elements per evaluation batch (bounds memory for big vocabularies)
+CALIBRATION_STEPS = 4  # steps timed (after the first, which pays for warm-up) before a time budget is planned
+FINAL_FILES_SECONDS = 3.0  # kept at the end of a time budget for the loss plot, last writes and process exit
+EVAL_MARGIN = 1.2  # the final evaluation is reserved this many times the last one's duration (load varies)
+LAST_STATE_INTERVAL = 60.0  # seconds between OUT.last writes at evaluations (each is a full checkpoint)
+MAX_CURVE_POINTS = 4000  # training-loss points kept for the plot (thinned beyond that)
 SAMPLE_TOKENS = {"char": 200}  # tokens sampled per --prime at each evaluation; 60 for other tokenizers
 # Settings a resumed run may change; everything else comes from the checkpoint so the run continues exactly.
 RESUME_OVERRIDES = frozenset(
@@ -138,6 +150,7 @@ def train(
     console: Console | None = None,
     live: bool | None = None,
     stop_at_step: int | None = None,
+    started: float | None = None,
 ) -> TrainResult:
     """Run training as configured. ``resume`` is a checkpoint from load_resume_checkpoint. ``stop_at_step`` stops
     after that step exactly as an interruption would (no evaluation, last checkpoint written), which is how
@@ -145,7 +158,9 @@ def train(
     checkpoint and Hugging Face import modules, TrainConfigError and DataSizeError.
 
     Started by torchrun (its environment variables set), the run is one rank of a distributed data-parallel run
-    (see train.distributed); only rank 0 prints."""
+    (see train.distributed); only rank 0 prints. ``started`` (time.monotonic()) is when the command started: a
+    time budget counts the whole run's wall time from there (default: now)."""
+    started = time.monotonic() if started is None else started
     config.validate()
     cluster = distributed.start(_resolve_device(config.device))
     try:
@@ -153,7 +168,7 @@ def train(
             console, live = Console(quiet=True), False
         console = console or Console()
         reporter = ProgressReporter(console, live)
-        trainer = Trainer(config, resume, reporter, cluster)
+        trainer = Trainer(config, resume, reporter, cluster, started)
         with _StopSignals(second_acts_at_once=not cluster.distributed) as signals, reporter:
             return trainer.run(signals, stop_at_step)
     finally:
@@ -200,8 +215,9 @@ class Trainer:
     """Everything one run holds. Construction loads data and model; ``run`` trains."""
 
     def __init__(self, config: TrainConfig, resume: Checkpoint | None, reporter: ProgressReporter,
-                 cluster: Cluster | None = None) -> None:
+                 cluster: Cluster | None = None, started: float | None = None) -> None:
         self.config = config
+        self.started = time.monotonic() if started is None else started
         self.reporter = reporter
         self.out = Path(config.out)
         self.last_out = last_checkpoint_path(config.out)
@@ -236,6 +252,22 @@ class Trainer:
         self.last_eval_step: int | None = None
         self.rnn_state: State | None = None
         self.last_metrics: dict[str, Any] | None = None
+        # fitting the run to its budget (train.schedule.fit_plan), restored on resume so it continues exactly
+        self.eval_every = config.eval_every
+        self.planned = False
+        self.train_curve: list[tuple[int, float]] = []  # (step, training loss) for the plot
+        self.eval_seconds: float | None = None  # what the last evaluation (with its checkpoint writes) took
+        self.pace: tuple[float, float] | None = None  # (steps/s, training tokens/s) once measured
+        self.metrics_failed = False
+        self.last_saved: float | None = None  # when OUT.last was last written (the run's clock, self.seconds)
+        self.last_saved_step: int | None = None
+        self.evals_this_run = 0
+        self.eval_points = EVAL_POINTS  # fewer when evaluations are dear (train.schedule.evaluation_points)
+        # A run fitted to its budget evaluates at next_eval_step (re-planned after each evaluation); otherwise at
+        # every multiple of eval_every.
+        self.next_eval_step: int | None = None
+        self.train_seconds_this_run = 0.0  # time in training steps alone (evaluations left out): the true pace
+        self.steps_this_run = 0
         if resume is not None:
             self._restore(resume)
         self.metrics_log = MetricsLog(metrics_path(config.out), append=resume is not None) if self.is_main else None
@@ -357,6 +389,7 @@ class Trainer:
             self.evals_without_improvement = int(state.evals_without_improvement)
             self.last_eval_step = state.last_eval_step
             self.rnn_state = self._restored_rnn_state(state.rnn_state)
+            self._restore_plan(state.extra.get("plan"))
             restore_rng_state(self._restored_rng_state(state))  # last: building the model and data drew numbers
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"the checkpoint's training state cannot be restored: {first_line(exc)}") from exc
@@ -387,12 +420,14 @@ class Trainer:
 
     def run(self, signals: _StopSignals, stop_at_step: int | None) -> TrainResult:
         self._announce()
-        start = time.monotonic()
+        start = self.started
         base_seconds = self.seconds
         window = _RateWindow()
+        self._plan_if_known()
         if self._evaluation_due():  # an interruption skipped the evaluation at this step: do it now
             self._evaluate(window)
         stop_reason = self.budget.reached(self.step, self.seconds, self.cursor.epochs_done())
+        first_step_done: tuple[int, float, int] | None = None  # (step, clock, tokens) after this run's first step
         while stop_reason is None:
             lr = self.schedule.lr(self.step, self.budget.fraction(self.step, self.seconds, self.cursor.epochs_done()))
             step_start = time.monotonic()
@@ -400,11 +435,18 @@ class Trainer:
             # All ranks agree on the loss, the clock and any signal, so they all take the same decisions below.
             agreed = self.cluster.agree_step(loss, tokens, base_seconds + time.monotonic() - start, signals.received)
             window.add(agreed.loss, agreed.tokens, time.monotonic() - step_start)
+            self.train_seconds_this_run += time.monotonic() - step_start
+            self.steps_this_run += 1
             self.step += 1
             self.tokens_seen += agreed.tokens
             self.seconds = agreed.seconds
             if not math.isfinite(agreed.loss):
                 raise TrainingError(f"the loss became {agreed.loss} at step {self.step}; try a smaller --lr")
+            self._record_train_loss(agreed.loss)
+            if first_step_done is None:
+                first_step_done = (self.step, self.seconds, self.tokens_seen)
+            elif not self.planned and self.step - first_step_done[0] >= CALIBRATION_STEPS - 1:
+                self._plan_from_pace(first_step_done)
             self._show_progress(agreed.loss, lr, window)
             if agreed.signal is not None:
                 return self._interrupted(f"interrupted by {signal.Signals(agreed.signal).name}", agreed.signal)
@@ -415,11 +457,99 @@ class Trainer:
                 if self.config.patience is not None and self.evals_without_improvement >= self.config.patience:
                     stop_reason = f"early stopping: no improvement in {self.config.patience} evaluations"
                     break
-            stop_reason = self.budget.reached(self.step, self.seconds, self.cursor.epochs_done())
+            stop_reason = self.budget.reached(self.step, self.seconds, self.cursor.epochs_done(), self._reserve())
         if self.step > 0 and self.last_eval_step != self.step:
             self._evaluate(window)
-        self._save(self.last_out)
+        if self.last_saved_step != self.step:
+            self._save(self.last_out)
         return self._finish(stop_reason)
+
+    # ------------------------------------------------------------------------------------------------ budget fit
+
+    def _plan_if_known(self) -> None:
+        """Step and epoch budgets say how many steps the run has before it starts: fit the plan now."""
+        if self.planned or self.budget.time_budget is not None:
+            return
+        self._apply_plan(self.budget.expected_steps(self.step, self.seconds, 0.0, self._batches_per_epoch(), 0.0))
+
+    def _plan_from_pace(self, first: tuple[int, float, int]) -> None:
+        """A time budget: measure the pace of the steps after the first and estimate the steps that fit."""
+        first_step, first_seconds, first_tokens = first
+        elapsed = self.seconds - first_seconds
+        if elapsed <= 0:
+            return
+        self.pace = ((self.step - first_step) / elapsed, (self.tokens_seen - first_tokens) / elapsed)
+        self.eval_points = evaluation_points(self.budget.time_budget, self._evaluation_estimate())
+        reserve = self.eval_points * self._evaluation_estimate() + FINAL_FILES_SECONDS
+        self._apply_plan(self.budget.expected_steps(self.step, self.seconds, self.pace[0], self._batches_per_epoch(),
+                                                    reserve))
+
+    def _apply_plan(self, expected: int | None) -> None:
+        self.planned = True
+        if expected is None:
+            return
+        words = f"the {self.budget.describe()} budget"
+        plan = fit_plan(expected, self.schedule.warmup_steps, self.eval_every,
+                        "warmup_steps" in self.config.fit_to_budget, "eval_every" in self.config.fit_to_budget, words,
+                        self.eval_points)
+        self.schedule.warmup_steps, self.eval_every = plan.warmup_steps, plan.eval_every
+        if "eval_every" in self.config.fit_to_budget:
+            self.next_eval_step = max(1, math.ceil(self.step / self.eval_every)) * self.eval_every
+        for note in plan.notes:
+            self.reporter.say(note)
+
+    def _refit_eval_interval(self) -> None:
+        """After each evaluation of a time-budgeted run: with the evaluation's real cost and the steps' real pace
+        known, space the evaluations still due over the time left (never beyond the configured interval)."""
+        if (self.budget.time_budget is None or "eval_every" not in self.config.fit_to_budget
+                or self.steps_this_run == 0 or self.train_seconds_this_run <= 0 or self.eval_seconds is None):
+            return
+        pace = self.steps_this_run / self.train_seconds_this_run
+        self.eval_points = min(self.eval_points, evaluation_points(self.budget.time_budget, self.eval_seconds))
+        evals_left = self.eval_points - self.evals_this_run  # the final one included
+        if evals_left <= 1:  # only the evaluation at the end is still due
+            self.next_eval_step = 2**62
+            return
+        training_time = self.budget.time_budget - self.seconds - self._reserve() - (evals_left - 1) * self.eval_seconds
+        interval = int(max(0.0, training_time) * pace) // evals_left
+        interval = int(self.cluster.broadcast(max(1, min(self.config.eval_every, interval))))  # rank 0's everywhere
+        self.eval_every = interval
+        if self.next_eval_step is not None:
+            self.next_eval_step = self.step + interval
+
+    def _restore_plan(self, plan: dict[str, Any] | None) -> None:
+        if not isinstance(plan, dict):
+            return
+        self.planned = bool(plan.get("planned", False))
+        self.eval_every = int(plan.get("eval_every", self.eval_every))
+        next_step = plan.get("next_eval_step")
+        self.next_eval_step = int(next_step) if isinstance(next_step, int) else None
+        curve = plan.get("train_curve")
+        if isinstance(curve, torch.Tensor) and curve.ndim == 2:
+            self.train_curve = [(int(step), float(loss)) for step, loss in curve.tolist()]
+
+    def _batches_per_epoch(self) -> int:
+        return self.cursor.batcher.batches_per_epoch(0)
+
+    def _evaluation_estimate(self) -> float:
+        """Seconds one evaluation takes: measured once there was one, else from the training pace (a forward
+        pass is about a third of a training step's work)."""
+        if self.eval_seconds is not None:
+            return self.eval_seconds
+        if self.pace is None or self.pace[1] <= 0:
+            return 0.0
+        return self.val_count / (3.0 * self.pace[1])
+
+    def _reserve(self) -> float:
+        """Seconds a time budget keeps free after the last step: the final evaluation and the last files."""
+        if self.budget.time_budget is None:
+            return 0.0
+        return EVAL_MARGIN * self._evaluation_estimate() + FINAL_FILES_SECONDS
+
+    def _record_train_loss(self, loss: float) -> None:
+        self.train_curve.append((self.step, loss))
+        if len(self.train_curve) > MAX_CURVE_POINTS:  # keep every other point: the curve's shape, bounded memory
+            self.train_curve = self.train_curve[::2]
 
     def _announce(self) -> None:
         config, say = self.config, self.reporter.say
@@ -438,8 +568,10 @@ class Trainer:
             say(f"distributed: {world} processes ({self.cluster.backend}); each reads its own {config.batch_size} of "
                 f"the {config.batch_size * world} {layout} per step; rank 0 writes files")
         precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[self.amp_dtype]
+        wall = " of wall time, evaluations included" if self.budget.time_budget is not None else ""
         say(f"device: {self.device} ({precision}, {torch.get_num_threads()} threads); "
-            f"budget: {self.budget.describe()}; lr {config.lr:g} ({config.schedule}, warmup {config.warmup_steps})")
+            f"budget: {self.budget.describe()}{wall}; lr {config.lr:g} ({config.schedule}, "
+            f"warmup {self.schedule.warmup_steps})")
         say(f"validation: {self.val_count:,} tokens, protocol {self.val_protocol.describe()}")
         if self.step:
             say(f"resuming at step {self.step} ({format_seconds(self.seconds)} trained so far)")
@@ -495,7 +627,11 @@ class Trainer:
         )
 
     def _evaluation_due(self) -> bool:
-        return self.step > 0 and self.step % self.config.eval_every == 0 and self.last_eval_step != self.step
+        if self.step == 0 or self.last_eval_step == self.step:
+            return False
+        if self.next_eval_step is not None:
+            return self.step >= self.next_eval_step
+        return self.step % self.eval_every == 0
 
     # ------------------------------------------------------------------------------------------------ evaluation
 
@@ -534,6 +670,7 @@ class Trainer:
         return total
 
     def _evaluate(self, window: _RateWindow) -> None:
+        began = time.monotonic()
         val_loss = self.validation_loss()
         improved = self.best_val_loss is None or val_loss < self.best_val_loss
         self.schedule.observe(val_loss)
@@ -546,15 +683,34 @@ class Trainer:
         record = self._metrics_record(val_loss, window)
         record["best"] = improved
         self.last_metrics = record
-        if self.metrics_log is not None:
-            self.metrics_log.write(record)
+        self._log_metrics(record)
         window.reset()
         self.reporter.say(_eval_line(record, improved))
         if self.is_main:
             self._print_samples()
         if improved:
             self._save(self.out)
-        self._save(self.last_out)
+        if self.last_saved is None or self.seconds - self.last_saved >= LAST_STATE_INTERVAL:
+            self._save(self.last_out)
+        # rank 0's measure on every rank, so all of them take the same stop decision from it
+        self.eval_seconds = float(self.cluster.broadcast(time.monotonic() - began))
+        self.seconds += self.eval_seconds  # the clock as the budget sees it, until the next step re-reads it
+        self.evals_this_run += 1
+        if self.next_eval_step is not None:
+            self.next_eval_step = self.step + self.eval_every
+        self._refit_eval_interval()
+
+    def _log_metrics(self, record: dict[str, Any]) -> None:
+        """Append to OUT.metrics.jsonl; a failed write is said once and training goes on (the checkpoints matter
+        more than the log)."""
+        if self.metrics_log is None or self.metrics_failed:
+            return
+        try:
+            self.metrics_log.write(record)
+        except OSError as exc:
+            self.metrics_failed = True
+            self.reporter.say(f"warning: cannot write {self.metrics_log.path} ({exc.strerror or exc}); "
+                              "training goes on without the metrics log")
 
     def _metrics_record(self, val_loss: float, window: _RateWindow) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -587,8 +743,14 @@ class Trainer:
             "rng": capture_rng_state(),
             "rnn_state": [t.detach().cpu() for t in self.rnn_state] if self.rnn_state is not None else None,
         })
+        if path == self.last_out:
+            # the run's clock, which every rank agrees on (train.distributed), so all of them decide alike
+            self.last_saved, self.last_saved_step = self.seconds, self.step
         if self.is_main:
-            save_checkpoint(self._payload(per_rank), path)
+            written, failure = save_checkpoint_or_fallback(self._payload(per_rank), path)
+            if failure is not None:
+                self.reporter.say(f"warning: could not write {path} ({failure.strerror or failure}); "
+                                  f"saved it to {written} instead")
 
     def _payload(self, per_rank: list[dict[str, Any]]) -> Checkpoint:
         # self.model is the bare module (never the DDP wrapper): names carry no "module." prefix.
@@ -613,6 +775,12 @@ class Trainer:
             evals_without_improvement=self.evals_without_improvement,
             last_eval_step=self.last_eval_step,
             tokenizer_kind=self.data.kind,
+            extra={"plan": {
+                "planned": self.planned,
+                "eval_every": self.eval_every,
+                "next_eval_step": self.next_eval_step,
+                "train_curve": torch.tensor(self.train_curve, dtype=torch.float64).reshape(-1, 2),
+            }},
         )
         return Checkpoint(
             arch=self.config.arch,
@@ -628,6 +796,8 @@ class Trainer:
     def _interrupted(self, reason: str, signum: int | None) -> TrainResult:
         self._save(self.last_out)
         checksums = self._check_ranks_in_sync()
+        if self.is_main:
+            self._plot()
         self.reporter.say(f"{reason} after step {self.step}; saved the latest state to {self.last_out} "
                           f"(continue with --resume {self.last_out})")
         return self._result(reason, signum, checksums)
@@ -647,7 +817,8 @@ class Trainer:
         checksums = self._check_ranks_in_sync()
         if self.is_main:
             self._plot()
-        summary = f"done ({stop_reason}): {self.step} steps in {format_seconds(self.seconds)}"
+        wall = time.monotonic() - self.started
+        summary = f"done ({stop_reason}): {self.step} steps in {format_seconds(self.seconds)} (wall {wall:.1f} s)"
         if self.best_val_loss is not None:
             summary += f"; best val loss {self.best_val_loss:.4f} (ppl {perplexity(self.best_val_loss):.2f}"
             if self.data.char_level:
@@ -659,7 +830,12 @@ class Trainer:
         return self._result(stop_reason, None, checksums)
 
     def _plot(self) -> None:
-        plot_losses(metrics_path(self.out), loss_plot_path(self.out), f"{self.out.name}: {self.config.arch}")
+        """OUT.loss.png; a failure to draw or write it is a warning, never the end of a finished run."""
+        try:
+            plot_losses(metrics_path(self.out), loss_plot_path(self.out), f"{self.out.name}: {self.config.arch}",
+                        train_curve=self.train_curve)
+        except (OSError, ValueError, RuntimeError) as exc:
+            self.reporter.say(f"warning: could not draw {loss_plot_path(self.out)} ({first_line(exc)})")
 
     def _result(self, reason: str, signum: int | None, checksums: tuple[str, ...] = ()) -> TrainResult:
         return TrainResult(self.step, self.seconds, self.best_val_loss, self.best_step, self.out, self.last_out,

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from runtime.atomic import atomic_write_bytes
 
 REQUIRED_FIELDS = ("step", "seconds", "train_loss", "val_loss", "val_ppl", "lr", "tokens_per_s")
 
@@ -61,29 +65,51 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def plot_losses(metrics: Path, png: Path, title: str) -> bool:
-    """Train and validation loss against step; False when there is nothing to plot."""
+def plot_losses(metrics: Path, png: Path, title: str,
+                train_curve: Sequence[tuple[int, float]] = ()) -> bool:
+    """Training loss (every step, with a moving average) and validation loss (each evaluation) against step;
+    False when there is nothing to plot. Written atomically, so an interrupted run never leaves half a PNG."""
     records = [r for r in read_metrics(metrics) if isinstance(r.get("step"), int)]
-    if not records:
+    if not records and not train_curve:
         return False
     # The object API with no pyplot: nothing global, no GUI backend chosen or imported (Agg renders the file).
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7, 4), dpi=100)
     axes = figure.subplots()
-    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    if train_curve:
+        steps, losses = zip(*train_curve, strict=True)
+        axes.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train (each step)")
+        axes.plot(steps, _moving_average(losses), color="tab:blue", linewidth=1.5, label="train (moving average)")
+    else:  # a log from before the curve was kept: the per-evaluation means
+        points = [(r["step"], r["train_loss"]) for r in records if isinstance(r.get("train_loss"), (int, float))]
         if points:
-            axes.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label)
+            axes.plot(*zip(*points, strict=True), marker="o", markersize=3, color="tab:blue", label="train")
+    points = [(r["step"], r["val_loss"]) for r in records if isinstance(r.get("val_loss"), (int, float))]
+    if points:
+        axes.plot(*zip(*points, strict=True), marker="o", markersize=4, color="tab:orange", label="validation")
     axes.set_xlabel("step")
     axes.set_ylabel("loss (nats/token)")
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(png)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    atomic_write_bytes(png, lambda handle: handle.write(buffer.getvalue()))
     return True
+
+
+def _moving_average(values: Sequence[float]) -> list[float]:
+    """Mean of the last ~5 % of points (at least 1): the trend through the step-to-step noise."""
+    width = max(1, len(values) // 20)
+    averaged, total = [], 0.0
+    for index, value in enumerate(values):
+        total += value
+        if index >= width:
+            total -= values[index - width]
+        averaged.append(total / min(index + 1, width))
+    return averaged
 
 
 def format_seconds(seconds: float) -> str:
