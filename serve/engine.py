@@ -217,6 +217,13 @@ class Engine:
         logits = np.repeat(job.logits, count, axis=0)
         rows = [self._new_row(job, choice, plan, length) for choice, plan in enumerate(job.plans)]
         job.state, job.logits, job.prompt_logits = None, None, []
+        live = [index for index, plan in enumerate(job.plans) if plan.max_new > 0]
+        if len(live) < count:  # max_tokens 0 (e.g. echo only): done without a token
+            job.deliver([("done", index, "length", 0) for index in range(count) if index not in live])
+            if not live:
+                return
+            index = np.array(live, dtype=np.int64)
+            rows, state, logits = [rows[i] for i in live], self.model.reorder_state(state, index), logits[index]
         self._append(rows, state, logits, length)
 
     def _new_row(self, job: Job, choice: int, plan: _Plan, length: int) -> _Row:
