@@ -86,9 +86,10 @@ class ServerProcess:
 
 async def _one_stream(client: Any, url: str, tokens: int, seed: int) -> tuple[float, float, int]:
     """(time to first token, time per output token after it, tokens received) of one streaming completion."""
-    body = {"prompt": PROMPT, "max_tokens": tokens, "min_tokens": tokens, "seed": seed, "stream": True}
+    body = {"prompt": PROMPT, "max_tokens": tokens, "min_tokens": tokens, "seed": seed, "stream": True,
+            "stream_options": {"include_usage": True}}
     started = time.perf_counter()
-    first, last, received = None, 0.0, 0
+    first, last, chunks, received = None, 0.0, 0, 0
     async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
         if response.status_code != 200:
             raise BenchmarkError(f"server answered {response.status_code}: {(await response.aread())[:200]!r}")
@@ -96,14 +97,16 @@ async def _one_stream(client: Any, url: str, tokens: int, seed: int) -> tuple[fl
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                received = chunk["usage"]["completion_tokens"]  # tokens, whatever their text (unk decodes to "")
             if not chunk["choices"] or not chunk["choices"][0]["text"]:
                 continue
             last = time.perf_counter() - started
             if first is None:
                 first = last
-            received += 1
+            chunks += 1
     first = first or 0.0
-    return first, (last - first) / max(1, received - 1), received
+    return first, (last - first) / max(1, chunks - 1), received
 
 
 async def _round(url: str, clients: int, tokens: int, seed: int) -> tuple[float, list[float], list[float], int]:

@@ -60,9 +60,13 @@ def token_logprob(token: int, probabilities: np.ndarray, raw_logits: np.ndarray,
     ``real_tokens`` up (vocabulary padding, no token behind them) are never listed as alternatives."""
     if not 0 <= top <= MAX_TOP:
         raise ValueError(f"top must be in [0, {MAX_TOP}], got {top}")
-    raw = log_softmax(raw_logits)
     with np.errstate(divide="ignore"):
         drawn = np.log(np.asarray(probabilities, dtype=np.float64))
+    return _record(token, drawn, log_softmax(raw_logits), top, token_text, real_tokens)
+
+
+def _record(token: int, drawn: np.ndarray, raw: np.ndarray, top: int, token_text: Callable[[int], str],
+            real_tokens: int | None) -> TokenLogprob:
     order = _best(drawn, raw, top, drawn.size if real_tokens is None else real_tokens)
     alternatives = [Alternative(int(i), token_text(int(i)), float(drawn[i]), float(raw[i])) for i in order]
     return TokenLogprob(int(token), token_text(int(token)), float(drawn[token]), float(raw[token]), alternatives)
@@ -92,7 +96,10 @@ def prompt_logprobs(tokens: list[int], logits: np.ndarray, token_text: Callable[
                     real_tokens: int | None = None) -> list[TokenLogprob]:
     """Raw-model records for prompt tokens (``echo`` with ``logprobs``): ``logits[i]`` [V] are the model's
     logits *before* ``tokens[i]``. Nothing was drawn here, so ``logprob`` equals ``raw_logprob``."""
+    if not 0 <= top <= MAX_TOP:
+        raise ValueError(f"top must be in [0, {MAX_TOP}], got {top}")
     records = []
     for token, row in zip(tokens, logits, strict=True):
-        records.append(token_logprob(token, np.exp(log_softmax(row)), row, top, token_text, real_tokens))
+        raw = log_softmax(row)
+        records.append(_record(token, raw, raw, top, token_text, real_tokens))
     return records

@@ -383,3 +383,21 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
         busy = subprocess.run([sys.executable, "-m", "serve", "--port", port], cwd=ROOT, capture_output=True,
                               text=True, timeout=60, env={**os.environ})
         assert busy.returncode == 2 and f"127.0.0.1:{port}" in busy.stderr
+
+
+def test_chat_template_from_metadata_and_from_the_flag(model_files, edit_metadata, tmp_path: Path) -> None:
+    template = {"user": "Q: {content}\n", "generation": "A:", "stop": ["\nQ:"]}
+    path = edit_metadata(model_files.lstm, "chatty.onnx",
+                         lambda meta: meta.update({"textgen.chat_template": json.dumps(template)}))
+    flag_file = tmp_path / "template.json"
+    flag_file.write_text(json.dumps({"user": "> {content}\n", "generation": "<", "stop": ["\n>"]}))
+    messages = [{"role": "user", "content": "abc"}]
+    for extra, prompt, stop in (([], "Q: abc\nA:", "\nQ:"), (["--chat-template", str(flag_file)], "> abc\n<", "\n>")):
+        with running_server("--model", str(path), *extra) as server:
+            client = server.client()
+            chat = client.chat.completions.create(model="chatty", messages=messages, max_tokens=40, seed=2)
+            direct = client.completions.create(model="chatty", prompt=prompt, max_tokens=40, seed=2, stop=[stop])
+            assert chat.choices[0].message.content == direct.choices[0].text
+    bad = subprocess.run([sys.executable, "-m", "serve", "--chat-template", str(tmp_path / "none.json"), "--port",
+                          "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "none.json" in bad.stderr
