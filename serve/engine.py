@@ -32,6 +32,7 @@ import numpy as np
 
 from runtime.generate import TextStream, _Plan
 from runtime.logprobs import TokenLogprob, point_mass, prompt_logprobs, token_logprob
+from runtime.errors import first_line
 from runtime.session import ModelRunError, OnnxModel
 
 PREFILL_CHUNK = 64  # prompt tokens fed per model run while others wait
@@ -154,6 +155,8 @@ class Engine:
                 self._turn()
             except ModelRunError as exc:
                 self._fail_all(str(exc))
+            except Exception as exc:  # noqa: BLE001 - a bug must fail the requests, not hang them all
+                self._fail_all(f"internal error: {type(exc).__name__}: {first_line(exc)}")
         self._fail_all("the server is shutting down")
 
     def _turn(self) -> None:
@@ -248,7 +251,7 @@ class Engine:
             new_mask = np.zeros((len(rows), max(width, length)), dtype=np.int64)
             new_mask[:, new_mask.shape[1] - length:] = 1
             self._mask = np.concatenate([self._mask, new_mask])
-        self._state = {name: np.concatenate([np.asarray(batch_state[name]), np.asarray(state[name])],
+        self._state = {name: np.concatenate([_host(batch_state[name]), _host(state[name])],
                                             axis=self._batch_axes[name]) for name in state}
         self._logits = np.concatenate([self._logits, logits])
         self._rows = self._rows + rows
@@ -256,7 +259,7 @@ class Engine:
     def _left_pad(self, state: dict[str, Any], columns: int) -> dict[str, Any]:
         padded = {}
         for name, value in state.items():
-            array = np.asarray(value)
+            array = _host(value)
             widths = [(0, 0)] * array.ndim
             widths[self._seq_axes[name]] = (columns, 0)
             padded[name] = np.pad(array, widths)
@@ -276,7 +279,7 @@ class Engine:
             first = int(np.argmax(self._mask.any(axis=0)))  # leading columns that are padding in every row
             if first:
                 self._mask = self._mask[:, first:]
-                self._state = {name: np.take(value, np.arange(first, first + self._mask.shape[1]),
+                self._state = {name: np.take(_host(value), np.arange(first, first + self._mask.shape[1]),
                                              axis=self._seq_axes[name]) for name, value in self._state.items()}
 
     # ------------------------------------------------------------------ decoding
@@ -356,3 +359,9 @@ class Engine:
 
     def _text(self, token: int) -> str:
         return self.model.decode([token])
+
+
+def _host(value: Any) -> np.ndarray:
+    """A state value as a numpy array: on CUDA the session keeps state as device OrtValues between steps, and
+    joining, padding or cutting rows happens on the host (once per join or leave, not per token)."""
+    return value if isinstance(value, np.ndarray) else value.numpy()
