@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from runtime.errors import first_line
 from runtime.generate import TextStream, _Plan
 from runtime.logprobs import TokenLogprob, point_mass, prompt_logprobs, token_logprob
-from runtime.errors import first_line
 from runtime.session import ModelRunError, OnnxModel
 
 PREFILL_CHUNK = 64  # prompt tokens fed per model run while others wait
