@@ -101,8 +101,8 @@ def test_the_import_graph_is_read_from_real_imports() -> None:
 
 
 def test_repl_and_runtime_import_without_torch_train_models_or_export() -> None:
-    """Every module of runtime/, repl/ and serve/ imports with torch made unimportable, and pulls in none of the training
-    or export packages (which would bring torch back the moment they grow a top-level import)."""
+    """Every module of runtime/, repl/ and serve/ imports with torch made unimportable, and pulls in none of the
+    training or export packages (which would bring torch back the moment they grow a top-level import)."""
     modules = sorted(name for name in _modules() if name.split(".")[0] in ("runtime", "repl", "serve")
                      and not name.endswith("__main__"))
     code = (
