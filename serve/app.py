@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -216,6 +217,14 @@ class _Handler:
         self.engine = engine
         self.model = config.model
         self.created = int(time.time())
+        self._mailbox: _Mailbox | None = None
+
+    def mailbox(self) -> _Mailbox:
+        """The running event loop's mailbox (one per loop; the server has one loop)."""
+        loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = _Mailbox(loop)
+        return self._mailbox
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.config.model_id, "object": "model", "created": self.created, "owned_by": "textgen",
@@ -289,7 +298,6 @@ class _Handler:
             seed = secrets.randbits(31)
             settings.set("seed", seed)
         bias = self._logit_bias(body.logit_bias)
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         eos = self.model.info.special.eos
         jobs = []
@@ -297,7 +305,7 @@ class _Handler:
             prompt_ids = document_start(ids, eos)
             rows_new = self._fit_context(len(prompt_ids), int(settings.get("max_new_tokens")), explicit)
             plans = [self._plan(settings, seed, choice, rows_new) for choice in range(body.n)]
-            jobs.append(Job(prompt_ids, plans, _deliverer(loop, queue, index), logprobs=logprobs,
+            jobs.append(Job(prompt_ids, plans, self.mailbox().deliverer(queue, index), logprobs=logprobs,
                             echo_logprobs=echo and logprobs is not None, logit_bias=bias))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _Prepared(jobs, [text for text, _ in prompts], queue, body.n, logprobs, echo, include_usage, seed)
@@ -359,54 +367,60 @@ class _Handler:
             return StreamingResponse(self._stream(prepared, request, shape), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
-            choices, prompt_info = await self._collect(prepared, request, None)
+            choices, prompt_info = await self._collect(prepared, request)
         finally:
             self._cancel(prepared)  # a no-op for finished jobs; frees the rows of a client that went away
         return shape.whole(choices, prompt_info)
 
-    async def _events(self, prepared: _Prepared, request: Request) -> AsyncIterator[tuple[int, list]]:
-        """Engine events as they come, until every choice is done; ends early if the client went away."""
+    async def _events(self, prepared: _Prepared, request: Request) -> AsyncIterator[list[tuple[int, list]]]:
+        """Engine events as they come, in batches: everything queued when the loop gets to it (so a busy server
+        writes several tokens per chunk instead of falling behind), until every choice is done; ends early if the
+        client went away."""
         pending = len(prepared.jobs) * prepared.n
         checked = time.monotonic()
         while pending:
             try:
-                index, events = await asyncio.wait_for(prepared.queue.get(), DISCONNECT_POLL_S)
+                items = [await asyncio.wait_for(prepared.queue.get(), DISCONNECT_POLL_S)]
             except asyncio.TimeoutError:
-                events = None
+                items = []
             # uvicorn does not fail a send to a closed socket, so a gone client is noticed by asking
-            if events is None or time.monotonic() - checked > DISCONNECT_POLL_S:
+            if not items or time.monotonic() - checked > DISCONNECT_POLL_S:
                 checked = time.monotonic()
                 if await request.is_disconnected():
                     return
-            if events is None:
+            if not items:
                 continue
-            pending -= sum(1 for event in events if event[0] == "done")
-            if any(event[0] == "error" for event in events):
-                pending = 0
-            yield index, events
+            while not prepared.queue.empty():
+                items.append(prepared.queue.get_nowait())
+            for _, events in items:
+                pending -= sum(1 for event in events if event[0] == "done")
+                if any(event[0] == "error" for event in events):
+                    pending = 0
+            yield items
 
-    async def _collect(self, prepared: _Prepared, request: Request,
-                       on_events: Callable[[int, list], None] | None) -> tuple[list[_Choice], dict[int, tuple]]:
+    async def _collect(self, prepared: _Prepared, request: Request) -> tuple[list[_Choice], dict[int, tuple]]:
         choices = [_Choice() for _ in range(len(prepared.jobs) * prepared.n)]
         prompt_info: dict[int, tuple] = {}
-        async for index, events in self._events(prepared, request):
-            for event in events:
-                _apply(event, index, prepared.n, choices, prompt_info)
+        async for items in self._events(prepared, request):
+            for index, events in items:
+                for event in events:
+                    _apply(event, index, prepared.n, choices, prompt_info)
         return choices, prompt_info
 
     async def _stream(self, prepared: _Prepared, request: Request, shape: _Shape) -> AsyncIterator[str]:
         choices = [_Choice() for _ in range(len(prepared.jobs) * prepared.n)]
         prompt_info: dict[int, tuple] = {}
         try:
-            async for index, events in self._events(prepared, request):
-                for event in events:
-                    try:
+            async for items in self._events(prepared, request):
+                merged = _merge_texts(items)
+                try:
+                    for index, event in merged:
                         _apply(event, index, prepared.n, choices, prompt_info)
-                    except ApiError as exc:  # the headers are sent: the error goes in the stream
-                        yield f"data: {json.dumps(error_body(exc.message, exc.kind))}\n\n"
-                        return
-                    for chunk in shape.chunks(event, index, prompt_info):
-                        yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                except ApiError as exc:  # the headers are sent: the error goes in the stream
+                    yield f"data: {json.dumps(error_body(exc.message, exc.kind))}\n\n"
+                    return
+                chunks = [chunk for index, event in merged for chunk in shape.chunks(event, index, prompt_info)]
+                yield "".join(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n" for chunk in chunks)
             if prepared.include_usage:
                 yield f"data: {json.dumps(shape.usage_chunk(choices, prompt_info))}\n\n"
             yield "data: [DONE]\n\n"
@@ -414,14 +428,54 @@ class _Handler:
             self._cancel(prepared)
 
 
-def _deliverer(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int) -> Callable[[list], None]:
-    def deliver(events: list) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (index, events))
-        except RuntimeError:  # the event loop is closed (shutdown): nobody is listening any more
-            pass
+def _merge_texts(items: list[tuple[int, list]]) -> list[tuple[int, tuple]]:
+    """The events of ``items`` in order, each choice's consecutive text events joined into one (one chunk for
+    several tokens when the loop fell behind the scheduler)."""
+    out: list[tuple[int, tuple]] = []
+    open_text: dict[tuple[int, int], int] = {}  # (prompt index, choice) -> position of its text event in out
+    for index, events in items:
+        for event in events:
+            key = (index, event[1]) if event[0] in ("text", "done") else None
+            if event[0] == "text" and key in open_text:
+                position = open_text[key]
+                _, choice, text, records = out[position][1]
+                out[position] = (index, ("text", choice, text + event[2], [*records, *event[3]]))
+                continue
+            if key is not None:
+                open_text.pop(key, None)
+            if event[0] == "text":
+                open_text[key] = len(out)
+            out.append((index, event))
+    return out
 
-    return deliver
+
+class _Mailbox:
+    """Carries engine events to the event loop with at most one loop wake-up per scheduler step, however many
+    requests the step served (a call_soon_threadsafe per request and step costs a self-pipe write each)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, tuple[int, list]]] = []
+
+    def deliverer(self, queue: asyncio.Queue, index: int) -> Callable[[list], None]:
+        def deliver(events: list) -> None:
+            with self._lock:
+                self._items.append((queue, (index, events)))
+                if len(self._items) > 1:
+                    return  # a wake-up is already on its way
+            try:
+                self.loop.call_soon_threadsafe(self._hand_out)
+            except RuntimeError:  # the event loop is closed (shutdown): nobody is listening any more
+                pass
+
+        return deliver
+
+    def _hand_out(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
 
 
 def _apply(event: tuple, index: int, n: int, choices: list[_Choice], prompt_info: dict[int, tuple]) -> None:
