@@ -503,15 +503,14 @@ def _logprob(value: float) -> float:
 class _Shape:
     """How one endpoint writes results: whole responses and streamed chunks."""
 
-    object_name = ""
+    prefix = "cmpl"  # of the response id
+    chunk_object = ""  # the "object" of streamed chunks
 
     def __init__(self, handler: _Handler, prepared: _Prepared) -> None:
         self.handler, self.prepared = handler, prepared
         self.id = f"{self.prefix}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.model_id = handler.config.model_id
-
-    prefix = "cmpl"
 
     def usage(self, choices: list[_Choice], prompt_info: dict[int, tuple]) -> dict[str, int]:
         prompt = sum(info[0] for info in prompt_info.values())
@@ -524,8 +523,6 @@ class _Shape:
 
     def usage_chunk(self, choices: list[_Choice], prompt_info: dict[int, tuple]) -> dict[str, Any]:
         return {**self.head(self.chunk_object), "choices": [], "usage": self.usage(choices, prompt_info)}
-
-    chunk_object = ""
 
     def whole(self, choices: list[_Choice], prompt_info: dict[int, tuple]) -> dict[str, Any]:
         raise NotImplementedError

@@ -75,7 +75,6 @@ class _Row:
     plan: _Plan
     history: list[int]
     stream: TextStream
-    length: int  # real tokens in this row's state (GPT-2: right-aligned in the padded cache)
     generated: int = 0
     pending: list[str] = field(default_factory=list)  # text released by the stream, not yet sent
     sent: int = 0  # characters sent so far
@@ -218,7 +217,7 @@ class Engine:
         count = len(job.plans)
         state = self.model.reorder_state(job.state, np.zeros(count, dtype=np.int64))
         logits = np.repeat(job.logits, count, axis=0)
-        rows = [self._new_row(job, choice, plan, length) for choice, plan in enumerate(job.plans)]
+        rows = [self._new_row(job, choice, plan) for choice, plan in enumerate(job.plans)]
         job.state, job.logits, job.prompt_logits = None, None, []
         live = [index for index, plan in enumerate(job.plans) if plan.max_new > 0]
         if len(live) < count:  # max_tokens 0 (e.g. echo only): done without a token
@@ -229,10 +228,10 @@ class Engine:
             rows, state, logits = [rows[i] for i in live], self.model.reorder_state(state, index), logits[index]
         self._append(rows, state, logits, length)
 
-    def _new_row(self, job: Job, choice: int, plan: _Plan, length: int) -> _Row:
+    def _new_row(self, job: Job, choice: int, plan: _Plan) -> _Row:
         pending: list[str] = []
         stream = TextStream(self.model.tokenizer.decode, plan.stops, pending.append, job.prompt_ids)
-        return _Row(job, choice, plan, list(job.prompt_ids), stream, length, pending=pending)
+        return _Row(job, choice, plan, list(job.prompt_ids), stream, pending=pending)
 
     def _append(self, rows: list[_Row], state: dict[str, Any], logits: np.ndarray, length: int) -> None:
         """Join ``rows`` (their state has ``length`` real tokens, no padding) to the batch."""
@@ -307,8 +306,6 @@ class Engine:
             self._logits, self._state = self.model.run(ids, self._state, past, self._mask)
         else:
             self._logits, self._state = self.model.run(ids, self._state, 0)
-        for row in self._rows:
-            row.length += 1
 
     def _advance_row(self, row: _Row, logits: np.ndarray, out: list[Event]) -> bool:
         """Sample one token for ``row``; True while the row goes on."""
