@@ -218,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Continuous batching: all streams of a round share one decode batch (serve/engine.py).",
         f"Goal: 16 clients >= 6x one client's tok/s on the demo model; measured {gain_16}.",
         "The client loop runs on the same cores as the server, so client-side parsing is part of the cost.",
+        "The scheduler-only table bounds the HTTP rows: the model step itself costs more as the batch grows (a "
+        "char LSTM step on one thread is compute-bound) and every row is sampled by its own chain and generator.",
         "Figures taken while other work shares the machine (see the load average above) are preliminary.",
     ]
     report(args, "serve.py", "serve", "textgen-serve: concurrent streaming clients",
