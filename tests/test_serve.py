@@ -401,3 +401,21 @@ def test_chat_template_from_metadata_and_from_the_flag(model_files, edit_metadat
     bad = subprocess.run([sys.executable, "-m", "serve", "--chat-template", str(tmp_path / "none.json"), "--port",
                           "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "none.json" in bad.stderr
+
+
+def test_sigterm_cancels_streams_that_outlast_the_shutdown_timeout() -> None:
+    with running_server("--max-tokens-cap", "1000000", "--shutdown-timeout", "1") as server:
+        body = {"prompt": "ROMEO:", "max_tokens": 1000000, "seed": 1, "stream": True}
+        with httpx.Client(timeout=30) as client, client.stream("POST", f"{server.v1}/completions",
+                                                                json=body) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            started = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            try:
+                rest: list[str] | None = list(lines)
+            except httpx.HTTPError:  # the connection was cut mid-stream
+                rest = None
+            assert rest is None or "data: [DONE]" not in rest  # cancelled, not finished
+        assert server.process.wait(STOP_TIMEOUT_S) == 0
+        assert time.monotonic() - started < STOP_TIMEOUT_S
