@@ -138,6 +138,31 @@ def alternative_seed(seed: int, index: int) -> int:
     return seed + index
 
 
+def new_plan(model: OnnxModel, settings: Settings) -> _Plan:
+    """The settings of one generation read once: sampler chains, lengths, stops and a seeded generator (a fresh
+    seed when the settings have none). The server builds one per request row, the Session one per turn."""
+    sampler = settings.sampler()
+    seed = sampler.seed if sampler.seed is not None else draw_seed()
+    vocab, banned, eos = model.info.vocab_size, model.banned_ids, model.info.special.eos
+    return _Plan(
+        sampler=sampler,
+        chain=SamplerChain(sampler, vocab, banned),
+        chain_without_eos=SamplerChain(sampler, vocab, [*banned, eos]),
+        max_new=int(settings.get("max_new_tokens")),
+        min_new=int(settings.get("min_new_tokens")),
+        beams=int(settings.get("num_beams")),
+        stops=list(settings.get("stop")),
+        seed=seed,
+        rng=np.random.default_rng(seed),
+    )
+
+
+def document_start(ids: list[int], eos: int) -> list[int]:
+    """A first prompt's ids conditioned on the document separator (see the module docstring): a leading eos,
+    unless the prompt already starts with it."""
+    return ids if ids[:1] == [eos] else [eos, *ids]
+
+
 def kept_on_slide(context_length: int) -> int:
     """Tokens kept when the window slides: three quarters of it, so sliding is rare and context stays long."""
     return max(1, context_length * 3 // 4)
@@ -460,27 +485,12 @@ class Session:
     # ------------------------------------------------------------------ turn plumbing
 
     def _plan(self) -> _Plan:
-        sampler = self.settings.sampler()
-        seed = sampler.seed if sampler.seed is not None else draw_seed()
-        vocab, banned = self.model.info.vocab_size, self.model.banned_ids
-        return _Plan(
-            sampler=sampler,
-            chain=SamplerChain(sampler, vocab, banned),
-            chain_without_eos=SamplerChain(sampler, vocab, [*banned, self._eos]),
-            max_new=int(self.settings.get("max_new_tokens")),
-            min_new=int(self.settings.get("min_new_tokens")),
-            beams=int(self.settings.get("num_beams")),
-            stops=list(self.settings.get("stop")),
-            seed=seed,
-            rng=np.random.default_rng(seed),
-        )
+        return new_plan(self.model, self.settings)
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         """The prompt's ids, after a leading eos when it starts the session (the document-start convention)."""
         ids = self.model.encode(prompt) if prompt else []
-        if self.history or ids[:1] == [self._eos]:  # a prompt that starts with the separator itself needs no second
-            return ids
-        return [self._eos, *ids]
+        return ids if self.history else document_start(ids, self._eos)
 
     def _begin_turn(self, prompt: str) -> None:
         if self._growing_state and self._turns:

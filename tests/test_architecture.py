@@ -19,7 +19,7 @@ from runtime.sampling import SamplerSettings
 from runtime.settings import KEYS, SettingError, Settings, build_settings, format_setting
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("models", "train", "export", "runtime", "repl", "benchmarks")
+PACKAGES = ("models", "train", "export", "runtime", "repl", "serve", "benchmarks")
 # Which of the project's packages each package may import (itself always). runtime is the torch-free base.
 ALLOWED = {
     "runtime": set(),
@@ -27,7 +27,8 @@ ALLOWED = {
     "train": {"models", "runtime"},
     "export": {"models", "runtime"},
     "repl": {"runtime"},
-    "benchmarks": {"models", "train", "export", "runtime", "repl"},
+    "serve": {"runtime", "repl"},  # repl: the demo model's location and the command-line helpers
+    "benchmarks": {"models", "train", "export", "runtime", "repl", "serve"},
 }
 PENDING: set[tuple[str, str]] = set()  # known layering exceptions: none
 
@@ -98,9 +99,9 @@ def test_the_import_graph_is_read_from_real_imports() -> None:
 
 
 def test_repl_and_runtime_import_without_torch_train_models_or_export() -> None:
-    """Every module of runtime/ and repl/ imports with torch made unimportable, and pulls in none of the training
-    or export packages (which would bring torch back the moment they grow a top-level import)."""
-    modules = sorted(name for name in _modules() if name.split(".")[0] in ("runtime", "repl")
+    """Every module of runtime/, repl/ and serve/ imports with torch made unimportable, and pulls in none of the
+    training or export packages (which would bring torch back the moment they grow a top-level import)."""
+    modules = sorted(name for name in _modules() if name.split(".")[0] in ("runtime", "repl", "serve")
                      and not name.endswith("__main__"))
     code = (
         "import importlib, sys\n"
@@ -113,6 +114,7 @@ def test_repl_and_runtime_import_without_torch_train_models_or_export() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
     assert "runtime.settings" in modules and "repl.app" in modules and "repl.evaluate" in modules
+    assert "serve.app" in modules and "runtime.logprobs" in modules
 
 
 @pytest.mark.parametrize(("error", "expected"), [

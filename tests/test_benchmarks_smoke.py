@@ -202,3 +202,14 @@ def test_quality_smoke_writes_only_its_section(tmp_path: Path) -> None:
     assert re.search(r"^\|---", section, re.MULTILINE)
     assert re.search(r"shakespeare-char.*\| \d\.\d{3}", section)  # a measured validation loss
     assert "--optimizer adamw --lr 1e-3" in section  # the yardstick's command line is shown
+
+
+def test_serve(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    docs = tmp_path / "bench.md"
+    out = _run("serve", cache, docs, capsys, "--repeats", "1")
+    assert out.count("aggregate tok/s") == 3  # HTTP: the char LSTM and the tiny GPT; the scheduler alone
+    assert "the scheduler alone" in out
+    assert len(RATIO.findall(out)) >= 4
+    assert "TTFT p95 ms" in out
+    section = _section(docs, "serve")
+    assert "| 4 |" in section

@@ -1,0 +1,111 @@
+"""serve/engine.py in-process: rows join and leave a GPT-2 batch of different lengths without leaking rows or
+cache columns, cancelled jobs leave at once, and each row decodes as the library's Session does alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from runtime.generate import Session, document_start, new_plan
+from runtime.session import OnnxModel
+from runtime.settings import build_settings
+from serve.engine import Engine, Job
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+        self.done = threading.Event()
+
+    def __call__(self, events: list) -> None:
+        self.events.extend(events)
+        if any(event[0] in ("done", "error") for event in events):
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(event[2] for event in self.events if event[0] == "text")
+
+
+@pytest.fixture
+def gpt(model_factory) -> OnnxModel:
+    return OnnxModel.open(model_factory("gpt", context=64), device="cpu", threads=1)
+
+
+def _job(model: OnnxModel, prompt: str, tokens: int, seed: int) -> tuple[Job, Collector]:
+    settings = build_settings(model.info.generation, {"seed": seed, "max_new_tokens": tokens,
+                                                      "min_new_tokens": tokens})
+    collector = Collector()
+    ids = document_start(model.encode(prompt), model.info.special.eos)
+    return Job(ids, [new_plan(model, settings)], collector), collector
+
+
+def _wait(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_a_long_row_leaving_cuts_its_cache_columns(gpt: OnnxModel) -> None:
+    engine = Engine(gpt, max_batch=4)
+    long_job, long_out = _job(gpt, "abcdefabcdefabcdefabcdefabcdef", 3, 1)  # 31 tokens in, leaves first
+    short_job, short_out = _job(gpt, "ab", 20, 2)
+    widths: list[int] = []
+    original_step = engine._step
+
+    def step() -> None:
+        original_step()
+        if engine._mask is not None:
+            widths.append(engine._mask.shape[1])
+
+    engine._step = step  # type: ignore[method-assign]
+    engine.start()
+    try:
+        engine.submit(long_job)
+        engine.submit(short_job)
+        assert long_out.done.wait(10) and short_out.done.wait(10)
+    finally:
+        engine.stop()
+    assert engine.stats()["active_rows"] == 0 and engine._state is None
+    assert max(widths) >= 31 + 2  # the short row was left-padded to the long one
+    assert widths[-1] == 3 + 20 - 1  # after the long row left: only the short row's own tokens (fed so far)
+    for job_out, prompt, tokens, seed in ((long_out, "abcdefabcdefabcdefabcdefabcdef", 3, 1),
+                                          (short_out, "ab", 20, 2)):
+        values = {"seed": seed, "max_new_tokens": tokens, "min_new_tokens": tokens}
+        expected = Session(gpt, build_settings(gpt.info.generation, values)).generate(prompt).text
+        assert job_out.text == expected
+
+
+def test_a_cancelled_job_leaves_the_batch_at_the_next_step(gpt: OnnxModel) -> None:
+    engine = Engine(gpt, max_batch=4)
+    job, out = _job(gpt, "ab", 60, 1)
+    engine.start()
+    try:
+        engine.submit(job)
+        _wait(lambda: engine.stats()["active_rows"] == 1)
+        job.cancel()
+        engine.wake()
+        _wait(lambda: engine.stats()["active_rows"] == 0)
+        assert not any(event[0] == "done" for event in out.events)
+    finally:
+        engine.stop()
+
+
+def test_n_rows_share_one_prefill_and_a_stopped_engine_refuses_jobs(gpt: OnnxModel) -> None:
+    engine = Engine(gpt, max_batch=8)
+    settings = build_settings(gpt.info.generation, {"seed": 3, "max_new_tokens": 5})
+    plans = [new_plan(gpt, settings) for _ in range(3)]
+    plans[1].rng = np.random.default_rng([3, 1])
+    out = Collector()
+    job = Job(document_start(gpt.encode("ab"), gpt.info.special.eos), plans, out)
+    engine.start()
+    engine.submit(job)
+    _wait(lambda: sum(event[0] == "done" for event in out.events) == 3)
+    assert [event for event in out.events if event[0] == "prompt"] == [("prompt", 3, [])]
+    engine.stop()
+    late = Collector()
+    assert not engine.submit(Job([0], [new_plan(gpt, settings)], late))  # refused once stopping
