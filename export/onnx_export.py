@@ -71,7 +71,10 @@ ATTENTION_OPSET = 23  # the first opset with the ONNX Attention op; onnxruntime 
 AttentionMode = Literal["auto", "op", "decomposed"]
 ATTENTION_MODES: tuple[str, ...] = ("auto", "op", "decomposed")
 MAX_WEIGHT_RATIO = 1.05  # a GPT-2 graph may store at most this much more than its parameter bytes (tied weights)
-DEFAULT_GENERATION: dict[str, Any] = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "max_new_tokens": 200}
+DEFAULT_GENERATION: dict[str, Any] = {
+    "temperature": 0.8, "top_k": 40, "top_p": 0.95, "max_new_tokens": 200,
+    "start_with_eos": True,  # textgen trains documents after the separator; an HF import says otherwise
+}
 MAX_PROTO_BYTES = 2**31 - 1  # protobuf's limit for one serialized message (we never use external data)
 
 
@@ -112,6 +115,7 @@ class _Source:
     special: SpecialTokens
     generation: dict[str, Any]
     provenance: dict[str, Any]
+    tokenizer_options: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -208,12 +212,14 @@ def _load_checkpoint(path: Path) -> _Source:
         special=_special_tokens(checkpoint["special_tokens"], path.name),
         generation=_generation(checkpoint.get("generation")),
         provenance=_provenance(path.name, checkpoint),
+        tokenizer_options=_json_safe(options) if isinstance(options := checkpoint.get("tokenizer_options"), dict)
+        else {},
     )
 
 
 def _load_hf(path: Path) -> _Source:
     try:
-        from models.hf_gpt2 import load_hf_gpt2
+        from models.hf_gpt2 import load_hf_gpt2, tokenizer_adds_bos
     except ImportError as exc:  # the optional importer is missing from this installation
         raise ExportError(f"{path} is a directory, but Hugging Face import is unavailable ({exc})") from exc
     model, config, tokenizer_json, special = load_hf_gpt2(path)
@@ -224,8 +230,9 @@ def _load_hf(path: Path) -> _Source:
         model_config=_json_safe(config_dict),
         tokenizer_json=tokenizer_json,
         special=_special_tokens(special, path.name),
-        generation=dict(DEFAULT_GENERATION),
+        generation={**DEFAULT_GENERATION, "start_with_eos": tokenizer_adds_bos(path)},
         provenance=_provenance(path.name, {}),
+        tokenizer_options={"kind": "pretrained"},
     )
 
 
@@ -468,6 +475,7 @@ def _metadata_entries(
         generation=loaded.generation,
         model_config=loaded.model_config,
         source=loaded.provenance,
+        tokenizer_options=loaded.tokenizer_options,
     )
     return [onnx.StringStringEntryProto(key=key, value=value) for key, value in encode_metadata(info).items()]
 

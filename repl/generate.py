@@ -7,9 +7,12 @@ keeps the session consistent when Ctrl-C lands anywhere in the loop: a token is 
 the state that includes it replaces the old one in a single assignment, so history and state never disagree.
 Callers may append ids to ``history`` themselves (e.g. replaying a saved transcript): they become pending too.
 
-Document start: the first prompt of an empty session (new, reset, or every turn undone) is conditioned on a
-leading end-of-text token, the document separator the models were trained with, so generation starts where a
-document starts. ``textgen-eval`` scores and samples under the same convention.
+Document start: when the setting ``start_with_eos`` is on (the model file's default for models textgen trains),
+the first prompt of an empty session (new, reset, or every turn undone) is conditioned on a leading end-of-text
+token, the document separator the models were trained with, so generation starts where a document starts.
+``textgen-eval`` samples under the same convention. When it is off (an imported Hugging Face GPT-2, whose
+tokenizer adds no BOS) the prompt is fed as it is, as transformers' ``generate`` does; an empty prompt still
+starts from the end-of-text token, since a model needs at least one token to condition on.
 
 ``generate_n`` is the batch decode loop that evaluation uses too (``on_step`` exposes each step's sampling
 distribution), so the REPL and ``textgen-eval`` share one implementation of windows, bans, lengths and stops.
@@ -17,6 +20,7 @@ distribution), so the REPL and ``textgen-eval`` share one implementation of wind
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +37,7 @@ TextCallback = Callable[[str], None]
 # on_step(probabilities, rows): see Session.generate_n
 StepCallback = Callable[[np.ndarray, np.ndarray], None]
 STOP_REASONS = ("eos", "max_tokens", "stop_sequence", "interrupted")
+_WORD_CHAR = re.compile(r"\w")  # a prompt needs at least one known token with a letter or digit in it
 _DECODE_CONTEXT = 4  # tokens of context the incremental decoder keeps, so leading spaces/bytes decode right
 
 
@@ -204,8 +209,8 @@ class _SlideNotices:
 class Session:
     """A running conversation: the model's state after every token fed so far (each turn continues it).
 
-    The first prompt after the session starts empty is preceded by the end-of-text token (see the module
-    docstring): ``history[0]`` is then eos and that turn's ``prompt_tokens`` counts it."""
+    The first prompt after the session starts empty is preceded by the end-of-text token when ``start_with_eos``
+    is on (see the module docstring): ``history[0]`` is then eos and that turn's ``prompt_tokens`` counts it."""
 
     def __init__(self, model: OnnxModel, settings: Settings) -> None:
         self.model = model
@@ -263,7 +268,7 @@ class Session:
         Ctrl-C (KeyboardInterrupt) stops the turn and returns what was generated, stop_reason "interrupted"."""
         plan = self._plan()
         started = time.perf_counter()
-        prompt_ids = self._prompt_ids(prompt)
+        prompt_ids = self._prompt_ids(prompt, on_notice)
         self._begin_turn(prompt)
         slides = _SlideNotices(on_notice)
         first_new = len(self.history) + len(prompt_ids)
@@ -297,7 +302,7 @@ class Session:
             raise ValueError("batch_size must be >= 1")
         plan = self._plan()
         started = time.perf_counter()
-        prompt_ids = self._prompt_ids(prompt)
+        prompt_ids = self._prompt_ids(prompt, on_notice)
         context = self.history + prompt_ids
         slides = _SlideNotices(on_notice)
         base = self._advance([context], self._fed, slides)
@@ -404,12 +409,33 @@ class Session:
             rng=np.random.default_rng(seed),
         )
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
-        """The prompt's ids, after a leading eos when it starts the session (the document-start convention)."""
+    def _prompt_ids(self, prompt: str, on_notice: TextCallback | None = None) -> list[int]:
+        """The prompt's ids, after a leading eos when it starts the session and ``start_with_eos`` is on.
+
+        Words outside the vocabulary become the unknown token: a notice names them (the model reads ``<unk>``);
+        a prompt with nothing but unknown words is refused, since the model would continue from no information."""
         ids = self.model.encode(prompt) if prompt else []
+        self._check_unknown(prompt, ids, on_notice)
         if self.history or ids[:1] == [self._eos]:  # a prompt that starts with the separator itself needs no second
             return ids
+        if ids and not self.settings.get("start_with_eos"):
+            return ids
         return [self._eos, *ids]
+
+    def _check_unknown(self, prompt: str, ids: list[int], on_notice: TextCallback | None) -> None:
+        unk = self.model.info.special.unk
+        if unk is None or unk not in ids:
+            return
+        encoding = self.model.tokenizer.encode(prompt, add_special_tokens=False)
+        unknown = [prompt[start:end].strip() for token, (start, end) in zip(encoding.ids, encoding.offsets,
+                                                                           strict=True) if token == unk]
+        shown = ", ".join(repr(word) for word in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        if not any(_WORD_CHAR.search(self.model.tokenizer.id_to_token(token) or "") for token in ids
+                   if token not in (unk, self._eos)):
+            raise SessionError(f"every word of the prompt is outside the model's vocabulary ({shown}); "
+                               "try words from its training text")
+        if on_notice is not None:
+            on_notice(f"not in the vocabulary, read as <unk>: {shown}")
 
     def _begin_turn(self, prompt: str) -> None:
         if self._growing_state and self._turns:

@@ -2,7 +2,12 @@
 
 A value comes from one of SOURCES: the built-in default, the model file's generation defaults, the command
 line, or ``:set`` in the session. Sampler keys are parsed and validated by repl.sampling (one-line SettingError);
-the decode-loop keys (max_new_tokens, min_new_tokens, num_beams, stop) are handled here.
+the decode-loop keys (max_new_tokens, min_new_tokens, num_beams, stop, start_with_eos) are handled here.
+
+``start_with_eos``: whether the first prompt of a session is preceded by the end-of-text token (the document
+separator). A property of the model, stored in its file's generation defaults: on for models textgen trains (they
+learned documents that follow the separator), off for an imported Hugging Face GPT-2 whose tokenizer adds no BOS,
+so a session continues a prompt exactly as transformers' ``generate`` does. Files without the key: on.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from repl.sampling import ALIASES, SamplerSettings, SettingError, canonical_name
 
 SOURCES = ("default", "model", "cli", "set")
 SAMPLER_KEYS = tuple(f.name for f in fields(SamplerSettings))
-LOOP_KEYS = ("max_new_tokens", "min_new_tokens", "num_beams", "stop")
+LOOP_KEYS = ("max_new_tokens", "min_new_tokens", "num_beams", "stop", "start_with_eos")
 KEYS = SAMPLER_KEYS + LOOP_KEYS
 LOOP_ALIASES = {
     "max_tokens": "max_new_tokens",
@@ -25,6 +30,7 @@ LOOP_ALIASES = {
     "beams": "num_beams",
     "stop_sequences": "stop",
     "stop_strings": "stop",
+    "separator": "start_with_eos",
 }
 MAX_TOKENS_LIMIT = 1_000_000
 MAX_BEAMS = 64
@@ -36,6 +42,7 @@ _BUILTIN: dict[str, Any] = {
     "min_new_tokens": 0,
     "num_beams": 1,
     "stop": [],
+    "start_with_eos": True,
 }
 
 # Preset name -> settings it applies. "sample" is special: it returns the sampler to the model's defaults.
@@ -108,6 +115,21 @@ def _as_int(key: str, raw: object, minimum: int, maximum: int) -> int:
     return raw
 
 
+_TRUE = ("1", "true", "on", "yes")
+_FALSE = ("0", "false", "off", "no")
+
+
+def _as_bool(key: str, raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise SettingError(f"{key} must be on or off (true/false), got {raw!r}")
+
+
 def _as_stop_list(raw: object) -> list[str]:
     if isinstance(raw, str):
         text = _decode_escapes(raw)
@@ -132,6 +154,8 @@ def parse_value(key: str, raw: object) -> tuple[str, object]:
         return name, _as_int(name, raw, 1, MAX_BEAMS)
     if name == "stop":
         return name, _as_stop_list(raw)
+    if name == "start_with_eos":
+        return name, _as_bool(name, raw)
     return parse_setting(name, raw)
 
 

@@ -61,8 +61,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def plot_losses(metrics: Path, png: Path, title: str) -> bool:
-    """Train and validation loss against step; False when there is nothing to plot."""
+def plot_losses(metrics: Path, png: Path, title: str, unit: str = "nats/token") -> bool:
+    """Train and validation loss (in ``unit``) against step; False when there is nothing to plot."""
     records = [r for r in read_metrics(metrics) if isinstance(r.get("step"), int)]
     if not records:
         return False
@@ -76,7 +76,7 @@ def plot_losses(metrics: Path, png: Path, title: str) -> bool:
         if points:
             axes.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label)
     axes.set_xlabel("step")
-    axes.set_ylabel("loss (nats/token)")
+    axes.set_ylabel(f"loss ({unit})")
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
