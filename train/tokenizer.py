@@ -202,6 +202,7 @@ def _kept_by_frequency(counts: Counter[str], options: VocabularyOptions, unit: s
     kept = [token for token, count in ranked if count >= options.min_frequency]
     if not kept:
         top, top_count = ranked[0] if ranked else ("", 0)
+        top = top.replace(SPACE_MARK, " ").strip() or top
         raise TokenizerError(f"--min-frequency {options.min_frequency} is larger than every {unit}'s count (the most "
                              f"frequent, {top!r}, occurs {top_count} times)")
     if options.vocab_size is not None:
