@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -222,6 +223,36 @@ def test_csv_corpus_with_word_tokenizer_and_early_stopping(tmp_path: Path) -> No
     checkpoint = load_checkpoint(result.checkpoint)
     assert checkpoint["generation"]["top_k"] == 40  # word-level defaults
     assert '"WordLevel"' in checkpoint["tokenizer"]
+
+
+def test_word_model_reports_loss_per_token_per_word_and_per_character(tmp_path: Path) -> None:
+    """Issue 16: a word model's loss is nats per TOKEN; the log and metrics.jsonl restate it per word and per
+    character of the validation text (each document separator counts as one word and one character)."""
+    data = write_corpus(tmp_path, DOCS_CSV, "jokes.csv")
+    config = rnn_config(tmp_path, data=str(data), column="text", tokenizer="word", seq_len=8, max_steps=4,
+                        eval_every=2, val_fraction=0.2, min_frequency=2, lowercase=True)
+    output = io.StringIO()
+    train(config, console=Console(file=output, width=200), live=False)
+    records = read_metrics(Path(f"{config.out}.metrics.jsonl"))
+    validation = [line.split(",", 1)[1].strip('"') for line in DOCS_CSV.splitlines()[1:]][-8:]
+    words = sum(len(doc.split()) for doc in validation) + len(validation)
+    chars = sum(len(doc) for doc in validation) + len(validation)
+    text = output.getvalue()
+    tokens = int(re.search(r"validation ([\d,]+) tokens", text).group(1).replace(",", ""))
+    assert tokens > words  # punctuation marks are tokens too
+    for record in records:
+        # The mean loss per predicted token, times the validation text's tokens per word (or per character).
+        total = record["val_loss"] * tokens
+        assert record["loss_unit"] == "nats/token"
+        assert record["val_nats_per_word"] == pytest.approx(total / words)
+        assert record["val_ppl_word"] == pytest.approx(math.exp(total / words))
+        assert record["val_bpc"] == pytest.approx(total / chars / math.log(2))
+    assert "nats/token" in text and "nats/word" in text and "bits/char" in text
+    assert f"validation text: {words:,} words, {chars:,} characters" in text
+    checkpoint = load_checkpoint(config.out)
+    assert checkpoint["tokenizer_options"] == {"kind": "word", "vocab_size": None, "min_frequency": 2,
+                                               "lowercase": True}
+    assert '"Lowercase"' in checkpoint["tokenizer"]
 
 
 def test_sigterm_saves_a_loadable_checkpoint(tmp_path: Path) -> None:
