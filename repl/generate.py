@@ -502,8 +502,9 @@ class Session:
                     break
         except KeyboardInterrupt:
             reason = "interrupted"
-        if stream is None:
-            return reason, self.model.decode(history[first_new:])
+        if stream is None:  # decoded after the context, as a stream would, so a leading space is kept
+            generated_ids = history[first_new:-1] if reason == "eos" else history[first_new:]
+            return reason, text_after(self._decode_fast, history[:first_new], generated_ids)
         # After Ctrl-C the callback is not called again; the returned text still has every kept token.
         return reason, stream.finish(emit=reason != "interrupted")
 

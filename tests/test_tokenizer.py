@@ -102,47 +102,54 @@ def test_word_round_trips_exactly_and_splits_punctuation():
     for text in (MIXED, CYRILLIC):
         assert round_trip(tok, text) == text
     # Issue 16: the space before a word or mark is a marker on it, not a token; a second space is a lone marker.
-    assert tok.encode("Hello,  world!").tokens == ["Hello", ",", "▁", "▁world", "!"]
-    assert tok.encode("Привет, мир!").tokens == ["Привет", ",", "▁мир", "!"]
+    assert tok.encode("Hello,  world!").tokens == ["▁Hello", ",", "▁", "▁world", "!"]
+    assert tok.encode("Привет, мир!").tokens == ["▁Привет", ",", "▁мир", "!"]
     assert special_token_ids(tok) == {"eos": 0, "unk": 1, "bos": None}
 
 
 def test_word_tokens_are_words_and_punctuation_never_whitespace():
     text = "Don't stop, well-known friend!\nO'er the hills (far away).\n"
-    tok = build_tokenizer("word", [text])
+    tok = build_tokenizer("word", [text, "\n\n  indented\n"])
     tokens = tok.encode(text).tokens
-    assert tokens == ["Don't", "▁stop", ",", "▁well-known", "▁friend", "!", "\n", "O'er", "▁the", "▁hills", "▁(",
+    # A word that opens a line (or the text) has the marker too: the same token as in mid-line.
+    assert tokens == ["▁Don't", "▁stop", ",", "▁well-known", "▁friend", "!", "\n", "▁O'er", "▁the", "▁hills", "▁(",
                       "far", "▁away", ")", ".", "\n"]
     assert not any(token.strip("▁ ") == "" and token != "\n" for token in tokens)
     assert round_trip(tok, text) == text
-    # Each token decodes on its own with the space it stands for, so streamed text is spaced right.
-    assert [tok.decode([tok.token_to_id(t)]) for t in ("▁stop", ",", "\n")] == [" stop", ",", "\n"]
+    assert round_trip(tok, "\n\n  indented\n") == "\n\n  indented\n"
+    # Decoded after what precedes it, a token brings the space it stands for (what the REPL's stream does).
+    context = tok.encode("Don't").ids
+    for token, piece in (("▁stop", " stop"), (",", ","), ("\n", "\n")):
+        ids = context + [tok.token_to_id(token)]
+        assert tok.decode(ids)[len(tok.decode(context)):] == piece
+    assert tok.decode(tok.encode("away\nstop").ids) == "away\nstop"  # no space after a line break
 
 
 def test_word_vocab_size_keeps_most_frequent_and_rest_is_visible_unk():
     text = "the cat the dog the cat a bird"
-    tok = build_tokenizer("word", [text], vocab_size=5)  # 2 specials + "▁the", "▁cat", then "the" (ties by text)
+    tok = build_tokenizer("word", [text], vocab_size=5)  # 2 specials + "▁the", "▁cat", then "▁a" (ties by text)
     assert tok.get_vocab_size() == 5
-    assert {"▁the", "▁cat", "the"} <= set(tok.get_vocab())
+    assert {"▁the", "▁cat", "▁a"} <= set(tok.get_vocab())
     unk = special_token_ids(tok)["unk"]
-    assert tok.encode("the bird").ids == [tok.token_to_id("the"), unk]
+    assert tok.encode("the bird").ids == [tok.token_to_id("▁the"), unk]
     assert round_trip(tok, "the bird") == "the <unk>"  # an unknown word is a visible placeholder, never dropped
+    assert round_trip(tok, "bird the") == "<unk> the"  # at the start of a text: no space before it
 
 
 def test_word_default_keeps_every_token_seen_once():
     tok = build_tokenizer("word", ["rare words appear once"])
-    assert {"rare", "▁words", "▁appear", "▁once"} == set(tok.get_vocab()) - {EOS_TOKEN, UNK_TOKEN}
+    assert {"▁rare", "▁words", "▁appear", "▁once"} == set(tok.get_vocab()) - {EOS_TOKEN, UNK_TOKEN}
     assert tok.get_vocab_size() == 6
 
 
 def test_word_min_frequency_and_lowercase():
     text = "The cat saw the cat. THE end"
     tok = build_tokenizer("word", [text], min_frequency=2, lowercase=True)
-    assert set(tok.get_vocab()) - {EOS_TOKEN, UNK_TOKEN} == {"▁the", "▁cat"}  # "the" 1x, "▁the" 2x after lowercasing
+    assert set(tok.get_vocab()) - {EOS_TOKEN, UNK_TOKEN} == {"▁the", "▁cat"}  # 3x and 2x after lowercasing
     # The normalizer lives in the tokenizer, so a prompt is lowercased at generation time exactly like the corpus.
     reloaded = Tokenizer.from_str(tok.to_str())
-    assert reloaded.encode(" THE CAT").tokens == ["▁the", "▁cat"]
-    with pytest.raises(TokenizerError, match=r"--min-frequency 9 is larger than every word's count .*'cat'.* 2 times"):
+    assert reloaded.encode("THE CAT").tokens == ["▁the", "▁cat"]
+    with pytest.raises(TokenizerError, match=r"--min-frequency 9 is larger than every word's count .*'the'.* 3 times"):
         build_tokenizer("word", [text], min_frequency=9, lowercase=True)
 
 
@@ -168,7 +175,7 @@ def test_legacy_word_tokenizer_is_still_recognised():
 
 def test_word_eos_literal_is_one_token():
     tok = build_tokenizer("word", ["one<|endoftext|>two"])
-    assert tok.encode("one<|endoftext|>two").tokens == ["one", EOS_TOKEN, "two"]
+    assert tok.encode("one<|endoftext|>two").tokens == ["▁one", EOS_TOKEN, "▁two"]  # each document opens with ▁
     assert not {"<", "|", "endoftext"} & set(tok.get_vocab())
 
 

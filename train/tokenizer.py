@@ -5,8 +5,9 @@ so the runtime decodes with exactly the tokenizer the model was trained with. Ki
 
 - ``char``: one token per character (WordLevel + a Split pre-tokenizer on ``[\\s\\S]`` + Fuse decoder).
 - ``word``: words and punctuation marks are tokens; the space before a word or mark is not a token of its own
-  but a word-boundary marker ``▁`` on it (Metaspace style: ``"the cat."`` -> ``▁the`` ``▁cat`` ``.``), so a
-  model cannot emit loose whitespace and decoding gives back the exact text (see WORD_PATTERN). Line breaks are
+  but a word-boundary marker ``▁`` on it (Metaspace style: ``"the cat."`` -> ``▁the`` ``▁cat`` ``.``; a word
+  that opens a line or a text gets the marker too), so a model cannot emit loose whitespace and decoding gives
+  back the exact text (see WORD_PATTERN and LINE_START). Line breaks are
   tokens; apostrophes and hyphens inside a word stay in it (``don't``, ``well-known``). Unknown words decode as a
   visible `` <unk>``. ``min_frequency`` and ``lowercase`` (a Lowercase normalizer inside the tokenizer, so
   prompts are lowercased at generation time too) shape the vocabulary.
@@ -44,6 +45,14 @@ LEGACY_WORD_PATTERN = r"\w+|[^\w\s]|\n|[^\S\n]+"
 # exactly one piece and the decoder turns the marker back into a space, so decode(encode(text)) == text for any
 # text whose pieces are all in the vocabulary (and that holds no literal SPACE_MARK).
 SPACE_MARK = "\u2581"  # "▁", SentencePiece's and Metaspace's marker
+# The normalizer also puts a marker at the start of every non-empty line (Oniguruma's ^ matches after each
+# newline), so "ROMEO" opening a line is the same token "▁ROMEO" as in mid-line and the only words without a
+# marker are those glued to what precedes them ("(far", "'tis" -> "'" "tis"). The decoder removes the marker at
+# the start of the decoded text and after each newline: decode(encode(text)) == text still holds exactly, and a
+# decoded piece that starts mid-text starts without its space (as SentencePiece tokenizers do), which the
+# runtime's incremental decoding (repl.generate.TextStream, decoding with context) already accounts for.
+LINE_START = r"^(?=[^\n])"
+TEXT_START_MARK = r"\A" + SPACE_MARK
 WORD_PATTERN = r"▁?\w+(?:['’\-]\w+)*|▁?[^\w\s▁]|▁|\n|[^\S\n]+"
 
 
@@ -163,11 +172,18 @@ def _build_word(texts: list[str], options: VocabularyOptions) -> Tokenizer:
     it: an unknown word shows as `` <unk>`` (the decoder gives it the space its lost marker stood for)."""
     tok = Tokenizer(models.WordLevel({EOS_TOKEN: 0, UNK_TOKEN: 1}, unk_token=UNK_TOKEN))
     steps = [normalizers.Lowercase()] if options.lowercase else []
-    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPACE_MARK)])
+    tok.normalizer = normalizers.Sequence([
+        *steps,
+        normalizers.Replace(" ", SPACE_MARK),
+        normalizers.Replace(Regex(LINE_START), SPACE_MARK),  # a line's first word takes its mid-line form
+    ])
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="isolated")
     tok.decoder = decoders.Sequence([
-        decoders.Replace(UNK_TOKEN, SPACE_MARK + UNK_TOKEN),
-        decoders.Metaspace(replacement=SPACE_MARK, prepend_scheme="never", split=False),
+        decoders.Replace(UNK_TOKEN, SPACE_MARK + UNK_TOKEN),  # before Fuse: only the unknown token itself
+        decoders.Fuse(),  # one string from here on, so the next steps see across token boundaries
+        decoders.Replace(Regex(TEXT_START_MARK), ""),
+        decoders.Replace("\n" + SPACE_MARK, "\n"),
+        decoders.Replace(SPACE_MARK, " "),
     ])
     _register_specials(tok, [EOS_TOKEN])  # a literal EOS in the text is the separator, never split into pieces
     counts = _word_counts(tok, texts)
