@@ -29,6 +29,7 @@ from train.config import TrainConfig, TrainConfigError
 from train.loop import config_for_resume, last_checkpoint_path, load_resume_checkpoint, train
 from train.metrics import REQUIRED_FIELDS, read_metrics
 from train.schedule import Budget, LRSchedule
+from train.tokenizer import build_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPETITIVE = "the cat sat on the mat. the dog sat on the log.\n" * 120
@@ -323,10 +324,18 @@ def test_cli_bad_flags_and_resume_files(tmp_path: Path, capsys: pytest.CaptureFi
     save_checkpoint({"arch": "lstm", "model_config": {"vocab_size": 3}, "tokenizer": "{}", "special_tokens": {"eos": 0},
                      "model": {}}, no_state)
     base = ["--arch", "lstm", "--data", str(data), "--out", str(tmp_path / "x.bin")]
+    punctuation = write_corpus(tmp_path, "... !!! ?? --\n" * 50, "punct.txt")
+    tokenizer_json = tmp_path / "tokenizer.json"
+    build_tokenizer("bpe", ["some text " * 50]).save(str(tokenizer_json))
     cases = [
         (base + ["--lr", "-1"], "--lr"),
         (base + ["--batch-size", "many"], "invalid int value"),
         (base + ["--tokenizer", "nonsense"], "unknown tokenizer"),
+        (base + ["--tokenizer", "word", "--min-frequency", "100000"], "--min-frequency 100000 is larger than every"),
+        (base + ["--tokenizer", "word", "--min-frequency", "0"], "--min-frequency"),
+        (base + ["--tokenizer", str(tokenizer_json), "--lowercase"], "tokenizer.json used as is"),
+        (["--arch", "lstm", "--data", str(punctuation), "--tokenizer", "word", "--out", str(tmp_path / "x.bin")],
+         "no words"),
         (base + ["--optimizer", "muon"], "--optimizer muon is for --arch gpt2"),
         (base + ["--optimizer", "sgd"], "invalid choice"),
         (base + ["--batch-size", "100000"], "--batch-size"),
