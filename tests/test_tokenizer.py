@@ -113,7 +113,12 @@ def test_word_tokens_are_words_and_punctuation_never_whitespace():
     tokens = tok.encode(text).tokens
     # A word that opens a line (or the text) has the marker too: the same token as in mid-line.
     assert tokens == ["▁Don't", "▁stop", ",", "▁well-known", "▁friend", "!", "\n", "▁O'er", "▁the", "▁hills", "▁(",
-                      "far", "▁away", ")", ".", "\n"]
+                      "▁far", "▁away", ")", ".", "\n"]
+    # After an opening bracket or quote too (a closing quote gets no marker, nor does the word after it).
+    quoted = build_tokenizer("word", ['"Hi," he said (to "me"). \'Tis'])
+    assert quoted.encode('"Hi," he said (to "me"). \'Tis').tokens == [
+        '▁"', "▁Hi", ",", '"', "▁he", "▁said", "▁(", "▁to", '▁"', "▁me", '"', ")", ".", "▁'", "▁Tis"]
+    assert round_trip(quoted, '"Hi," he said (to "me"). \'Tis') == '"Hi," he said (to "me"). \'Tis'
     assert not any(token.strip("▁ ") == "" and token != "\n" for token in tokens)
     assert round_trip(tok, text) == text
     assert round_trip(tok, "\n\n  indented\n") == "\n\n  indented\n"
@@ -122,7 +127,7 @@ def test_word_tokens_are_words_and_punctuation_never_whitespace():
     for token, piece in (("▁stop", " stop"), (",", ","), ("\n", "\n")):
         ids = context + [tok.token_to_id(token)]
         assert tok.decode(ids)[len(tok.decode(context)):] == piece
-    assert tok.decode(tok.encode("away\nstop").ids) == "away\nstop"  # no space after a line break
+    assert tok.decode(tok.encode("away\n(far)").ids) == "away\n(far)"  # no space after a line break or "("
 
 
 def test_word_vocab_size_keeps_most_frequent_and_rest_is_visible_unk():

@@ -46,12 +46,17 @@ LEGACY_WORD_PATTERN = r"\w+|[^\w\s]|\n|[^\S\n]+"
 # text whose pieces are all in the vocabulary (and that holds no literal SPACE_MARK).
 SPACE_MARK = "\u2581"  # "▁", SentencePiece's and Metaspace's marker
 # The normalizer also puts a marker at the start of every non-empty line (Oniguruma's ^ matches after each
-# newline), so "ROMEO" opening a line is the same token "▁ROMEO" as in mid-line and the only words without a
-# marker are those glued to what precedes them ("(far", "'tis" -> "'" "tis"). The decoder removes the marker at
-# the start of the decoded text and after each newline: decode(encode(text)) == text still holds exactly, and a
+# newline), so "ROMEO" opening a line is the same token "▁ROMEO" as in mid-line; with AFTER_OPENER the only
+# words without a marker are those glued to a mark that is not an opener ("—such", "end.Next"). The decoder
+# removes the inserted markers (at the text start, after each newline and opener): decode(encode(text)) == text
+# still holds exactly, and a
 # decoded piece that starts mid-text starts without its space (as SentencePiece tokenizers do), which the
 # runtime's incremental decoding (repl.generate.TextStream, decoding with context) already accounts for.
 LINE_START = r"^(?=[^\n])"
+# Likewise after an opening bracket, or a quote that opens (at a line start or after a space or an opener): the
+# normalizer inserts a marker there unless a line break follows, the decoder removes one, so '("Quote")' is
+# ▁( ▁" ▁Quote " ) and every word after an opener has its usual marked form. Closing quotes get nothing.
+AFTER_OPENER = r"""(?<=[(\[{“‘«]|^["']|[▁(\[{“‘«]["'])"""
 TEXT_START_MARK = r"\A" + SPACE_MARK
 WORD_PATTERN = r"▁?\w+(?:['’\-]\w+)*|▁?[^\w\s▁]|▁|\n|[^\S\n]+"
 
@@ -176,11 +181,13 @@ def _build_word(texts: list[str], options: VocabularyOptions) -> Tokenizer:
         *steps,
         normalizers.Replace(" ", SPACE_MARK),
         normalizers.Replace(Regex(LINE_START), SPACE_MARK),  # a line's first word takes its mid-line form
+        normalizers.Replace(Regex(AFTER_OPENER + r"(?=[^\n])"), SPACE_MARK),  # so does a word after "(" or a quote
     ])
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="isolated")
     tok.decoder = decoders.Sequence([
         decoders.Replace(UNK_TOKEN, SPACE_MARK + UNK_TOKEN),  # before Fuse: only the unknown token itself
         decoders.Fuse(),  # one string from here on, so the next steps see across token boundaries
+        decoders.Replace(Regex(AFTER_OPENER + SPACE_MARK), ""),  # the normalizer's steps undone in reverse order
         decoders.Replace(Regex(TEXT_START_MARK), ""),
         decoders.Replace("\n" + SPACE_MARK, "\n"),
         decoders.Replace(SPACE_MARK, " "),
