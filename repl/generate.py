@@ -397,6 +397,9 @@ class Session:
         sampler = self.settings.sampler()
         seed = sampler.seed if sampler.seed is not None else draw_seed()
         vocab, banned = self.model.info.vocab_size, self.model.banned_ids
+        unk = self.model.info.special.unk
+        if unk is not None and self.settings.get("suppress_unk"):
+            banned = [*banned, unk]
         return _Plan(
             sampler=sampler,
             chain=SamplerChain(sampler, vocab, banned),

@@ -8,6 +8,11 @@ the decode-loop keys (max_new_tokens, min_new_tokens, num_beams, stop, start_wit
 separator). A property of the model, stored in its file's generation defaults: on for models textgen trains (they
 learned documents that follow the separator), off for an imported Hugging Face GPT-2 whose tokenizer adds no BOS,
 so a session continues a prompt exactly as transformers' ``generate`` does. Files without the key: on.
+
+``suppress_unk``: never generate the unknown token (it is banned like padding, so the rest of the distribution is
+renormalised). Word models trained by textgen set it on in their file: with a capped vocabulary ``<unk>`` stands
+for every rare word at once (names, mostly) and is often the single likeliest token, so greedy text would be
+``<unk>`` after ``<unk>``. Off by default (older files, char and BPE models, where it rarely matters).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from repl.sampling import ALIASES, SamplerSettings, SettingError, canonical_name
 
 SOURCES = ("default", "model", "cli", "set")
 SAMPLER_KEYS = tuple(f.name for f in fields(SamplerSettings))
-LOOP_KEYS = ("max_new_tokens", "min_new_tokens", "num_beams", "stop", "start_with_eos")
+LOOP_KEYS = ("max_new_tokens", "min_new_tokens", "num_beams", "stop", "start_with_eos", "suppress_unk")
 KEYS = SAMPLER_KEYS + LOOP_KEYS
 LOOP_ALIASES = {
     "max_tokens": "max_new_tokens",
@@ -43,6 +48,7 @@ _BUILTIN: dict[str, Any] = {
     "num_beams": 1,
     "stop": [],
     "start_with_eos": True,
+    "suppress_unk": False,
 }
 
 # Preset name -> settings it applies. "sample" is special: it returns the sampler to the model's defaults.
@@ -154,7 +160,7 @@ def parse_value(key: str, raw: object) -> tuple[str, object]:
         return name, _as_int(name, raw, 1, MAX_BEAMS)
     if name == "stop":
         return name, _as_stop_list(raw)
-    if name == "start_with_eos":
+    if name in ("start_with_eos", "suppress_unk"):
         return name, _as_bool(name, raw)
     return parse_setting(name, raw)
 

@@ -167,6 +167,24 @@ def test_start_with_eos_off_feeds_the_prompt_as_it_is(lstm):
     assert [row.tokens for row in rows] == [result.tokens] * 2 and rows[0].prompt_tokens == 2
 
 
+def test_suppress_unk_never_generates_the_unknown_token(model_factory):
+    """suppress_unk (word models' file default) bans <unk> from the sampling distribution, like padding."""
+    path = model_factory("rnn", generation={"temperature": 1.0, "top_k": 0, "max_new_tokens": 8,
+                                            "suppress_unk": True})
+    model = OnnxModel.open(path, device="cpu", threads=1)
+    unk = model.info.special.unk
+    settings = Settings(model.info.generation)
+    assert settings.get("suppress_unk") is True and Settings({}).get("suppress_unk") is False
+    everything = model.info.vocab_size
+    suppressed = {token for token, _, _ in Session(model, settings).next_token_probs(everything)}
+    settings.set("suppress_unk", "off")
+    free = {token: p for token, _, p in Session(model, settings).next_token_probs(everything)}
+    assert free[unk] > 0 and unk not in suppressed and suppressed == set(free) - {unk}
+    settings.set("suppress_unk", "on")
+    settings.set("seed", 3)
+    assert unk not in Session(model, settings).generate("ab").tokens
+
+
 def test_start_with_eos_is_a_model_default_and_a_setting(model_factory):
     model = OnnxModel.open(model_factory("rnn", generation={"temperature": 0.0, "start_with_eos": False}),
                            device="cpu", threads=1)

@@ -109,6 +109,6 @@ def generation_defaults(arch: str, tokenizer_kind: str) -> dict[str, Any]:
     """Sampler defaults stored in the checkpoint (Hugging Face GenerationConfig names; top_k 0 = off)."""
     if tokenizer_kind == "char":
         return {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "max_new_tokens": 500}
-    if tokenizer_kind == "word":
-        return {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "max_new_tokens": 100}
+    if tokenizer_kind == "word":  # <unk> stands for every rare word at once: never generate it (repl/settings.py)
+        return {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "max_new_tokens": 100, "suppress_unk": True}
     return {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "max_new_tokens": 200}
