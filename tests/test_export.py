@@ -144,6 +144,22 @@ def test_rnn_metadata_round_trips(rnn_export) -> None:
     # Every state tensor named in the metadata exists in the graph.
     graph_inputs = {i.name for i in session.get_inputs()}
     assert {s.input for s in info.state} <= graph_inputs
+    assert info.generation["start_with_eos"] is True  # trained here: documents follow the separator
+
+
+def test_files_without_the_issue_16_keys_still_load(rnn_export) -> None:
+    """textgen.tokenizer_options and generation's start_with_eos are optional: older files read as before."""
+    from repl.modelfile import KEY_GENERATION, KEY_TOKENIZER_OPTIONS, encode_metadata
+    from repl.settings import Settings
+
+    info = rnn_export[4]
+    meta = encode_metadata(info)
+    assert KEY_TOKENIZER_OPTIONS in meta
+    del meta[KEY_TOKENIZER_OPTIONS]
+    meta[KEY_GENERATION] = '{"temperature": 0.6}'
+    old = decode_metadata(meta)
+    assert old.tokenizer_options == {} and old.format_version == info.format_version
+    assert Settings(old.generation).get("start_with_eos") is True
 
 
 def test_rnn_graph_axes_are_symbolic(rnn_export) -> None:
@@ -610,6 +626,7 @@ def test_hf_gpt2_session_continues_the_prompt_exactly_like_generate(tmp_path: Pa
     result = export_checkpoint(directory, attention="decomposed")
     model = OnnxModel.open(result.path, device="cpu", threads=1)
     assert model.info.generation["start_with_eos"] is False
+    assert model.info.tokenizer_options == {"kind": "pretrained"}
     settings = Settings(model.info.generation)
     settings.set("temperature", 0)
     settings.set("max_new_tokens", 25)
