@@ -115,6 +115,7 @@ class _Source:
     special: SpecialTokens
     generation: dict[str, Any]
     provenance: dict[str, Any]
+    tokenizer_options: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -213,12 +214,13 @@ def _load_checkpoint(path: Path) -> _Source:
         special=_special_tokens(checkpoint.special_tokens, path.name),
         generation=_generation(checkpoint.generation),
         provenance=_provenance(path.name, checkpoint.metrics or {}, training.to_dict() if training else {}),
+        tokenizer_options=_json_safe(checkpoint.tokenizer_options or {}),
     )
 
 
 def _load_hf(path: Path) -> _Source:
     try:
-        from models.hf_gpt2 import load_hf_gpt2
+        from models.hf_gpt2 import load_hf_gpt2, tokenizer_adds_bos
     except ImportError as exc:  # the optional importer is missing from this installation
         raise ExportError(f"{path} is a directory, but Hugging Face import is unavailable ({exc})") from exc
     model, config, tokenizer_json, special = load_hf_gpt2(path)
@@ -229,8 +231,9 @@ def _load_hf(path: Path) -> _Source:
         model_config=_json_safe(config_dict),
         tokenizer_json=tokenizer_json,
         special=_special_tokens(special, path.name),
-        generation=dict(DEFAULT_GENERATION),
+        generation={**DEFAULT_GENERATION, "start_with_eos": tokenizer_adds_bos(path)},
         provenance=_provenance(path.name, {}, {}),
+        tokenizer_options={"kind": "pretrained"},
     )
 
 
@@ -472,6 +475,7 @@ def _metadata_entries(
         generation=loaded.generation,
         model_config=loaded.model_config,
         source=loaded.provenance,
+        tokenizer_options=loaded.tokenizer_options,
     )
     return [onnx.StringStringEntryProto(key=key, value=value) for key, value in encode_metadata(info).items()]
 

@@ -99,6 +99,7 @@ class Checkpoint:
     generation: dict[str, Any] = field(default_factory=dict)
     training: TrainingState | None = None
     metrics: dict[str, Any] | None = None
+    tokenizer_options: dict[str, Any] | None = None  # how the vocabulary was made (min_frequency, ...)
     version: int = CHECKPOINT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # top-level keys this version does not know
 
@@ -116,6 +117,8 @@ class Checkpoint:
             "generation": self.generation,
             "metrics": self.metrics,
         }
+        if self.tokenizer_options is not None:
+            data["tokenizer_options"] = self.tokenizer_options
         if self.training is not None:
             data["train"] = self.training.to_dict()
         return data
@@ -138,7 +141,8 @@ class Checkpoint:
                 raise CheckpointError(f"{where} is damaged: field {key!r} is missing or of the wrong type")
         train, generation, metrics = data.get("train"), data.get("generation"), data.get("metrics")
         known = {"format", "version", "arch", "model_config", "tokenizer", "special_tokens", "model", "generation",
-                 "train", "metrics"}
+                 "train", "metrics", "tokenizer_options"}
+        options = data.get("tokenizer_options")
         return cls(
             arch=arch,
             model_config=dict(data["model_config"]),
@@ -148,6 +152,7 @@ class Checkpoint:
             generation=dict(generation) if isinstance(generation, dict) else {},
             training=TrainingState.from_dict(train) if isinstance(train, dict) else None,
             metrics=dict(metrics) if isinstance(metrics, dict) else None,
+            tokenizer_options=dict(options) if isinstance(options, dict) else None,
             version=version,
             extra={key: value for key, value in data.items() if key not in known},
         )

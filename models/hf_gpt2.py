@@ -158,6 +158,16 @@ def _load_tokenizer(directory: Path) -> Tokenizer:
     return tokenizer
 
 
+def tokenizer_adds_bos(path: str | os.PathLike[str]) -> bool:
+    """Whether the directory's tokenizer puts a BOS token before every text (``add_bos_token`` in
+    tokenizer_config.json; absent, as for GPT-2, means no). transformers' ``generate`` then continues the prompt
+    as given, so a textgen session of this model should not prepend the end-of-text separator either."""
+    config_file = Path(path) / "tokenizer_config.json"
+    if not config_file.is_file():
+        return False
+    return _read_json(config_file).get("add_bos_token") is True
+
+
 def _tokenizer_from_vocab_merges(vocab_file: Path, merges_file: Path) -> Tokenizer:
     """The GPT-2 byte-level BPE: no prefix space, byte-level decoding, <|endoftext|> special."""
     tokenizer = Tokenizer(models.BPE.from_file(str(vocab_file), str(merges_file)))

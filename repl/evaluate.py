@@ -17,9 +17,10 @@ validation and the quantization check use) or ``sliding`` (the default for GPT-2
 tokens every ``--stride`` tokens, default half the window, each token scored once with at least
 ``W - stride + 1`` tokens of context: the Hugging Face perplexity recipe). Every result names its protocol.
 
-Reported: nats/token (mean negative log-likelihood), perplexity = exp(nats/token), bits/token, and bits/char =
-total bits / characters of the text, where each document separator counts as one character (so for a
-character-level tokenizer bits/char == bits/token).
+Reported: nats/token (mean negative log-likelihood), perplexity = exp(nats/token), bits/token, nats/word and
+perplexity per word (total nats / whitespace-separated words), and bits/char = total bits / characters of the
+text, where each document separator counts as one word and one character (so for a character-level tokenizer
+bits/char == bits/token). Per word and per character compare models with different tokenizers (runtime.units).
 
 Sampling metrics (``textgen-eval --samples N``)
 -----------------------------------------------
@@ -35,6 +36,10 @@ the mean sample, and reports the same text metrics for it. ``--judge J.onnx`` ad
 (nats/token) of the generated text under another model file, re-tokenized with its tokenizer and conditioned
 on the prompt; repetitive text scores well there, so read it together with the diversity columns.
 ``--sweep KEY=V1,V2`` (repeatable) runs the whole grid of settings; ``sampler=greedy,sample`` picks presets.
+A sweep changes only its own key: every other setting stays as the model file sets it (e.g. a word model's
+top_k 40 and top_p 0.95 still filter a temperature sweep). The base settings every row shares are printed above
+the table and given as ``base`` in ``--json``; ``--base plain`` starts from the bare distribution instead
+(top_k 0, top_p 1, no penalties or other filters, temperature 1) before --set and the swept values.
 Every row uses the same seed. Stop strings and beam search are not part of sampling evaluation.
 """
 
@@ -72,7 +77,7 @@ from runtime.scoring import (
     stream_ids,
 )
 from runtime.session import ModelRunError, OnnxModel
-from runtime.settings import Settings, build_settings
+from runtime.settings import PRESETS, Settings, build_settings, canonical_key
 from runtime.textmetrics import (
     bits,
     chunk_evenly,
@@ -80,6 +85,7 @@ from runtime.textmetrics import (
     safe_exp,
     text_stats,
 )
+from runtime.units import text_size
 
 DEFAULT_SAMPLES_BATCH = 16
 DEFAULT_SEED = 0
@@ -103,6 +109,9 @@ class PerplexityResult:
     n_chars: int  # characters they stand for (a document separator counts as one)
     protocol: ScoringProtocol  # how context was given
     n_unknown: int = 0  # scored tokens that were the tokenizer's unknown token
+    n_words: int = 0  # whitespace-separated words they stand for (a document separator counts as one)
+    nats_per_word: float = math.nan
+    perplexity_per_word: float = math.nan
 
     def as_dict(self) -> dict[str, Any]:
         return _json_ready(asdict(self) | {"protocol": self.protocol.as_dict()})
@@ -120,6 +129,8 @@ def evaluate_documents(model: OnnxModel, documents: Sequence[str], single_stream
                        on_progress: ProgressCallback | None = None) -> PerplexityResult:
     """Perplexity on documents joined with the end-of-text token (or on one stream when ``single_stream``)."""
     ids, n_chars = stream_ids(model, documents, single_stream)
+    separators = 0 if single_stream else len(documents)
+    n_words = text_size(documents, len(ids) - 1, separators).words
     try:
         score = score_ids(model, ids, protocol or default_protocol(model), on_progress=on_progress)
     except ScoringError as exc:
@@ -138,6 +149,9 @@ def evaluate_documents(model: OnnxModel, documents: Sequence[str], single_stream
         n_chars=n_chars,
         protocol=score.protocol,
         n_unknown=n_unknown,
+        n_words=n_words,
+        nats_per_word=total / n_words if n_words else math.nan,
+        perplexity_per_word=safe_exp(total / n_words) if n_words else math.nan,
     )
 
 
@@ -339,6 +353,43 @@ def sweep_grid(sweeps: Sequence[Sweep]) -> list[dict[str, str]]:
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(s.values for s in sweeps))]
 
 
+BASES = ("model", "plain")
+# --base plain: the bare distribution, every filter off (the built-in defaults are HF's, whose top_k is 50).
+PLAIN_SAMPLER = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+ALWAYS_SHOWN = ("temperature", "top_k", "top_p")  # printed in the base line even at their built-in values
+
+
+def base_defaults(model_defaults: dict[str, Any], base: str) -> dict[str, Any]:
+    """What every row starts from: the model file's generation defaults, or (``plain``) the bare distribution
+    with only the model's length and document-start settings kept."""
+    if base == "model":
+        return dict(model_defaults)
+    kept = {key: value for key, value in model_defaults.items() if key in ("max_new_tokens", "start_with_eos")}
+    return {**kept, **PLAIN_SAMPLER}
+
+
+def base_settings(model_defaults: dict[str, Any], fixed: Sequence[tuple[str, str]], sweeps: Sequence[Sweep],
+                  base: str = "model") -> dict[str, dict[str, Any]]:
+    """The settings every row shares (swept keys left out): {key: {"value": v, "source": s}}, where source is
+    "model" (the file's default), "cli" (--set), "plain" (--base plain) or "default" (built in)."""
+    settings = build_settings(base_defaults(model_defaults, base), fixed, {})
+    swept = set()
+    for sweep in sweeps:
+        swept |= set(PRESETS.get(sweep.key, {})) if sweep.key == "sampler" else {canonical_key(sweep.key)}
+    shared = {}
+    for key, value, source, _ in settings.rows():
+        if key not in swept:
+            plain = base == "plain" and source == "model" and key in PLAIN_SAMPLER
+            shared[key] = {"value": value, "source": "plain" if plain else source}
+    return shared
+
+
+def base_line(base: dict[str, dict[str, Any]]) -> str:
+    shown = [f"{key} {entry['value']} ({entry['source']})" for key, entry in base.items()
+             if key in ALWAYS_SHOWN or entry["source"] != "default"]
+    return "base settings of every row: " + ", ".join(shown)
+
+
 # ================================================================================================ output
 
 
@@ -480,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a sampler setting")
     sampling.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                           help="evaluate every value (repeatable: the grid of all combinations)")
+    sampling.add_argument("--base", choices=BASES, default="model",
+                          help="what the rows start from: the model file's settings (default; a sweep changes only "
+                          "its key, the file's top_k/top_p stay) or plain (top_k 0, top_p 1, temperature 1)")
     sampling.add_argument("--seed", type=int, default=None, help=f"sampling seed (default {DEFAULT_SEED})")
     sampling.add_argument("--batch-size", type=int, default=DEFAULT_SAMPLES_BATCH, help="samples per batch")
     sampling.add_argument("--reference", help="held-out text to compare the samples' metrics with "
@@ -535,7 +589,8 @@ def run_sampling(model: OnnxModel, args: argparse.Namespace, sweeps: Sequence[Sw
                  fixed: Sequence[tuple[str, str]], judge: OnnxModel | None,
                  notice: Callable[[str], None]) -> list[MetricsRow]:
     grid = sweep_grid(sweeps)
-    all_settings = [build_settings(model.info.generation, fixed, combo) for combo in grid]  # fail fast on values
+    defaults = base_defaults(model.info.generation, args.base)
+    all_settings = [build_settings(defaults, fixed, combo) for combo in grid]  # fail fast on values
     rows = []
     for index, (combination, settings) in enumerate(zip(grid, all_settings, strict=True), start=1):
         if len(grid) > 1:
@@ -579,8 +634,10 @@ def _perplexity_lines(result: PerplexityResult, path: str) -> list[str]:
     lines = [
         f"perplexity on {path}: {result.perplexity:.4g}",
         f"  {result.nats_per_token:.4f} nats/token, {result.bits_per_token:.4f} bits/token, "
+        f"{result.nats_per_word:.4f} nats/word (perplexity per word {result.perplexity_per_word:.4g}), "
         f"{result.bits_per_char:.4f} bits/char",
-        f"  {result.n_tokens:,} tokens, {result.n_chars:,} characters; protocol {result.protocol.describe()}",
+        f"  {result.n_tokens:,} tokens, {result.n_words:,} words, {result.n_chars:,} characters; "
+        f"protocol {result.protocol.describe()}",
     ]
     if result.n_unknown:
         lines.append(f"  {result.n_unknown:,} tokens were unknown to the tokenizer and scored as <unk>")
@@ -618,12 +675,17 @@ def _run(args: argparse.Namespace) -> int:
             for line in _perplexity_lines(result, args.data):
                 console.print(line, markup=False, emoji=False, soft_wrap=True)
     if args.samples > 0:
+        base = base_settings(model.info.generation, fixed, sweeps, args.base)
+        if args.max_tokens is not None:
+            base["max_new_tokens"] = {"value": args.max_tokens, "source": "cli"}
         rows = run_sampling(model, args, sweeps, fixed, judge, notice)
         reference = _reference_row(model, args, rows, notice) if args.reference else None
         report["sampling"] = _sampling_report(args, rows, reference)
+        report["sampling"]["base"] = {"from": args.base, "settings": base}
         if args.csv:
             write_csv(Path(args.csv), rows, reference, sweeps, judge is not None)
         if not args.json:
+            console.print(base_line(base), markup=False, emoji=False, soft_wrap=True)
             console.print(render_table(rows, reference, sweeps, judge is not None, _table_title(args, rows)))
             notice(LEGEND + (JUDGE_LEGEND if judge is not None else ""))
             if judge is not None:

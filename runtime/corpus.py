@@ -8,7 +8,10 @@ Formats (``fmt``):
 - ``docs``: documents separated by blank lines or by ``<|startoftext|>`` / ``<|endoftext|>`` markers; a file with
   no blank lines whose every line is wrapped in ``<s> ... </s>`` holds one document per line.
 - ``dir``: every ``*.txt`` file under a directory (recursively, sorted by path), one document per file.
-- ``auto``: a directory is ``dir``, ``*.csv`` is ``csv``, ``*.tsv`` is ``tsv``, anything else ``text``.
+- ``auto``: a directory is ``dir``, ``*.csv`` is ``csv``, ``*.tsv`` is ``tsv``, anything else ``text`` -- unless
+  its text carries document markers (every line wrapped in ``<s> ... </s>``, or ``<|startoftext|>`` /
+  ``<|endoftext|>`` separators): then it is read as ``docs``, the markers become document boundaries, and the
+  report says so in one notice line. ``--format text`` keeps the markers as text.
 
 Every file is read as UTF-8 (a BOM is dropped) with CRLF normalised to LF. Anything unusable raises CorpusError
 with a one-line message naming the file.
@@ -94,10 +97,12 @@ class DataReport:
     characters: int = 0
     boilerplate_found: int = 0  # characters of Project Gutenberg header/licence in the kept documents
     boilerplate_stripped: int = 0  # characters of it removed (--strip-boilerplate)
+    notice: str | None = None  # one line about a convention detected in the text (document markers)
 
     def lines(self) -> list[str]:
         out = [
             f"corpus: {self.source} (format {self.format})",
+            *([f"notice: {self.notice}"] if self.notice else []),
             f"documents: {self.documents_read:,} read, {self.documents_kept:,} kept",
         ]
         dropped = [f"{count:,} {reason}" for reason, count in self.dropped.items() if count]
@@ -131,7 +136,9 @@ def load_corpus(
         raise CorpusError(f"unknown corpus format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not source.exists():
         raise CorpusError(f"corpus not found: {source}")
+    auto = fmt == "auto"
     fmt = _resolve_format(source, fmt)
+    notice = None
     if fmt == "dir":
         if not source.is_dir():
             raise CorpusError(f"{source} is not a directory (format 'dir')")
@@ -139,8 +146,12 @@ def load_corpus(
     else:
         if source.is_dir():
             raise CorpusError(f"{source} is a directory; use format 'dir' or 'auto'")
-        documents = _read_file(source, fmt, column)
-    report = DataReport(source=str(source), format=fmt, documents_read=len(documents))
+        text = _read_text(source)
+        if auto and fmt == "text":
+            notice = document_markers(text)
+            fmt = "docs" if notice else fmt
+        documents = _parse_text(text, source, fmt, column)
+    report = DataReport(source=str(source), format=fmt, documents_read=len(documents), notice=notice)
     kept = _apply_filters(documents, filters or CorpusFilters(), report)
     if not kept:
         raise CorpusError(f"no documents left in {source} after filtering ({_dropped_summary(report)})")
@@ -203,8 +214,20 @@ def _read_text(path: Path, allow_empty: bool = False) -> str:
     return text.replace("\r\n", "\n")
 
 
-def _read_file(path: Path, fmt: str, column: str | None) -> list[str]:
-    text = _read_text(path)
+def document_markers(text: str) -> str | None:
+    """When plain text carries document markers, the notice saying how they are read; else None."""
+    lines = [line for line in text.split("\n") if line.strip()]
+    if lines and not _BLANK_LINES.search(text.strip()) and all(_WRAPPED_LINE.match(line) for line in lines):
+        return (f"every line is wrapped in <s> ... </s>: read as {len(lines):,} documents, one per line, markers "
+                "removed (--format text keeps them as text)")
+    separators = len(_DOC_MARKERS.findall(text))
+    if separators:
+        return (f"{separators:,} <|startoftext|>/<|endoftext|> markers: read as documents separated by them (and "
+                "by blank lines), markers removed (--format text keeps them as text)")
+    return None
+
+
+def _parse_text(text: str, path: Path, fmt: str, column: str | None) -> list[str]:
     if fmt == "text":
         return [text]
     if fmt == "docs":

@@ -38,15 +38,21 @@ BUILTIN: dict[str, Any] = {
     "min_new_tokens": 0,
     "num_beams": 1,
     "stop": [],
+    "start_with_eos": True,  # the first prompt follows the document separator (runtime/settings.py)
+    "suppress_unk": False,  # never generate the unknown token
 }
 
-DEFAULT_GENERATION: dict[str, Any] = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "max_new_tokens": 200}
+DEFAULT_GENERATION: dict[str, Any] = {
+    "temperature": 0.8, "top_k": 40, "top_p": 0.95, "max_new_tokens": 200,
+    "start_with_eos": True,  # textgen trains documents after the separator; an HF import says otherwise
+}
 
 # Per tokenizer kind, on top of DEFAULT_GENERATION. Characters: ~65 candidates, so no top-k/top-p cut, and 500
 # tokens is a few lines of text. Words: 100 tokens is a paragraph.
 _BY_TOKENIZER: dict[str, dict[str, Any]] = {
     "char": {"top_k": 0, "top_p": 1.0, "max_new_tokens": 500},
-    "word": {"max_new_tokens": 100},
+    # <unk> stands for every rare word at once, so a word model never generates it (runtime/settings.py)
+    "word": {"max_new_tokens": 100, "suppress_unk": True},
 }
 
 

@@ -7,9 +7,12 @@ keeps the session consistent when Ctrl-C lands anywhere in the loop: a token is 
 the state that includes it replaces the old one in a single assignment, so history and state never disagree.
 Callers may append ids to ``history`` themselves (e.g. replaying a saved transcript): they become pending too.
 
-Document start: the first prompt of an empty session (new, reset, or every turn undone) is conditioned on a
-leading end-of-text token, the document separator the models were trained with, so generation starts where a
-document starts. ``textgen-eval`` scores and samples under the same convention.
+Document start: when the setting ``start_with_eos`` is on (the model file's default for models textgen trains),
+the first prompt of an empty session (new, reset, or every turn undone) is conditioned on a leading end-of-text
+token, the document separator the models were trained with, so generation starts where a document starts.
+``textgen-eval`` samples under the same convention. When it is off (an imported Hugging Face GPT-2, whose
+tokenizer adds no BOS) the prompt is fed as it is, as transformers' ``generate`` does; an empty prompt still
+starts from the end-of-text token, since a model needs at least one token to condition on.
 
 ``generate_n`` is the batch decode loop that evaluation uses too (``on_step`` exposes each step's sampling
 distribution), so the REPL and ``textgen-eval`` share one implementation of windows, bans, lengths and stops.
@@ -17,6 +20,7 @@ distribution), so the REPL and ``textgen-eval`` share one implementation of wind
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +37,7 @@ TextCallback = Callable[[str], None]
 # on_step(probabilities, rows): see Session.generate_n
 StepCallback = Callable[[np.ndarray, np.ndarray], None]
 STOP_REASONS = ("eos", "max_tokens", "stop_sequence", "interrupted")
+_WORD_CHAR = re.compile(r"\w")  # a prompt needs at least one known token with a letter or digit in it
 _DECODE_CONTEXT = 4  # tokens of context the incremental decoder keeps, so leading spaces/bytes decode right
 
 
@@ -144,6 +149,9 @@ def new_plan(model: OnnxModel, settings: Settings) -> _Plan:
     sampler = settings.sampler()
     seed = sampler.seed if sampler.seed is not None else draw_seed()
     vocab, banned, eos = model.info.vocab_size, model.banned_ids, model.info.special.eos
+    unk = model.info.special.unk
+    if unk is not None and settings.get("suppress_unk"):  # banned like padding (runtime/settings.py)
+        banned = [*banned, unk]
     return _Plan(
         sampler=sampler,
         chain=SamplerChain(sampler, vocab, banned),
@@ -157,10 +165,13 @@ def new_plan(model: OnnxModel, settings: Settings) -> _Plan:
     )
 
 
-def document_start(ids: list[int], eos: int) -> list[int]:
-    """A first prompt's ids conditioned on the document separator (see the module docstring): a leading eos,
-    unless the prompt already starts with it."""
-    return ids if ids[:1] == [eos] else [eos, *ids]
+def document_start(ids: list[int], eos: int, start_with_eos: bool = True) -> list[int]:
+    """A first prompt's ids, conditioned on the document separator (see the module docstring) when
+    ``start_with_eos`` is on: a leading eos, unless the prompt already starts with it. An empty prompt always
+    starts from the separator, the only context there is."""
+    if ids[:1] == [eos] or (ids and not start_with_eos):
+        return ids
+    return [eos, *ids]
 
 
 def kept_on_slide(context_length: int) -> int:
@@ -267,8 +278,8 @@ class _SlideNotices:
 class Session:
     """A running conversation: the model's state after every token fed so far (each turn continues it).
 
-    The first prompt after the session starts empty is preceded by the end-of-text token (see the module
-    docstring): ``history[0]`` is then eos and that turn's ``prompt_tokens`` counts it."""
+    The first prompt after the session starts empty is preceded by the end-of-text token when ``start_with_eos``
+    is on (see the module docstring): ``history[0]`` is then eos and that turn's ``prompt_tokens`` counts it."""
 
     def __init__(self, model: OnnxModel, settings: Settings) -> None:
         self.model = model
@@ -488,9 +499,26 @@ class Session:
         return new_plan(self.model, self.settings)
 
     def _prompt_ids(self, prompt: str) -> list[int]:
-        """The prompt's ids, after a leading eos when it starts the session (the document-start convention)."""
+        """The prompt's ids, after a leading eos when it starts the session and ``start_with_eos`` is on. A prompt
+        with nothing but unknown words is refused, since the model would continue from no information (words
+        partly unknown are named by ``_prompt_warnings``)."""
         ids = self.model.encode(prompt) if prompt else []
-        return ids if self.history else document_start(ids, self._eos)
+        self._refuse_only_unknown(prompt, ids)
+        if self.history:
+            return ids
+        return document_start(ids, self._eos, bool(self.settings.get("start_with_eos")))
+
+    def _refuse_only_unknown(self, prompt: str, ids: list[int]) -> None:
+        unk = self.model.info.special.unk
+        if unk is None or unk not in ids:
+            return
+        if any(_WORD_CHAR.search(self.model.tokenizer.id_to_token(token) or "") for token in ids
+               if token not in (unk, self._eos)):
+            return
+        unknown = self.model.unknown_pieces(prompt)
+        shown = ", ".join(repr(word) for word in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise SessionError(f"every word of the prompt is outside the model's vocabulary ({shown}); "
+                           "try words from its training text")
 
     def _begin_turn(self, prompt: str) -> None:
         if self._growing_state and self._turns:
@@ -558,8 +586,9 @@ class Session:
                     break
         except KeyboardInterrupt:
             reason = "interrupted"
-        if stream is None:
-            return reason, self.model.decode(history[first_new:])
+        if stream is None:  # decoded after the context, as a stream would, so a leading space is kept
+            generated_ids = history[first_new:-1] if reason == "eos" else history[first_new:]
+            return reason, text_after(self._decode_fast, history[:first_new], generated_ids)
         # After Ctrl-C the callback is not called again; the returned text still has every kept token.
         return reason, stream.finish(emit=reason != "interrupted")
 

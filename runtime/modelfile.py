@@ -30,6 +30,7 @@ KEY_INPUTS = "textgen.inputs"
 KEY_GENERATION = "textgen.generation"
 KEY_CONFIG = "textgen.model_config"
 KEY_SOURCE = "textgen.source"
+KEY_TOKENIZER_OPTIONS = "textgen.tokenizer_options"  # optional (absent: {}); how the vocabulary was made
 
 ARCHES = ("lstm", "gru", "gpt2")
 OPTIONAL_INPUTS = ("attention_mask", "position_ids")
@@ -82,6 +83,7 @@ class ModelInfo:
     model_config: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    tokenizer_options: dict[str, Any] = field(default_factory=dict)
 
 
 def encode_metadata(info: ModelInfo) -> dict[str, str]:
@@ -99,6 +101,7 @@ def encode_metadata(info: ModelInfo) -> dict[str, str]:
         KEY_GENERATION: json.dumps(info.generation),
         KEY_CONFIG: json.dumps(info.model_config),
         KEY_SOURCE: json.dumps(info.source),
+        KEY_TOKENIZER_OPTIONS: json.dumps(info.tokenizer_options),
     }
 
 
@@ -142,6 +145,7 @@ def decode_metadata(meta: dict[str, str], where: str = "model file") -> ModelInf
         model_config=_json_object(meta, KEY_CONFIG, where),
         source=_json_object(meta, KEY_SOURCE, where),
         format_version=version,
+        tokenizer_options=_json_object(meta, KEY_TOKENIZER_OPTIONS, where),
     )
     if version < required_version(info):
         raise ModelFileError(f"{where}: float16 state needs model-file format version {FLOAT16_STATE_VERSION}, "

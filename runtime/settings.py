@@ -5,6 +5,16 @@ line, or ``:set`` in the session, layered in that order (``build_settings`` for 
 textgen-repl and textgen-eval alike; ``Settings.set`` for the session). The built-in values come from
 runtime.defaults. Sampler keys are parsed and validated by runtime.sampling (one-line SettingError); the
 decode-loop keys (max_new_tokens, min_new_tokens, num_beams, stop) are handled here.
+
+``start_with_eos``: whether the first prompt of a session is preceded by the end-of-text token (the document
+separator). A property of the model, stored in its file's generation defaults: on for models textgen trains (they
+learned documents that follow the separator), off for an imported Hugging Face GPT-2 whose tokenizer adds no BOS,
+so a session continues a prompt exactly as transformers' ``generate`` does. Files without the key: on.
+
+``suppress_unk``: never generate the unknown token (it is banned like padding, so the rest of the distribution is
+renormalised). Word models trained by textgen set it on in their file: with a capped vocabulary ``<unk>`` stands
+for every rare word at once (names, mostly) and is often the single likeliest token, so greedy text would be
+``<unk>`` after ``<unk>``. Off by default (older files, char and BPE models, where it rarely matters).
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from runtime.sampling.validation import _as_int  # one integer parser for every 
 
 SOURCES = ("default", "model", "cli", "set")
 SAMPLER_KEYS = tuple(f.name for f in fields(SamplerSettings))
-LOOP_KEYS = ("max_new_tokens", "min_new_tokens", "num_beams", "stop")
+LOOP_KEYS = ("max_new_tokens", "min_new_tokens", "num_beams", "stop", "start_with_eos", "suppress_unk")
 KEYS = SAMPLER_KEYS + LOOP_KEYS
 LOOP_ALIASES = {
     "max_tokens": "max_new_tokens",
@@ -31,6 +41,7 @@ LOOP_ALIASES = {
     "beams": "num_beams",
     "stop_sequences": "stop",
     "stop_strings": "stop",
+    "separator": "start_with_eos",
 }
 MAX_TOKENS_LIMIT = 1_000_000
 MAX_BEAMS = 64
@@ -98,6 +109,21 @@ def _bounded_int(key: str, raw: object, minimum: int, maximum: int) -> int:
     return value
 
 
+_TRUE = ("1", "true", "on", "yes")
+_FALSE = ("0", "false", "off", "no")
+
+
+def _as_bool(key: str, raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise SettingError(f"{key} must be on or off (true/false), got {raw!r}")
+
+
 def _as_stop_list(raw: object) -> list[str]:
     if isinstance(raw, str):
         text = _decode_escapes(raw)
@@ -122,6 +148,8 @@ def parse_value(key: str, raw: object) -> tuple[str, object]:
         return name, _bounded_int(name, raw, 1, MAX_BEAMS)
     if name == "stop":
         return name, _as_stop_list(raw)
+    if name in ("start_with_eos", "suppress_unk"):
+        return name, _as_bool(name, raw)
     return parse_setting(name, raw)
 
 

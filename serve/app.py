@@ -302,7 +302,7 @@ class _Handler:
         eos = self.model.info.special.eos
         jobs = []
         for index, (_, ids) in enumerate(prompts):
-            prompt_ids = document_start(ids, eos)
+            prompt_ids = document_start(ids, eos, bool(settings.get("start_with_eos")))
             rows_new = self._fit_context(len(prompt_ids), int(settings.get("max_new_tokens")), explicit)
             plans = [self._plan(settings, seed, choice, rows_new) for choice in range(body.n)]
             jobs.append(Job(prompt_ids, plans, self.mailbox().deliverer(queue, index), logprobs=logprobs,

@@ -147,7 +147,7 @@ def test_builtin_defaults_cover_every_setting_and_match_the_sampler() -> None:
 def test_generation_defaults_per_tokenizer() -> None:
     assert generation_defaults("bpe") == DEFAULT_GENERATION
     assert generation_defaults("char") == {**DEFAULT_GENERATION, "top_k": 0, "top_p": 1.0, "max_new_tokens": 500}
-    assert generation_defaults("word") == {**DEFAULT_GENERATION, "max_new_tokens": 100}
+    assert generation_defaults("word") == {**DEFAULT_GENERATION, "max_new_tokens": 100, "suppress_unk": True}
     generation_defaults("char")["top_k"] = 7  # a copy: the table itself is not changed
     assert generation_defaults("char")["top_k"] == 0
 

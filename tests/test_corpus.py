@@ -358,3 +358,37 @@ def test_report_lines(tmp_path):
     assert "dropped: 1 pattern, 1 too short" in text
     assert "characters: 13" in text
     assert text == "\n".join(report.lines())
+
+
+# --- document markers in plain text (issue 16) --------------------------------------------------------------
+
+
+def test_auto_reads_s_wrapped_lines_as_documents_with_one_notice(tmp_path):
+    path = write(tmp_path / "anek.txt", "<s> Первый анекдот. </s>\n<s> - Второй? - Да. </s>\n<s> третий </s>\n")
+    corpus = load_corpus(path)
+    assert corpus.documents == ["Первый анекдот.", "- Второй? - Да.", "третий"]
+    assert not corpus.single_stream and corpus.report.format == "docs"
+    notices = [line for line in corpus.report.lines() if line.startswith("notice:")]
+    assert len(notices) == 1 and "<s> ... </s>" in notices[0] and "--format text" in notices[0]
+    plain = load_corpus(path, fmt="text")  # the user's explicit choice wins: markers stay text
+    assert plain.single_stream and "</s>" in plain.documents[0] and plain.report.notice is None
+
+
+def test_auto_reads_startoftext_separators_as_documents(tmp_path):
+    path = write(tmp_path / "gpt.txt", "<|startoftext|>first joke\n<|startoftext|>second one\n<|endoftext|>")
+    corpus = load_corpus(path)
+    assert corpus.documents == ["first joke", "second one"]
+    assert "3 <|startoftext|>/<|endoftext|> markers" in corpus.report.notice
+
+
+def test_plain_text_without_markers_has_no_notice(tmp_path):
+    corpus = load_corpus(write(tmp_path / "plain.txt", "a <s> tag mid-line is text\nsecond line\n"))
+    assert corpus.single_stream and corpus.report.notice is None
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared/data/anek-first800-derived.txt").is_file(),
+                    reason="the anecdote corpus is not beside the repository")
+def test_real_anecdote_file_is_800_documents_without_markers():
+    corpus = load_corpus(Path(__file__).resolve().parents[2] / "shared/data/anek-first800-derived.txt")
+    assert len(corpus.documents) == 800 and corpus.report.notice
+    assert not any("<s>" in doc or "</s>" in doc for doc in corpus.documents)

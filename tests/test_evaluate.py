@@ -319,6 +319,12 @@ def test_cli_perplexity_json_and_csv_corpus(trained_model, tmp_path: Path, capsy
     direct = evaluate_documents(model, ["the cat sat on the mat.", "the dog sat on the log."], single_stream=False)
     assert perplexity["perplexity"] == pytest.approx(direct.perplexity)
     assert perplexity["perplexity"] < 3.0
+    # Issue 16: per word too (6 + 6 whitespace words + 2 separators), consistent with the per-token total.
+    total = perplexity["nats_per_token"] * perplexity["n_tokens"]
+    assert perplexity["n_words"] == 14
+    assert perplexity["nats_per_word"] == pytest.approx(total / 14)
+    assert perplexity["perplexity_per_word"] == pytest.approx(math.exp(total / 14))
+    assert perplexity["bits_per_char"] == pytest.approx(total / math.log(2) / perplexity["n_chars"])
 
 
 # ============================================================================================== sampling
@@ -438,6 +444,28 @@ def test_sweep_grid_table_csv_and_json(model_files, tmp_path: Path, capsys) -> N
     assert len(rows) == 6 and rows[0]["settings"] == {"temp": "0.7", "sampler": "greedy"}
     assert report["sampling"]["reference"]["entropy"] is None
     assert set(evaluate.METRIC_COLUMNS) <= set(rows[0])
+
+
+def test_a_sweep_prints_the_settings_every_row_shares(model_factory, capsys) -> None:
+    """Issue 16: a temperature sweep keeps the model file's top_k/top_p; the output says so above the table and
+    in --json, and --base plain starts from the bare distribution instead."""
+    path = model_factory("rnn", generation={"temperature": 0.8, "top_k": 40, "top_p": 0.95, "max_new_tokens": 30})
+    args = ["--model", str(path), "--samples", "2", "--max-tokens", "5", "--device", "cpu", "--sweep", "temp=0.7,1.0"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "base settings of every row: top_k 40 (model), top_p 0.95 (model)" in printed
+    assert "temperature" not in printed.split("base settings of every row:")[1].splitlines()[0]  # swept: varies
+    assert main([*args, "--json"]) == 0
+    base = json.loads(capsys.readouterr().out)["sampling"]["base"]
+    assert base["from"] == "model" and base["settings"]["top_k"] == {"value": 40, "source": "model"}
+    assert base["settings"]["max_new_tokens"] == {"value": 5, "source": "cli"} and "temperature" not in base["settings"]
+    assert main([*args, "--base", "plain", "--json"]) == 0
+    base = json.loads(capsys.readouterr().out)["sampling"]["base"]
+    assert base["from"] == "plain"
+    assert base["settings"]["top_k"] == {"value": 0, "source": "plain"}
+    assert base["settings"]["top_p"] == {"value": 1.0, "source": "plain"}
+    settings = build_settings(evaluate.base_defaults({"top_k": 40, "top_p": 0.9}, "plain"), [], {"temp": "0.5"})
+    assert (settings.get("top_k"), settings.get("top_p"), settings.get("temperature")) == (0, 1.0, 0.5)
 
 
 def test_sweep_parsing() -> None:

@@ -145,6 +145,22 @@ def test_rnn_metadata_round_trips(rnn_export) -> None:
     # Every state tensor named in the metadata exists in the graph.
     graph_inputs = {i.name for i in session.get_inputs()}
     assert {s.input for s in info.state} <= graph_inputs
+    assert info.generation["start_with_eos"] is True  # trained here: documents follow the separator
+
+
+def test_files_without_the_issue_16_keys_still_load(rnn_export) -> None:
+    """textgen.tokenizer_options and generation's start_with_eos are optional: older files read as before."""
+    from runtime.modelfile import KEY_GENERATION, KEY_TOKENIZER_OPTIONS, encode_metadata
+    from runtime.settings import Settings
+
+    info = rnn_export[4]
+    meta = encode_metadata(info)
+    assert KEY_TOKENIZER_OPTIONS in meta
+    del meta[KEY_TOKENIZER_OPTIONS]
+    meta[KEY_GENERATION] = '{"temperature": 0.6}'
+    old = decode_metadata(meta)
+    assert old.tokenizer_options == {} and old.format_version == info.format_version
+    assert Settings(old.generation).get("start_with_eos") is True
 
 
 def test_rnn_graph_axes_are_symbolic(rnn_export) -> None:
@@ -584,6 +600,50 @@ def test_hf_directory_greedy_matches_transformers(tmp_path: Path) -> None:
         expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False,
                                      attention_mask=torch.ones(1, len(prompt), dtype=torch.long), pad_token_id=0)
     assert greedy_onnx(session, info, prompt, 30) == expected[0, len(prompt) :].tolist()
+
+
+@pytest.mark.skipif(not HAS_HF_IMPORT, reason="models/hf_gpt2.py is not written yet")
+def test_hf_gpt2_session_continues_the_prompt_exactly_like_generate(tmp_path: Path) -> None:
+    """Issue 16: a tiny random GPT-2 and its tokenizer saved by transformers; the exported file records that a
+    session does not start with the end-of-text separator (GPT-2's tokenizer adds no BOS), so a REPL session's
+    greedy continuation of a prompt is token for token what transformers' generate gives for the same prompt."""
+    transformers = pytest.importorskip("transformers")
+    from runtime.generate import Session
+    from runtime.session import OnnxModel
+    from runtime.settings import Settings
+
+    torch.manual_seed(1)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=make_tokenizer(), eos_token="<|endoftext|>",
+                                                bos_token="<|endoftext|>", unk_token="<unk>")
+    config = transformers.GPT2Config(vocab_size=len(fast), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                     bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id)
+    hf_model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for parameter in hf_model.parameters():
+            parameter.mul_(4.0)  # peaky logits: greedy text varies and argmax ties are implausible
+    directory = tmp_path / "tiny-gpt2"
+    hf_model.save_pretrained(directory)
+    fast.save_pretrained(directory)  # tokenizer.json + tokenizer_config.json, as a downloaded GPT-2 has them
+    result = export_checkpoint(directory, attention="decomposed")
+    model = OnnxModel.open(result.path, device="cpu", threads=1)
+    assert model.info.generation["start_with_eos"] is False
+    assert model.info.tokenizer_options == {"kind": "pretrained"}
+    settings = Settings(model.info.generation)
+    settings.set("temperature", 0)
+    settings.set("max_new_tokens", 25)
+    prompt = "abc de"
+    ours = Session(model, settings).generate(prompt).tokens
+    prompt_ids = fast(prompt)["input_ids"]
+    assert prompt_ids == model.encode(prompt) and fast.eos_token_id not in prompt_ids
+    hf_model.generation_config.eos_token_id = None  # compare every token even if greedy emits end-of-text
+    with torch.no_grad():
+        expected = hf_model.generate(torch.tensor([prompt_ids]), max_new_tokens=25, do_sample=False,
+                                     attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                                     pad_token_id=fast.eos_token_id)
+    assert ours == expected[0, len(prompt_ids):].tolist()
+    # With the separator switched on the session conditions on [eos] + prompt instead: another continuation.
+    settings.set("start_with_eos", "on")
+    assert Session(model, settings).generate(prompt).tokens != ours
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------

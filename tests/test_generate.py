@@ -132,10 +132,70 @@ def test_zero_max_new_tokens_only_feeds_the_prompt(lstm):
 
 
 def test_unseen_characters_in_the_prompt_become_unk(lstm):
+    # Issue 16: a prompt of nothing but unknown text is refused (test below), so one known letter leads here.
     session = _greedy(lstm, max_new_tokens=5)
-    result = session.generate("Zü€")
-    assert result.prompt_tokens == 4
-    assert session.history[:4] == [lstm.info.special.eos] + [lstm.info.special.unk] * 3
+    notices: list[str] = []
+    result = session.generate("aZü€", on_notice=notices.append)
+    assert result.prompt_tokens == 5
+    assert session.history[:5] == [lstm.info.special.eos, *lstm.encode("a")] + [lstm.info.special.unk] * 3
+    assert notices == ["not in the model's vocabulary, read as unknown: Z ü €"]  # issue 17's notice
+
+
+def test_a_prompt_of_only_unknown_words_is_refused_and_the_session_is_untouched(lstm):
+    session = _greedy(lstm, max_new_tokens=3)
+    with pytest.raises(SessionError, match=r"every word of the prompt is outside the model's vocabulary \('Z', 'ü'"):
+        session.generate("Zü€ ")
+    with pytest.raises(SessionError, match="outside the model's vocabulary"):
+        session.generate_n("ZZZ", 2)
+    assert session.history == [] and session.turns == []
+    assert session.generate("a").prompt_tokens == 2  # and it goes on
+
+
+def test_start_with_eos_off_feeds_the_prompt_as_it_is(lstm):
+    """Issue 16: the setting (a model-file default; GPT-2 imported from Hugging Face: off) decides whether the
+    first prompt follows the end-of-text separator. Off: the context is the prompt alone, as transformers'
+    generate sees it; an empty prompt still starts from eos (something to condition on)."""
+    session = _greedy(lstm, max_new_tokens=6, start_with_eos="off")
+    result = session.generate("ab")
+    assert session.history[:2] == lstm.encode("ab") and result.prompt_tokens == 2
+    assert result.tokens == _reference_greedy(lstm, lstm.encode("ab"), 6)
+    assert _greedy(lstm, max_new_tokens=6).generate("ab").tokens == _reference_greedy(lstm, _document(lstm, "ab"), 6)
+    empty = _greedy(lstm, max_new_tokens=2, start_with_eos=False)
+    empty.generate("")
+    assert empty.history[0] == lstm.info.special.eos
+    rows = _greedy(lstm, max_new_tokens=6, start_with_eos="off").generate_n("ab", 2)
+    assert [row.tokens for row in rows] == [result.tokens] * 2 and rows[0].prompt_tokens == 2
+
+
+def test_suppress_unk_never_generates_the_unknown_token(model_factory):
+    """suppress_unk (word models' file default) bans <unk> from the sampling distribution, like padding."""
+    path = model_factory("rnn", generation={"temperature": 1.0, "top_k": 0, "max_new_tokens": 8,
+                                            "suppress_unk": True})
+    model = OnnxModel.open(path, device="cpu", threads=1)
+    unk = model.info.special.unk
+    settings = Settings(model.info.generation)
+    assert settings.get("suppress_unk") is True and Settings({}).get("suppress_unk") is False
+    everything = model.info.vocab_size
+    suppressed = {token for token, _, _ in Session(model, settings).next_token_probs(everything)}
+    settings.set("suppress_unk", "off")
+    free = {token: p for token, _, p in Session(model, settings).next_token_probs(everything)}
+    assert free[unk] > 0 and unk not in suppressed and suppressed == set(free) - {unk}
+    settings.set("suppress_unk", "on")
+    settings.set("seed", 3)
+    assert unk not in Session(model, settings).generate("ab").tokens
+
+
+def test_start_with_eos_is_a_model_default_and_a_setting(model_factory):
+    model = OnnxModel.open(model_factory("rnn", generation={"temperature": 0.0, "start_with_eos": False}),
+                           device="cpu", threads=1)
+    settings = Settings(model.info.generation)
+    assert settings.get("start_with_eos") is False and settings.source("start_with_eos") == "model"
+    assert settings.set("separator", "on") == ("start_with_eos", True)
+    settings.unset("start_with_eos")
+    assert settings.get("start_with_eos") is False
+    assert Settings({}).get("start_with_eos") is True  # files written before the key: on, as they were trained
+    with pytest.raises(SettingError, match="start_with_eos must be on or off"):
+        settings.set("start_with_eos", "maybe")
 
 
 def test_empty_prompt_starts_from_eos_then_continues(lstm):

@@ -285,6 +285,22 @@ def test_bad_arguments_are_one_line(cycle_model, capsys, args, fragment):
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], captured.err
 
 
+def test_a_prompt_of_only_unknown_words_is_one_line_exit_2(cycle_model, capsys):
+    """Issue 16: the model would continue from nothing it knows; say so instead of generating."""
+    status = main(["--model", str(cycle_model), "--device", "cpu", "--prompt", "€€ ЖЖ"])
+    captured = capsys.readouterr()
+    assert status == 2 and captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "every word of the prompt is outside the model's vocabulary" in lines[0]
+
+
+def test_start_with_eos_switch_on_the_command_line(cycle_model):
+    on = json.loads(run_cli("--model", str(cycle_model), "--prompt", "a", "--max-tokens", "3", "--json").stdout)
+    off = json.loads(run_cli("--model", str(cycle_model), "--prompt", "a", "--max-tokens", "3", "--json",
+                             "--set", "start_with_eos=off").stdout)
+    assert on["settings"]["start_with_eos"] is True and off["settings"]["start_with_eos"] is False
+
+
 def test_unwritable_output(cycle_model, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -166,6 +166,8 @@ def test_bad_command_and_bad_values_leave_the_session_alive(start):
         "max_new_tokens": ("-5", "max_new_tokens must be in [0, 1000000]"),
         "min_new_tokens": ("x", "min_new_tokens must be an integer"),
         "num_beams": ("0", "num_beams must be in [1, 64]"),
+        "start_with_eos": ("maybe", "start_with_eos must be on or off"),
+        "suppress_unk": ("2", "suppress_unk must be on or off"),
     }
     assert set(KEYS) - set(bad_values) == {"stop"}  # every key is covered (stop's limit: see test_repl_cli)
     for key, (value, message) in bad_values.items():

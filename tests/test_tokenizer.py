@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
 from train.tokenizer import (
     EOS_TOKEN,
@@ -101,30 +101,86 @@ def test_word_round_trips_exactly_and_splits_punctuation():
     tok = build_tokenizer("word", [MIXED, CYRILLIC])
     for text in (MIXED, CYRILLIC):
         assert round_trip(tok, text) == text
-    assert tok.encode("Hello,  world!").tokens == ["Hello", ",", "  ", "world", "!"]
-    assert tok.encode("Привет, мир!").tokens == ["Привет", ",", " ", "мир", "!"]
+    # Issue 16: the space before a word or mark is a marker on it, not a token; a second space is a lone marker.
+    assert tok.encode("Hello,  world!").tokens == ["▁Hello", ",", "▁", "▁world", "!"]
+    assert tok.encode("Привет, мир!").tokens == ["▁Привет", ",", "▁мир", "!"]
     assert special_token_ids(tok) == {"eos": 0, "unk": 1, "bos": None}
 
 
-def test_word_vocab_size_keeps_most_frequent_and_rest_is_unk():
+def test_word_tokens_are_words_and_punctuation_never_whitespace():
+    text = "Don't stop, well-known friend!\nO'er the hills (far away).\n"
+    tok = build_tokenizer("word", [text, "\n\n  indented\n"])
+    tokens = tok.encode(text).tokens
+    # A word that opens a line (or the text) has the marker too: the same token as in mid-line.
+    assert tokens == ["▁Don't", "▁stop", ",", "▁well-known", "▁friend", "!", "\n", "▁O'er", "▁the", "▁hills", "▁(",
+                      "▁far", "▁away", ")", ".", "\n"]
+    # After an opening bracket or quote too (a closing quote gets no marker, nor does the word after it).
+    quoted = build_tokenizer("word", ['"Hi," he said (to "me"). \'Tis'])
+    assert quoted.encode('"Hi," he said (to "me"). \'Tis').tokens == [
+        '▁"', "▁Hi", ",", '"', "▁he", "▁said", "▁(", "▁to", '▁"', "▁me", '"', ")", ".", "▁'", "▁Tis"]
+    assert round_trip(quoted, '"Hi," he said (to "me"). \'Tis') == '"Hi," he said (to "me"). \'Tis'
+    assert not any(token.strip("▁ ") == "" and token != "\n" for token in tokens)
+    assert round_trip(tok, text) == text
+    assert round_trip(tok, "\n\n  indented\n") == "\n\n  indented\n"
+    # Decoded after what precedes it, a token brings the space it stands for (what the REPL's stream does).
+    context = tok.encode("Don't").ids
+    for token, piece in (("▁stop", " stop"), (",", ","), ("\n", "\n")):
+        ids = context + [tok.token_to_id(token)]
+        assert tok.decode(ids)[len(tok.decode(context)):] == piece
+    assert tok.decode(tok.encode("away\n(far)").ids) == "away\n(far)"  # no space after a line break or "("
+
+
+def test_word_vocab_size_keeps_most_frequent_and_rest_is_visible_unk():
     text = "the cat the dog the cat a bird"
-    tok = build_tokenizer("word", [text], vocab_size=5)  # 2 specials + " ", "the", "cat"
+    tok = build_tokenizer("word", [text], vocab_size=5)  # 2 specials + "▁the", "▁cat", then "▁a" (ties by text)
     assert tok.get_vocab_size() == 5
-    assert {"the", "cat", " "} <= set(tok.get_vocab())
+    assert {"▁the", "▁cat", "▁a"} <= set(tok.get_vocab())
     unk = special_token_ids(tok)["unk"]
-    assert tok.encode("the bird").ids == [tok.token_to_id("the"), tok.token_to_id(" "), unk]
-    assert round_trip(tok, "the bird") == "the "
+    assert tok.encode("the bird").ids == [tok.token_to_id("▁the"), unk]
+    assert round_trip(tok, "the bird") == "the <unk>"  # an unknown word is a visible placeholder, never dropped
+    assert round_trip(tok, "bird the") == "<unk> the"  # at the start of a text: no space before it
 
 
 def test_word_default_keeps_every_token_seen_once():
     tok = build_tokenizer("word", ["rare words appear once"])
-    assert {"rare", "words", "appear", "once", " "} <= set(tok.get_vocab())
-    assert tok.get_vocab_size() == 7
+    assert {"▁rare", "▁words", "▁appear", "▁once"} == set(tok.get_vocab()) - {EOS_TOKEN, UNK_TOKEN}
+    assert tok.get_vocab_size() == 6
+
+
+def test_word_min_frequency_and_lowercase():
+    text = "The cat saw the cat. THE end"
+    tok = build_tokenizer("word", [text], min_frequency=2, lowercase=True)
+    assert set(tok.get_vocab()) - {EOS_TOKEN, UNK_TOKEN} == {"▁the", "▁cat"}  # 3x and 2x after lowercasing
+    # The normalizer lives in the tokenizer, so a prompt is lowercased at generation time exactly like the corpus.
+    reloaded = Tokenizer.from_str(tok.to_str())
+    assert reloaded.encode("THE CAT").tokens == ["▁the", "▁cat"]
+    with pytest.raises(TokenizerError, match=r"--min-frequency 9 is larger than every word's count .*'the'.* 3 times"):
+        build_tokenizer("word", [text], min_frequency=9, lowercase=True)
+
+
+def test_word_corpus_without_words_is_refused():
+    with pytest.raises(TokenizerError, match="no words .*only punctuation"):
+        build_tokenizer("word", ["... !!! ?? -- ;", ", , ."])
+
+
+def test_vocabulary_options_need_a_built_tokenizer(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    build_tokenizer("char", ["abc"]).save(str(path))
+    with pytest.raises(TokenizerError, match="tokenizer.json used as is"):
+        build_tokenizer(str(path), [], min_frequency=2)
+    with pytest.raises(TokenizerError, match="not bpe"):
+        build_tokenizer("bpe", ["abc"], lowercase=True)
+
+
+def test_legacy_word_tokenizer_is_still_recognised():
+    legacy = Tokenizer(models.WordLevel({EOS_TOKEN: 0, UNK_TOKEN: 1, "a": 2, " ": 3}, unk_token=UNK_TOKEN))
+    legacy.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]|\n|[^\S\n]+"), behavior="isolated")
+    assert tokenizer_kind(legacy) == "word"
 
 
 def test_word_eos_literal_is_one_token():
     tok = build_tokenizer("word", ["one<|endoftext|>two"])
-    assert tok.encode("one<|endoftext|>two").tokens == ["one", EOS_TOKEN, "two"]
+    assert tok.encode("one<|endoftext|>two").tokens == ["▁one", EOS_TOKEN, "▁two"]  # each document opens with ▁
     assert not {"<", "|", "endoftext"} & set(tok.get_vocab())
 
 

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from train.config import TrainConfig, TrainConfigError
 from train.loop import config_for_resume, last_checkpoint_path, load_resume_checkpoint, train
 from train.metrics import REQUIRED_FIELDS, read_metrics
 from train.schedule import Budget, LRSchedule
+from train.tokenizer import build_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPETITIVE = "the cat sat on the mat. the dog sat on the log.\n" * 120
@@ -224,6 +226,36 @@ def test_csv_corpus_with_word_tokenizer_and_early_stopping(tmp_path: Path) -> No
     assert '"WordLevel"' in checkpoint.tokenizer
 
 
+def test_word_model_reports_loss_per_token_per_word_and_per_character(tmp_path: Path) -> None:
+    """Issue 16: a word model's loss is nats per TOKEN; the log and metrics.jsonl restate it per word and per
+    character of the validation text (each document separator counts as one word and one character)."""
+    data = write_corpus(tmp_path, DOCS_CSV, "jokes.csv")
+    config = rnn_config(tmp_path, data=str(data), column="text", tokenizer="word", seq_len=8, max_steps=4,
+                        eval_every=2, val_fraction=0.2, min_frequency=2, lowercase=True)
+    output = io.StringIO()
+    train(config, console=Console(file=output, width=200), live=False)
+    records = read_metrics(Path(f"{config.out}.metrics.jsonl"))
+    validation = [line.split(",", 1)[1].strip('"') for line in DOCS_CSV.splitlines()[1:]][-8:]
+    words = sum(len(doc.split()) for doc in validation) + len(validation)
+    chars = sum(len(doc) for doc in validation) + len(validation)
+    text = output.getvalue()
+    tokens = int(re.search(r"validation ([\d,]+) tokens", text).group(1).replace(",", ""))
+    assert tokens > words  # punctuation marks are tokens too
+    for record in records:
+        # The mean loss per predicted token, times the validation text's tokens per word (or per character).
+        total = record["val_loss"] * tokens
+        assert record["loss_unit"] == "nats/token"
+        assert record["val_nats_per_word"] == pytest.approx(total / words)
+        assert record["val_ppl_word"] == pytest.approx(math.exp(total / words))
+        assert record["val_bpc"] == pytest.approx(total / chars / math.log(2))
+    assert "nats/token" in text and "nats/word" in text and "bits/char" in text
+    assert f"validation text: {words:,} words, {chars:,} characters" in text
+    checkpoint = load_checkpoint(config.out)
+    assert checkpoint.tokenizer_options == {"kind": "word", "vocab_size": None, "min_frequency": 2,
+                                            "lowercase": True}
+    assert '"Lowercase"' in checkpoint.tokenizer
+
+
 def test_sigterm_saves_a_loadable_checkpoint(tmp_path: Path) -> None:
     data = write_corpus(tmp_path)
     out = tmp_path / "sig.bin"
@@ -292,10 +324,18 @@ def test_cli_bad_flags_and_resume_files(tmp_path: Path, capsys: pytest.CaptureFi
     save_checkpoint({"arch": "lstm", "model_config": {"vocab_size": 3}, "tokenizer": "{}", "special_tokens": {"eos": 0},
                      "model": {}}, no_state)
     base = ["--arch", "lstm", "--data", str(data), "--out", str(tmp_path / "x.bin")]
+    punctuation = write_corpus(tmp_path, "... !!! ?? --\n" * 50, "punct.txt")
+    tokenizer_json = tmp_path / "tokenizer.json"
+    build_tokenizer("bpe", ["some text " * 50]).save(str(tokenizer_json))
     cases = [
         (base + ["--lr", "-1"], "--lr"),
         (base + ["--batch-size", "many"], "invalid int value"),
         (base + ["--tokenizer", "nonsense"], "unknown tokenizer"),
+        (base + ["--tokenizer", "word", "--min-frequency", "100000"], "--min-frequency 100000 is larger than every"),
+        (base + ["--tokenizer", "word", "--min-frequency", "0"], "--min-frequency"),
+        (base + ["--tokenizer", str(tokenizer_json), "--lowercase"], "tokenizer.json used as is"),
+        (["--arch", "lstm", "--data", str(punctuation), "--tokenizer", "word", "--out", str(tmp_path / "x.bin")],
+         "no words"),
         (base + ["--optimizer", "muon"], "--optimizer muon is for --arch gpt2"),
         (base + ["--optimizer", "sgd"], "invalid choice"),
         (base + ["--batch-size", "100000"], "--batch-size"),

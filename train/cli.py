@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     tokens = parser.add_argument_group("tokenizer")
     _add(tokens, "--tokenizer", help="char, word, bpe or the path of a tokenizer.json")
     _add(tokens, "--vocab-size", type=int, help="vocabulary size cap (char/word) or BPE size")
+    _add(tokens, "--min-frequency", type=int, metavar="N",
+         help="char/word: keep only tokens seen at least N times in the training text; the rest become <unk>")
+    _add(tokens, "--lowercase", action="store_const", const=True,
+         help="char/word: lowercase the corpus, and every prompt at generation time (stored in the tokenizer)")
     rnn = parser.add_argument_group("LSTM/GRU size")
     _add(rnn, "--embedding-size", type=int, help="token embedding width")
     _add(rnn, "--hidden-size", type=int, help="LSTM/GRU hidden units per layer")

@@ -44,6 +44,8 @@ class TrainConfig:
     # tokenizer
     tokenizer: str = "char"
     vocab_size: int | None = None
+    min_frequency: int = 1
+    lowercase: bool = False
     # RNN shape
     embedding_size: int = 64
     hidden_size: int = 256
@@ -105,6 +107,7 @@ class TrainConfig:
             ("--n-layer", self.n_layer), ("--n-head", self.n_head), ("--n-embd", self.n_embd),
             ("--context-length", self.context_length), ("--batch-size", self.batch_size), ("--seq-len", self.seq_len),
             ("--grad-accum", self.grad_accum), ("--eval-every", self.eval_every),
+            ("--min-frequency", self.min_frequency),
         ):
             _at_least(flag, value, 1)
         for flag, optional in (

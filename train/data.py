@@ -8,6 +8,7 @@ import torch
 from tokenizers import Tokenizer
 
 from runtime.corpus import CorpusFilters, DataReport, load_corpus, split_train_val
+from runtime.units import TextSize, text_size
 from train.config import TrainConfig
 from train.tokenizer import build_tokenizer, encode_documents, special_token_ids, tokenizer_kind
 
@@ -22,6 +23,7 @@ class PreparedData:
     train_ids: torch.Tensor  # int64, one long stream
     val_ids: torch.Tensor
     report: list[str]
+    val_size: TextSize | None = None  # the whole validation split's tokens, words and characters (runtime.units)
 
     @property
     def char_level(self) -> bool:
@@ -44,12 +46,14 @@ def prepare_data(
     corpus = load_corpus(config.data, config.format, config.column, filters)
     train_docs, val_docs = split_train_val(corpus, config.val_fraction)
     if tokenizer is None:
-        tokenizer = build_tokenizer(config.tokenizer, train_docs, config.vocab_size)
+        tokenizer = build_tokenizer(config.tokenizer, train_docs, config.vocab_size, config.min_frequency,
+                                    config.lowercase)
     if special is None:
         special = special_token_ids(tokenizer)
     train_ids = _encode(tokenizer, train_docs, corpus.single_stream)
     val_ids = _encode(tokenizer, val_docs, corpus.single_stream)
     kind = tokenizer_kind(tokenizer)
+    val_size = text_size(val_docs, val_ids.numel(), 0 if corpus.single_stream else len(val_docs))
     report = [
         *corpus.report.lines(),
         f"split: {len(train_docs):,} train / {len(val_docs):,} validation documents "
@@ -57,8 +61,19 @@ def prepare_data(
         f"tokenizer: {kind}, {tokenizer.get_vocab_size(with_added_tokens=True):,} tokens; "
         f"train {train_ids.numel():,} tokens, validation {val_ids.numel():,} tokens",
         *sanity_warnings(config, corpus.report, train_ids.numel(), val_ids.numel()),
+        f"validation text: {val_size.words:,} words, {val_size.chars:,} characters "
+        f"({val_size.tokens / max(val_size.words, 1):.2f} tokens/word)",
     ]
-    return PreparedData(tokenizer, special, kind, train_ids, val_ids, report)
+    unknown = _unknown_share(val_ids, special.get("unk"))
+    if unknown:
+        report.append(f"unknown: {unknown:.2%} of validation tokens are <unk> (outside the vocabulary)")
+    return PreparedData(tokenizer, special, kind, train_ids, val_ids, report, val_size)
+
+
+def _unknown_share(ids: torch.Tensor, unk: int | None) -> float:
+    if unk is None or ids.numel() == 0:
+        return 0.0
+    return float((ids == unk).sum()) / ids.numel()
 
 
 def sanity_warnings(config: TrainConfig, report: DataReport, train_tokens: int, val_tokens: int) -> list[str]:

@@ -56,6 +56,7 @@ from models.rnn import State, detach_state
 from runtime.defaults import generation_defaults
 from runtime.errors import first_line
 from runtime.scoring import ScoringProtocol
+from runtime.units import loss_units
 from train import distributed
 from train.batches import (
     BlockBatcher,
@@ -71,7 +72,6 @@ from train.data import PreparedData, prepare_data
 from train.distributed import Cluster, interleave_states, parameter_checksum, rank_slice_of_state
 from train.metrics import (
     MetricsLog,
-    bits_per_char,
     format_rate,
     format_seconds,
     loss_plot_path,
@@ -723,9 +723,9 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "tokens_per_s": round(window.tokens_per_s, 1),
             "val_tokens": self.val_count,
+            "loss_unit": "nats/token",  # train_loss and val_loss; the val_* per word/char keys say their own unit
         }
-        if self.data.char_level:
-            record["val_bpc"] = bits_per_char(val_loss)
+        record.update(_val_units(val_loss, self.data))
         return record
 
     def _print_samples(self) -> None:
@@ -791,7 +791,16 @@ class Trainer:
             generation=dict(self.generation),
             training=training,
             metrics=dict(self.last_metrics) if self.last_metrics else None,
+            tokenizer_options=self._tokenizer_options(),
         )
+
+    def _tokenizer_options(self) -> dict[str, Any]:
+        """How the vocabulary was made (stored in the model file as textgen.tokenizer_options)."""
+        config = self.config
+        if config.init_from is not None or config.tokenizer not in ("char", "word", "bpe"):
+            return {"kind": self.data.kind, "source": "file" if config.init_from is None else "pretrained"}
+        return {"kind": config.tokenizer, "vocab_size": config.vocab_size, "min_frequency": config.min_frequency,
+                "lowercase": config.lowercase}
 
     def _interrupted(self, reason: str, signum: int | None) -> TrainResult:
         self._save(self.last_out)
@@ -820,10 +829,10 @@ class Trainer:
         wall = time.monotonic() - self.started
         summary = f"done ({stop_reason}): {self.step} steps in {format_seconds(self.seconds)} (wall {wall:.1f} s)"
         if self.best_val_loss is not None:
-            summary += f"; best val loss {self.best_val_loss:.4f} (ppl {perplexity(self.best_val_loss):.2f}"
-            if self.data.char_level:
-                summary += f", {bits_per_char(self.best_val_loss):.3f} bits/char"
-            summary += f") at step {self.best_step}; checkpoint {self.out} (latest: {self.last_out})"
+            units = _val_units(self.best_val_loss, self.data)
+            summary += (f"; best val loss {self.best_val_loss:.4f} nats/token (ppl {perplexity(self.best_val_loss):.2f}"
+                        f"{_units_text(units)}) at step {self.best_step}; checkpoint {self.out} "
+                        f"(latest: {self.last_out})")
         else:
             summary += f"; latest state in {self.last_out}"
         self.reporter.say(summary)
@@ -833,7 +842,7 @@ class Trainer:
         """OUT.loss.png; a failure to draw or write it is a warning, never the end of a finished run."""
         try:
             plot_losses(metrics_path(self.out), loss_plot_path(self.out), f"{self.out.name}: {self.config.arch}",
-                        train_curve=self.train_curve)
+                        train_curve=self.train_curve, unit=f"nats per {self.data.kind} token")
         except (OSError, ValueError, RuntimeError) as exc:
             self.reporter.say(f"warning: could not draw {loss_plot_path(self.out)} ({first_line(exc)})")
 
@@ -880,11 +889,30 @@ def _summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, real_ids:
 def _eval_line(record: dict[str, Any], improved: bool) -> str:
     train = f"{record['train_loss']:.4f}" if record["train_loss"] is not None else "-"
     line = (f"step {record['step']} | {format_seconds(record['seconds'])} | train {train} | "
-            f"val {record['val_loss']:.4f} (ppl {record['val_ppl']:.2f}")
-    if "val_bpc" in record:
-        line += f", {record['val_bpc']:.3f} bits/char"
-    line += f") | lr {record['lr']:.2e} | {format_rate(record['tokens_per_s'])}"
+            f"val {record['val_loss']:.4f} nats/token (ppl {record['val_ppl']:.2f}{_units_text(record)})")
+    line += f" | lr {record['lr']:.2e} | {format_rate(record['tokens_per_s'])}"
     return line + (" | best, saved" if improved else "")
+
+
+def _val_units(val_loss: float, data: PreparedData) -> dict[str, Any]:
+    """The validation loss per word and per character (runtime.units), converted with the whole validation split's
+    words/characters per token (exact when every validation token is scored, i.e. no --eval-tokens cap)."""
+    if data.val_size is None or data.val_size.tokens == 0:
+        return {}
+    units = loss_units(val_loss, data.val_size)
+    record = {"val_bpc": units["bits_per_char"]}
+    if not data.char_level:
+        record.update(val_nats_per_word=units["nats_per_word"], val_ppl_word=units["ppl_word"])
+    return record
+
+
+def _units_text(record: dict[str, Any]) -> str:
+    text = ""
+    if "val_nats_per_word" in record:
+        text += f"; {record['val_nats_per_word']:.3f} nats/word, ppl/word {record['val_ppl_word']:.1f}"
+    if "val_bpc" in record:
+        text += f"; {record['val_bpc']:.3f} bits/char"
+    return text
 
 
 def _shape(model_config: dict[str, Any], arch: str) -> str:

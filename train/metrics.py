@@ -66,9 +66,10 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_losses(metrics: Path, png: Path, title: str,
-                train_curve: Sequence[tuple[int, float]] = ()) -> bool:
-    """Training loss (every step, with a moving average) and validation loss (each evaluation) against step;
-    False when there is nothing to plot. Written atomically, so an interrupted run never leaves half a PNG."""
+                train_curve: Sequence[tuple[int, float]] = (), unit: str = "nats/token") -> bool:
+    """Training loss (every step, with a moving average) and validation loss (each evaluation), in ``unit``,
+    against step; False when there is nothing to plot. Written atomically, so an interrupted run never leaves half
+    a PNG."""
     records = [r for r in read_metrics(metrics) if isinstance(r.get("step"), int)]
     if not records and not train_curve:
         return False
@@ -89,7 +90,7 @@ def plot_losses(metrics: Path, png: Path, title: str,
     if points:
         axes.plot(*zip(*points, strict=True), marker="o", markersize=4, color="tab:orange", label="validation")
     axes.set_xlabel("step")
-    axes.set_ylabel("loss (nats/token)")
+    axes.set_ylabel(f"loss ({unit})")
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()

@@ -37,7 +37,10 @@ def sample_continuation(
         generated.append(token)
         logits = step(torch.tensor([[token]], device=device))
     model.train(was_training)
-    return prime + tokenizer.decode(generated, skip_special_tokens=True)
+    # Decoded after the prompt, so a token brings the space it stands for (a word tokenizer's decoder drops the
+    # marker of a text's first word; see train/tokenizer.py).
+    head = tokenizer.decode(prompt, skip_special_tokens=True)
+    return prime + tokenizer.decode(prompt + generated, skip_special_tokens=True)[len(head):]
 
 
 def _rnn_stepper(model: RNNLanguageModel):

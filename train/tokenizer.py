@@ -4,8 +4,13 @@ The resulting ``tokenizers.Tokenizer`` is stored in checkpoints and model files 
 so the runtime decodes with exactly the tokenizer the model was trained with. Kinds:
 
 - ``char``: one token per character (WordLevel + a Split pre-tokenizer on ``[\\s\\S]`` + Fuse decoder).
-- ``word``: words, single punctuation marks, newlines and runs of other whitespace are tokens, so decoding
-  gives back the exact text (WordLevel + Split + Fuse decoder).
+- ``word``: words and punctuation marks are tokens; the space before a word or mark is not a token of its own
+  but a word-boundary marker ``▁`` on it (Metaspace style: ``"the cat."`` -> ``▁the`` ``▁cat`` ``.``; a word
+  that opens a line or a text gets the marker too), so a model cannot emit loose whitespace and decoding gives
+  back the exact text (see WORD_PATTERN and LINE_START). Line breaks are
+  tokens; apostrophes and hyphens inside a word stay in it (``don't``, ``well-known``). Unknown words decode as a
+  visible `` <unk>``. ``min_frequency`` and ``lowercase`` (a Lowercase normalizer inside the tokenizer, so
+  prompts are lowercased at generation time too) shape the vocabulary.
 - ``bpe``: byte-level BPE (GPT-2 style) trained on the corpus; any UTF-8 text round-trips, there is no unknown.
 - a path to a ``tokenizer.json``: used as is, with ``<|endoftext|>`` added as a special token if it lacks one.
 
@@ -18,11 +23,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from runtime.errors import first_line
 
@@ -32,29 +39,71 @@ KINDS = ("char", "word", "bpe")
 DEFAULT_BPE_VOCAB = 4096
 
 CHAR_PATTERN = r"[\s\S]"  # any one character, newline included (Oniguruma rejects "(?s).")
-# A word, one punctuation mark, one newline, or a run of other whitespace: every character falls in exactly
-# one piece, so the Fuse decoder restores the text. Newlines are single tokens to keep the vocabulary small.
-WORD_PATTERN = r"\w+|[^\w\s]|\n|[^\S\n]+"
+# Files written before the word-boundary marker: whitespace runs were tokens of their own. Still recognised.
+LEGACY_WORD_PATTERN = r"\w+|[^\w\s]|\n|[^\S\n]+"
+# The word tokenizer. The normalizer first turns every space into the marker SPACE_MARK; then each piece is a word
+# (inner apostrophes/hyphens kept) or one punctuation mark, each with the marker of the space before it, a newline,
+# a marker with no word after it (a second space), or a run of other whitespace (tabs). Every character falls in
+# exactly one piece and the decoder turns the marker back into a space, so decode(encode(text)) == text for any
+# text whose pieces are all in the vocabulary (and that holds no literal SPACE_MARK).
+SPACE_MARK = "\u2581"  # "▁", SentencePiece's and Metaspace's marker
+# The normalizer also puts a marker at the start of every non-empty line (Oniguruma's ^ matches after each
+# newline), so "ROMEO" opening a line is the same token "▁ROMEO" as in mid-line; with AFTER_OPENER the only
+# words without a marker are those glued to a mark that is not an opener ("—such", "end.Next"). The decoder
+# removes the inserted markers (at the text start, after each newline and opener): decode(encode(text)) == text
+# still holds exactly, and a
+# decoded piece that starts mid-text starts without its space (as SentencePiece tokenizers do), which the
+# runtime's incremental decoding (runtime.generate.TextStream, decoding with context) already accounts for.
+LINE_START = r"^(?=[^\n])"
+# Likewise after an opening bracket, or a quote that opens (at a line start or after a space or an opener): the
+# normalizer inserts a marker there unless a line break follows, the decoder removes one, so '("Quote")' is
+# ▁( ▁" ▁Quote " ) and every word after an opener has its usual marked form. Closing quotes get nothing.
+AFTER_OPENER = r"""(?<=[(\[{“‘«]|^["']|[▁(\[{“‘«]["'])"""
+TEXT_START_MARK = r"\A" + SPACE_MARK
+WORD_PATTERN = r"▁?\w+(?:['’\-]\w+)*|▁?[^\w\s▁]|▁|\n|[^\S\n]+"
 
 
 class TokenizerError(Exception):
     """A tokenizer cannot be built or loaded; the message is one line meant for the user."""
 
 
-def build_tokenizer(kind: str | os.PathLike[str], texts: list[str], vocab_size: int | None = None) -> Tokenizer:
+@dataclass(frozen=True)
+class VocabularyOptions:
+    """How a char or word vocabulary is chosen from the corpus (recorded in checkpoints and model files)."""
+
+    vocab_size: int | None = None  # cap, specials included; None keeps every token that passes min_frequency
+    min_frequency: int = 1  # tokens seen fewer times in the training text become <unk>
+    lowercase: bool = False  # a Lowercase normalizer: applied to the corpus and to every prompt
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def build_tokenizer(kind: str | os.PathLike[str], texts: list[str], vocab_size: int | None = None,
+                    min_frequency: int = 1, lowercase: bool = False) -> Tokenizer:
     """Build a tokenizer of ``kind`` ("char", "word", "bpe") from ``texts``, or load one from a tokenizer.json path.
 
     ``vocab_size`` counts every token, specials included. For char and word it caps the vocabulary to the most
     frequent tokens (the rest become ``<unk>``); None keeps all of them. For bpe it is the BPE vocabulary size
-    (default 4096). It is ignored when loading a file."""
-    if kind in KINDS:
-        if not any(texts):
-            raise TokenizerError(f"no text to build a {kind} tokenizer from")
-        if vocab_size is not None and vocab_size < _min_vocab(kind):
-            raise TokenizerError(f"{kind} vocabulary size must be at least {_min_vocab(kind)}, got {vocab_size}")
-        builders = {"char": _build_char, "word": _build_word, "bpe": _build_bpe}
-        return builders[kind](texts, vocab_size)
-    return _load_tokenizer(str(kind))
+    (default 4096). ``min_frequency`` and ``lowercase`` apply to char and word only. Loading a file takes none
+    of them (the file says how it tokenizes)."""
+    options = VocabularyOptions(vocab_size, min_frequency, lowercase)
+    if kind not in KINDS:
+        if min_frequency != 1 or lowercase:
+            raise TokenizerError(f"--min-frequency and --lowercase build a char or word vocabulary; {kind} is a "
+                                 "tokenizer.json used as is (drop those flags or use --tokenizer word)")
+        return _load_tokenizer(str(kind))
+    if not any(texts):
+        raise TokenizerError(f"no text to build a {kind} tokenizer from")
+    if vocab_size is not None and vocab_size < _min_vocab(kind):
+        raise TokenizerError(f"{kind} vocabulary size must be at least {_min_vocab(kind)}, got {vocab_size}")
+    if min_frequency < 1:
+        raise TokenizerError(f"--min-frequency must be at least 1, got {min_frequency}")
+    if kind == "bpe":
+        if min_frequency != 1 or lowercase:
+            raise TokenizerError("--min-frequency and --lowercase apply to char and word tokenizers, not bpe")
+        return _build_bpe(texts, vocab_size)
+    return _build_char(texts, options) if kind == "char" else _build_word(texts, options)
 
 
 def special_token_ids(tok: Tokenizer) -> dict[str, int | None]:
@@ -87,7 +136,7 @@ def tokenizer_kind(tok: Tokenizer) -> str:
     pre = spec.get("pre_tokenizer") or {}
     if model_type == "WordLevel" and pre.get("type") == "Split":
         pattern = (pre.get("pattern") or {}).get("Regex")
-        return {CHAR_PATTERN: "char", WORD_PATTERN: "word"}.get(pattern, "custom")
+        return {CHAR_PATTERN: "char", WORD_PATTERN: "word", LEGACY_WORD_PATTERN: "word"}.get(pattern, "custom")
     if model_type == "BPE" and pre.get("type") == "ByteLevel":
         return "bpe"
     return "custom"
@@ -101,38 +150,89 @@ def _min_vocab(kind: str) -> int:
     return 257 if kind == "bpe" else 3
 
 
-def _build_char(texts: list[str], vocab_size: int | None) -> Tokenizer:
+def _build_char(texts: list[str], options: VocabularyOptions) -> Tokenizer:
     """Characters sorted by code point get ids 0..n-1, then EOS = n and UNK = n + 1.
 
     Specials go at the END so character ids are dense and match the usual char-level convention (tiny
     Shakespeare's 65 characters get the same ids as nanoGPT's ``sorted(set(text))``)."""
     counts: Counter[str] = Counter()
     for text in texts:
-        counts.update(text.replace(EOS_TOKEN, ""))  # a literal EOS in the text is the special token, not chars
-    chars = list(counts)
-    if vocab_size is not None and len(chars) > vocab_size - 2:
-        chars = [ch for ch, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[: vocab_size - 2]]
+        text = text.replace(EOS_TOKEN, "")  # a literal EOS in the text is the special token, not chars
+        counts.update(text.lower() if options.lowercase else text)
+    chars = _kept_by_frequency(counts, options, "character")
     vocab = {ch: i for i, ch in enumerate(sorted(chars))}
     vocab[EOS_TOKEN] = len(vocab)
     vocab[UNK_TOKEN] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
+    if options.lowercase:
+        tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(CHAR_PATTERN), behavior="isolated")
     tok.decoder = decoders.Fuse()
     _register_specials(tok, [EOS_TOKEN, UNK_TOKEN])
     return tok
 
 
-def _build_word(texts: list[str], vocab_size: int | None) -> Tokenizer:
-    """WordLevel trained by the library: ids 0 and 1 are EOS and UNK, then tokens by falling frequency."""
-    tok = Tokenizer(models.WordLevel(unk_token=UNK_TOKEN))
+def _build_word(texts: list[str], options: VocabularyOptions) -> Tokenizer:
+    """WordLevel over WORD_PATTERN pieces: id 0 is EOS, 1 is UNK, then pieces by falling frequency (ties by text).
+
+    ``<unk>`` is a plain vocabulary entry, not a special token, so ``decode(..., skip_special_tokens=True)`` keeps
+    it: an unknown word shows as `` <unk>`` (the decoder gives it the space its lost marker stood for)."""
+    tok = Tokenizer(models.WordLevel({EOS_TOKEN: 0, UNK_TOKEN: 1}, unk_token=UNK_TOKEN))
+    steps = [normalizers.Lowercase()] if options.lowercase else []
+    tok.normalizer = normalizers.Sequence([
+        *steps,
+        normalizers.Replace(" ", SPACE_MARK),
+        normalizers.Replace(Regex(LINE_START), SPACE_MARK),  # a line's first word takes its mid-line form
+        normalizers.Replace(Regex(AFTER_OPENER + r"(?=[^\n])"), SPACE_MARK),  # so does a word after "(" or a quote
+    ])
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    _register_specials(tok, [EOS_TOKEN, UNK_TOKEN])  # before training, so a literal EOS is not split into words
-    trainer = trainers.WordLevelTrainer(
-        vocab_size=vocab_size or 2**31 - 1, min_frequency=1, special_tokens=[EOS_TOKEN, UNK_TOKEN], show_progress=False
-    )
-    tok.train_from_iterator(texts, trainer)
+    tok.decoder = decoders.Sequence([
+        decoders.Replace(UNK_TOKEN, SPACE_MARK + UNK_TOKEN),  # before Fuse: only the unknown token itself
+        decoders.Fuse(),  # one string from here on, so the next steps see across token boundaries
+        decoders.Replace(Regex(AFTER_OPENER + SPACE_MARK), ""),  # the normalizer's steps undone in reverse order
+        decoders.Replace(Regex(TEXT_START_MARK), ""),
+        decoders.Replace("\n" + SPACE_MARK, "\n"),
+        decoders.Replace(SPACE_MARK, " "),
+    ])
+    _register_specials(tok, [EOS_TOKEN])  # a literal EOS in the text is the separator, never split into pieces
+    counts = _word_counts(tok, texts)
+    if not any(_HAS_WORD.search(piece) for piece in counts):
+        raise TokenizerError("the corpus has no words (only punctuation and whitespace): a word tokenizer needs "
+                             "words; use --tokenizer char")
+    pieces = _kept_by_frequency(counts, options, "word")
+    vocab = {EOS_TOKEN: 0, UNK_TOKEN: 1}
+    vocab.update({piece: index for index, piece in enumerate(pieces, start=2)})
+    tok.model = models.WordLevel(vocab, unk_token=UNK_TOKEN)
     return tok
+
+
+_HAS_WORD = re.compile(r"\w")
+
+
+def _word_counts(tok: Tokenizer, texts: list[str]) -> Counter[str]:
+    """How often each WORD_PATTERN piece occurs in ``texts`` (after normalization; literal EOS markers skipped)."""
+    counts: Counter[str] = Counter()
+    for text in texts:
+        for part in text.split(EOS_TOKEN):
+            if part:
+                normalized = tok.normalizer.normalize_str(part)
+                counts.update(piece for piece, _ in tok.pre_tokenizer.pre_tokenize_str(normalized))
+    return counts
+
+
+def _kept_by_frequency(counts: Counter[str], options: VocabularyOptions, unit: str) -> list[str]:
+    """Tokens seen at least ``min_frequency`` times, most frequent first (ties by text), capped at vocab_size - 2
+    (the two specials). Raises TokenizerError when the threshold leaves nothing."""
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    kept = [token for token, count in ranked if count >= options.min_frequency]
+    if not kept:
+        top, top_count = ranked[0] if ranked else ("", 0)
+        top = top.replace(SPACE_MARK, " ").strip() or top
+        raise TokenizerError(f"--min-frequency {options.min_frequency} is larger than every {unit}'s count (the most "
+                             f"frequent, {top!r}, occurs {top_count} times)")
+    if options.vocab_size is not None:
+        kept = kept[: options.vocab_size - 2]
+    return kept
 
 
 def _build_bpe(texts: list[str], vocab_size: int | None) -> Tokenizer:
