@@ -12,10 +12,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from repl.sampling import SamplerSettings
 
 from runtime.defaults import BUILTIN, DEFAULT_GENERATION, generation_defaults
 from runtime.errors import first_line
+from runtime.sampling import SamplerSettings
 from runtime.settings import KEYS, SettingError, Settings, build_settings, format_setting
 
 REPO = Path(__file__).resolve().parents[1]
