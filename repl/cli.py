@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sampler preset: greedy, sample, nucleus, beam, loop-guard (applied before --set)")
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                         help="any setting, e.g. --set temp=0.6 --set top_k=40 (repeatable; see :show in the REPL)")
+    parser.add_argument("--logit-bias", dest="logit_bias", action="append", default=[], metavar="TOKEN=BIAS",
+                        help="add BIAS (a number or -inf) to TOKEN's logit; TOKEN is its text or #id (repeatable)")
+    parser.add_argument("--ban", action="append", default=[], metavar="TEXT",
+                        help="never produce TEXT, however it would be tokenized (repeatable; \\n understood)")
     parser.add_argument("--prompt", metavar="TEXT", help="generate once for TEXT and exit")
     parser.add_argument("--max-tokens", metavar="N", help="shortcut for --set max_new_tokens=N")
     parser.add_argument("--seed", metavar="N", help="shortcut for --set seed=N (same seed, same text)")
@@ -113,7 +117,15 @@ def build_settings(model_defaults: dict[str, Any], args: argparse.Namespace) -> 
     preset = [(settings.PRESET_KEY, args.sampler)] if args.sampler is not None else []
     shortcuts = [(key, value) for key, value in (("max_new_tokens", args.max_tokens), ("seed", args.seed))
                  if value is not None]
-    return settings.build_settings(model_defaults, preset, map(_assignment, args.assignments), shortcuts)
+    built = settings.build_settings(model_defaults, preset, map(_assignment, args.assignments), shortcuts)
+    for text in args.logit_bias:
+        token, sep, bias = text.rpartition("=")
+        if not sep or not token:
+            raise CliError(f"--logit-bias expects TOKEN=BIAS (e.g. e=-inf or #12=2.5), got {text!r}")
+        built.add_bias(token, bias, source="cli")
+    for text in args.ban:
+        built.add_ban(text, source="cli")
+    return built
 
 
 def _assignment(text: str) -> tuple[str, str]:
@@ -234,6 +246,7 @@ def _run(args: argparse.Namespace) -> int:
         settings = build_settings(model.info.generation, args)
         for warning in settings.warnings:
             _notice(warning)
+        Session(model, settings).check_sampler()  # a --logit-bias token this vocabulary lacks: exit 2 now
         # Everything loaded so far lives as long as the process: keep it out of the collector's full passes,
         # which otherwise walk ~170k objects (~0.1 s, a visible stall mid-stream) every so often.
         gc.freeze()

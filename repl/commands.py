@@ -22,7 +22,8 @@ from rich.table import Table
 from rich.text import Text
 
 from runtime.sampling import ALIASES
-from runtime.settings import KEYS, LOOP_ALIASES, PRESET_HELP, PRESETS, canonical_key, format_setting
+from runtime.sampling import SettingError
+from runtime.settings import KEYS, LOOP_ALIASES, PRESET_HELP, PRESETS, SETTING_HELP, canonical_key, format_setting
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -79,8 +80,45 @@ def cmd_set(app: ReplHost, arg: str) -> None:
     key, value = _split_assignment(arg)
     if not key or value is None:
         raise ReplError("usage: :set KEY VALUE (e.g. :set temp 0.6); :show lists the keys")
-    name, parsed = app.settings.set(key, value, source="set")
-    app.note(f"{name} = {format_setting(parsed)}")
+    name = canonical_key(key)
+    _checked(app, name, lambda: app.settings.set(key, value, source="set"))
+    app.note(f"{name} = {format_setting(app.settings.get(name))}")
+
+
+def _checked(app: ReplHost, key: str, change: Callable[[], object]) -> None:
+    """Make a change to ``key``, then build the sampler once: a value this model cannot use (a logit-bias token
+    not in its vocabulary) is undone and reported, so the next turn does not fail on it."""
+    before, source = app.settings.get(key), app.settings.source(key)
+    change()
+    try:
+        app.session.check_sampler()
+    except SettingError:
+        app.settings.set(key, before, source=source)
+        raise
+
+
+def cmd_bias(app: ReplHost, arg: str) -> None:
+    token, _, bias = arg.strip().rpartition(" ")
+    if not arg.strip():
+        app.note(f"logit bias: {app.settings.get('logit_bias')} (:bias TOKEN BIAS adds one, :unbias clears)")
+        return
+    if not token:
+        raise ReplError("usage: :bias TOKEN BIAS (TOKEN: the token's text or #id; BIAS: a number or -inf)")
+    _checked(app, "logit_bias", lambda: app.settings.add_bias(token, bias, source="set"))
+    app.note(f"logit_bias = {app.settings.get('logit_bias')}")
+
+
+def cmd_unbias(app: ReplHost, arg: str) -> None:
+    app.settings.remove_bias(arg.strip() or None, source="set")
+    app.note(f"logit_bias = {app.settings.get('logit_bias')}")
+
+
+def cmd_ban(app: ReplHost, arg: str) -> None:
+    if not arg:
+        app.note(f"banned strings: {app.settings.get('ban')} (:ban TEXT adds one, :unset ban clears them)")
+        return
+    _checked(app, "ban", lambda: app.settings.add_ban(arg, source="set"))
+    app.note(f"banned strings: {app.settings.get('ban')}")
 
 
 def cmd_unset(app: ReplHost, arg: str) -> None:
@@ -256,7 +294,7 @@ for a new line. Ctrl-C stops a generation; Ctrl-D (or :quit) exits.
 Commands:"""
 
 _SET_DETAILS = (
-    "keys: " + ", ".join(KEYS) + "\naliases: "
+    "\n".join(f"{key:<22} {SETTING_HELP[key]}" for key in KEYS) + "\naliases: "
     + ", ".join(f"{alias}={name}" for alias, name in {**ALIASES, **LOOP_ALIASES}.items())
     + "\nseed none draws a new random seed per turn; stop texts understand \\n and \\t."
 )
@@ -268,6 +306,11 @@ _COMMAND_LIST = [
     Command("sampler", ":sampler NAME", "preset: " + ", ".join(PRESETS),
             "\n".join(f"{name}: {text}" for name, text in PRESET_HELP.items()), cmd_sampler),
     Command("stop", ":stop TEXT", "also stop generating at TEXT (:unset stop clears)", "", cmd_stop),
+    Command("bias", ":bias TOKEN BIAS", "add BIAS (a number or -inf) to a token's logit (text or #id)", "",
+            cmd_bias),
+    Command("unbias", ":unbias [TOKEN]", "drop one logit bias, or all of them", "", cmd_unbias),
+    Command("ban", ":ban TEXT", "never produce TEXT, however it would be tokenized (:unset ban clears)", "",
+            cmd_ban),
     Command("probs", ":probs [N]", "the N most likely next tokens (default 10)",
             "Probabilities after the current penalties and filters (top_k, top_p, temperature, ...).", cmd_probs),
     Command("n", ":n N", "N alternative continuations of the last prompt (the text stays as it is)", "", cmd_n),

@@ -17,6 +17,8 @@ distribution), so the REPL and ``textgen-eval`` share one implementation of wind
 
 from __future__ import annotations
 
+import json
+
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -103,6 +105,12 @@ class _Plan:
 def kept_on_slide(context_length: int) -> int:
     """Tokens kept when the window slides: three quarters of it, so sliding is rare and context stays long."""
     return max(1, context_length * 3 // 4)
+
+
+def needs_vocabulary(sampler: SamplerSettings) -> bool:
+    """Whether the chain needs each id's text: banned strings, DRY's sequence breakers, logit bias by text."""
+    return sampler.ban != "[]" or sampler.dry_multiplier > 0 or any(
+        not (key.startswith("#") and key[1:].isdigit()) for key in json.loads(sampler.logit_bias))
 
 
 def draw_seed() -> int:
@@ -219,6 +227,7 @@ class Session:
         # Streams only see sampled ids (never padding) and eos never reaches them: skip OnnxModel.decode's filter.
         self._decode_fast = model.tokenizer.decode
         self._fed = self._empty(1)
+        self._vocabulary: list[str] | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -386,16 +395,32 @@ class Session:
         best = np.argsort(-probs, kind="stable")[:count]
         return [(int(i), self._token_text(int(i)), float(probs[i])) for i in best if probs[i] > 0]
 
+    def check_sampler(self) -> None:
+        """Build the sampler chain once: a setting that needs the vocabulary (a logit-bias token that is not one
+        token of this model) raises its SettingError here rather than at the next turn."""
+        self._chain(self.settings.sampler(), self.model.banned_ids)
+
     # ------------------------------------------------------------------ turn plumbing
+
+    def _chain(self, sampler: SamplerSettings, banned: Sequence[int]) -> SamplerChain:
+        vocabulary = self._token_texts() if needs_vocabulary(sampler) else None
+        return SamplerChain(sampler, self.model.info.vocab_size, banned, vocabulary=vocabulary)
+
+    def _token_texts(self) -> list[str]:
+        """Each id's text, for the steps that match text (logit bias by text, banned strings, DRY's breakers);
+        built on first use (a 50k vocabulary takes a moment) and kept."""
+        if self._vocabulary is None:
+            self._vocabulary = [self._token_text(token) for token in range(self.model.info.vocab_size)]
+        return self._vocabulary
 
     def _plan(self) -> _Plan:
         sampler = self.settings.sampler()
         seed = sampler.seed if sampler.seed is not None else draw_seed()
-        vocab, banned = self.model.info.vocab_size, self.model.banned_ids
+        banned = self.model.banned_ids
         return _Plan(
             sampler=sampler,
-            chain=SamplerChain(sampler, vocab, banned),
-            chain_without_eos=SamplerChain(sampler, vocab, [*banned, self._eos]),
+            chain=self._chain(sampler, banned),
+            chain_without_eos=self._chain(sampler, [*banned, self._eos]),
             max_new=int(self.settings.get("max_new_tokens")),
             min_new=int(self.settings.get("min_new_tokens")),
             beams=int(self.settings.get("num_beams")),
