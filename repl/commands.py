@@ -21,8 +21,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from runtime.sampling import ALIASES
-from runtime.sampling import SettingError
+from runtime.sampling import ALIASES, SettingError
 from runtime.settings import KEYS, LOOP_ALIASES, PRESET_HELP, PRESETS, SETTING_HELP, canonical_key, format_setting
 
 if TYPE_CHECKING:

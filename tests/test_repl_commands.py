@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import pytest
@@ -110,3 +111,39 @@ def test_the_header_names_the_weight_format_from_the_source_metadata(source: dic
     from repl.app import weight_format
 
     assert weight_format(source) == label
+
+
+def test_bias_unbias_and_ban_commands_change_the_sampler_and_bad_tokens_are_undone(demo_model):
+    app, out = make_app(demo_model)
+    app.handle(":bias e -inf")
+    app.handle(":bias #5 2")
+    assert json.loads(app.settings.get("logit_bias")) == {"e": "-inf", "#5": 2.0}
+    app.handle(":bias zz 1")  # not one token of the demo's vocabulary: reported, and the old value stays
+    assert "'zz' is not one token" in out.getvalue()
+    assert json.loads(app.settings.get("logit_bias")) == {"e": "-inf", "#5": 2.0}
+    app.handle(":unbias #5")
+    assert json.loads(app.settings.get("logit_bias")) == {"e": "-inf"}
+    app.handle(":ban the")
+    assert json.loads(app.settings.get("ban")) == ["the"]
+    app.handle(":set temp 0")
+    text = app.session.generate("The ").text
+    assert "e" not in text and "the" not in text and len(text) > 50
+    app.handle(":unbias")
+    assert app.settings.get("logit_bias") == "{}"
+    app.handle(":set mirostat 3")
+    assert "mirostat must be one of 0, 1, 2" in out.getvalue()
+
+
+def test_show_lists_the_new_settings_with_their_source_and_help_set_explains_every_key(demo_model):
+    from runtime.settings import KEYS, SETTING_HELP
+
+    assert set(SETTING_HELP) == set(KEYS)
+    app, out = make_app(demo_model)
+    app.handle(":set dry_multiplier 0.8")
+    app.handle(":show")
+    shown = out.getvalue()
+    for key in ("dry_multiplier", "xtc_probability", "mirostat", "top_n_sigma", "dynatemp_range", "logit_bias"):
+        assert key in shown
+    assert any("dry_multiplier" in line and "0.8" in line and "set" in line for line in shown.splitlines())
+    app.handle(":help set")
+    assert SETTING_HELP["xtc_threshold"] in out.getvalue()
