@@ -18,7 +18,6 @@ distribution), so the REPL and ``textgen-eval`` share one implementation of wind
 from __future__ import annotations
 
 import json
-
 import secrets
 import time
 from collections.abc import Callable, Sequence

@@ -729,15 +729,13 @@ class MirostatStep(Step):
     def apply(self, candidates: Candidates) -> None:
         ids, values = candidates.view()
         probs = probabilities(values, candidates.scratch)[0].copy()
-        order = np.argsort(-probs, kind="stable")
-        order = order[probs[order] > 0]
         mu = self.mu(candidates.slot)
         if self.version == 1:
-            count = self._top_k(probs[order], mu)
-        else:
-            surprise = -np.log2(probs[order])
-            count = max(1, int(np.count_nonzero(surprise <= mu)))  # surprise ascends along ``order``
-        kept = order[:count]
+            kept = self._top_k(probs, mu)
+        else:  # surprise -log2 p <= mu  <=>  p >= 2^-mu; the most likely token always stays
+            kept = np.flatnonzero(probs >= 2.0**-mu)
+            if kept.size == 0:
+                kept = np.array([int(probs.argmax())])
         keep = np.zeros(values.size, dtype=bool)
         keep[kept] = True
         candidates.keep(ids, values, keep)
@@ -745,23 +743,33 @@ class MirostatStep(Step):
         tokens = kept if ids is None else ids[kept]
         self._kept[candidates.slot] = dict(zip(tokens.tolist(), (-np.log2(renormalized)).tolist(), strict=True))
 
-    def _top_k(self, sorted_probs: np.ndarray, mu: float) -> int:
-        """Mirostat 1's k from the estimated Zipf exponent s_hat of the top m probabilities."""
-        m = min(self.m, sorted_probs.size)
-        if m < 2:
-            return 1
+    def _top_k(self, probs: np.ndarray, mu: float) -> np.ndarray:
+        """Mirostat 1: the positions of the top k probabilities, k from the estimated Zipf exponent s_hat of the
+        top m (partitions rather than sorting a 50k row)."""
+        positive = int(np.count_nonzero(probs))
+        m = min(self.m, positive)
+        head = np.argpartition(-probs, m - 1)[:m] if m < probs.size else np.arange(probs.size)
+        head = head[np.argsort(-probs[head], kind="stable")][:m]
+        k = self._k(probs[head], mu, positive) if m >= 2 else 1
+        if k <= m:
+            return head[:k]
+        return np.argpartition(-probs, k - 1)[:k] if k < probs.size else np.arange(probs.size)
+
+    def _k(self, sorted_probs: np.ndarray, mu: float, positive: int) -> int:
+        m = sorted_probs.size
         ranks = np.arange(m - 1)
         t = np.log((ranks + 2) / (ranks + 1))
-        b = np.log(sorted_probs[: m - 1] / sorted_probs[1:m])
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            b = np.log(sorted_probs[: m - 1] / sorted_probs[1:m])
         s_hat = float((t * b).sum() / (t * t).sum())
         epsilon = s_hat - 1
-        if s_hat <= 0 or abs(epsilon) < 1e-12:
+        if not math.isfinite(s_hat) or s_hat <= 0 or abs(epsilon) < 1e-12:
             return 1
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             k = ((epsilon * 2.0**mu) / (1 - float(self.vocab_size) ** -epsilon)) ** (1 / s_hat)
         if not math.isfinite(k):
-            return sorted_probs.size if k > 0 else 1
-        return int(min(max(k, 1), sorted_probs.size))
+            return positive if k > 0 else 1
+        return int(min(max(k, 1), positive))
 
     def accept(self, slot: int, token: int) -> None:
         surprise = self._kept.pop(slot, {}).get(token)
