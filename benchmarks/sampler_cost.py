@@ -43,7 +43,7 @@ from benchmarks.common import (
     run_main,
 )
 from runtime.defaults import DEFAULT_GENERATION
-from runtime.sampling import SamplerChain, SamplerSettings, settings_from_mapping
+from runtime.sampling import SamplerChain, settings_from_mapping
 
 PROMPT = "ROMEO:"
 CHAR_VOCAB = 67  # the demo's 65 characters + end-of-text + unknown
