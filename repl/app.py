@@ -96,13 +96,14 @@ class ReplApp:
         self._ends_with_newline = True
         self._notices: list[str] = []  # notices of the running turn, shown after its text (once each)
         self._interrupt_requested = False  # set by Ctrl-C while an input is handled
+        self._prompt: PromptSession[str] | None = None
 
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
         """Read and handle lines until :quit or Ctrl-D; returns the exit status."""
         self.print_header()
-        prompt = self._prompt_session()
+        prompt = self._prompt = self._prompt_session()
         while True:
             try:
                 return self._loop(prompt)
@@ -182,6 +183,15 @@ class ReplApp:
         for warning in self.settings.warnings:
             self.console.print(Text(f"note: {warning}", style="dim"))
         self.console.print(Text("Type :help for commands, Ctrl-D to exit.", style="dim"))
+
+    def ask(self, question: str) -> str:
+        """One line from the user inside a command (``:probs pick``); Ctrl-D or Ctrl-C answer with nothing."""
+        try:
+            if self._prompt is None:  # not running interactively (embedded use, tests): plain input
+                return input(question)
+            return self._prompt.prompt(question)
+        except (EOFError, KeyboardInterrupt):
+            return ""
 
     def note(self, message: str) -> None:
         self.console.print(Text(message, style="dim"))

@@ -394,6 +394,25 @@ class Session:
         best = np.argsort(-probs, kind="stable")[:count]
         return [(int(i), self._token_text(int(i)), float(probs[i])) for i in best if probs[i] > 0]
 
+    def pick(self, token: int) -> GenerationResult:
+        """Append ``token`` by hand (``:probs pick``) as a turn of its own, so that ``:undo`` takes it back and the
+        next turn continues after it; returns that turn's result (its text is the token's)."""
+        if not 0 <= int(token) < self.model.info.vocab_size or int(token) in set(self.model.banned_ids):
+            raise SessionError(f"token #{token} is not in this model's vocabulary")
+        started = time.perf_counter()
+        prompt_ids = self._prompt_ids("")  # eos first when the session is empty, as for a typed prompt
+        self._begin_turn("")
+        self.history.extend([*prompt_ids, int(token)])
+        text = text_after(self._decode_fast, self.history[:-1], [int(token)])
+        result = _result(text, [int(token)], len(prompt_ids), started, "picked", None, False)
+        self._turns[-1].result = result
+        return result
+
+    def token_id(self, text: str) -> int | None:
+        """The id whose text is exactly ``text`` (lowest id first), or None."""
+        texts = self._token_texts()
+        return texts.index(text) if text in texts else None
+
     def check_sampler(self) -> None:
         """Build the sampler chain once: a setting that needs the vocabulary (a logit-bias token that is not one
         token of this model) raises its SettingError here rather than at the next turn."""

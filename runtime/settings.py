@@ -111,7 +111,7 @@ def canonical_key(key: str) -> str:
         raise SettingError(f"unknown setting {str(key)!r} (settings: {', '.join(KEYS)})") from None
 
 
-def _decode_escapes(text: str) -> str:
+def decode_escapes(text: str) -> str:
     r"""``\n``, ``\t``, ``\r`` and ``\\`` typed by the user become the characters (non-ASCII text stays as is)."""
     out, index = [], 0
     while index < len(text):
@@ -135,7 +135,7 @@ def _bounded_int(key: str, raw: object, minimum: int, maximum: int) -> int:
 
 def _as_stop_list(raw: object) -> list[str]:
     if isinstance(raw, str):
-        text = _decode_escapes(raw)
+        text = decode_escapes(raw)
         values = [text] if text else []
     elif isinstance(raw, (list, tuple)) and all(isinstance(item, str) for item in raw):
         values = [item for item in raw if item]
@@ -209,7 +209,7 @@ class Settings:
     def add_bias(self, token: str, raw_bias: str, source: str = "set") -> dict[str, object]:
         """``:bias TOKEN BIAS``: one logit-bias entry (TOKEN is a token's text or #id; BIAS a number or -inf)."""
         current = json.loads(self.get("logit_bias"))
-        current[_decode_escapes(token)] = raw_bias
+        current[decode_escapes(token)] = raw_bias
         _, value = parse_value("logit_bias", current)
         self._values["logit_bias"] = (value, source)
         return json.loads(value)
@@ -217,7 +217,7 @@ class Settings:
     def remove_bias(self, token: str | None = None, source: str = "set") -> dict[str, object]:
         """``:unbias [TOKEN]``: drop one entry, or every one."""
         current = json.loads(self.get("logit_bias")) if token else {}
-        if token and current.pop(_decode_escapes(token), None) is None:
+        if token and current.pop(decode_escapes(token), None) is None:
             raise SettingError(f"no logit bias for {token!r} (:bias lists them)")
         _, value = parse_value("logit_bias", current)
         self._values["logit_bias"] = (value, source)
@@ -226,7 +226,7 @@ class Settings:
     def add_ban(self, text: str, source: str = "set") -> list[str]:
         """``:ban TEXT``: never produce TEXT (escapes such as \\n understood)."""
         current = json.loads(self.get("ban"))
-        _, value = parse_value("ban", [*current, _decode_escapes(text)])
+        _, value = parse_value("ban", [*current, decode_escapes(text)])
         self._values["ban"] = (value, source)
         return json.loads(value)
 

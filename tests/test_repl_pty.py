@@ -290,3 +290,38 @@ def test_demo_model_stop_regen_eval_and_traceback_free(start, tmp_path):
     term.expect(r"stop\s+\[\]\s+default")
     assert term.quit() == 0
     assert "Traceback" not in term.text
+
+
+def test_probs_pick_mode_appends_tokens_by_hand(start):
+    """:probs alone stays a chart; :probs N pick numbers the rows, appends what the user picks (a row number or
+    a token's text) and shows what follows, until an empty answer; the session then goes on after the picks."""
+    term = start("--max-tokens", "6", model=REPO / "repl" / "demo" / "demo.onnx")
+    term.command(":sampler greedy", "sampler greedy")
+    term.child.sendline("ROMEO")
+    term.expect(r"6 tokens · [\d.]+ tok/s · max_tokens")
+    term.command(":probs 3", "next token (top 3)")
+    term.wait_for_prompt()
+    assert "pick # or token" not in term.text
+    term.child.sendline(":probs 5 pick")
+    term.expect(r'next token \(top 5\) after "[^"]*"')
+    first = term.expect(r'\n\s+1\s+("[^"]+")\s+\d')
+    term.expect_exact("pick # or token (Enter ends):")
+    term.child.sendline("1")
+    term.expect_exact(f"picked {first.group(1)}")
+    term.expect_exact("pick # or token (Enter ends):")
+    term.child.sendline("Q")  # a token by its text, wherever it ranks
+    term.expect_exact('picked "Q"')
+    term.expect(r'after "[^"]*Q"')
+    term.expect_exact("pick # or token (Enter ends):")
+    term.child.sendline("99")
+    term.expect_exact("pick a row 1..5")
+    term.wait_for_prompt()
+    term.child.sendline(":probs pick")
+    term.expect_exact("pick # or token (Enter ends):")
+    term.child.sendline("")
+    term.wait_for_prompt()
+    term.child.sendline("")  # an empty line: the model goes on from the picked text
+    term.expect(r"6 tokens · [\d.]+ tok/s · max_tokens")
+    term.command(":undo", "removed the last turn")
+    term.command(":undo", "removed the last turn")  # the pick of "Q" is a turn of its own
+    assert term.quit() == 0
