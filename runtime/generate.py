@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from runtime.sampling import SamplerChain, SamplerSettings
-from runtime.session import OnnxModel
+from runtime.session import OnnxModel, _host
 from runtime.settings import Settings
 
 TextCallback = Callable[[str], None]
@@ -79,6 +79,19 @@ class _Turn:
     window_start: int  # where the context window began then (for re-feeding when no snapshot is kept)
     snapshot: _Fed | None  # the state before the turn, for an exact undo
     result: GenerationResult | None = None
+
+
+@dataclass
+class SessionSnapshot:
+    """A session put down (``Session.snapshot``): its token history, its turns as (prompt, start, window start,
+    result), and the model state after ``history[fed_start:fed_end]`` (None: re-feed from ``fed_start``)."""
+
+    history: list[int]
+    turns: list[tuple[str, int, int, GenerationResult | None]]
+    fed_start: int
+    fed_end: int
+    state: dict[str, np.ndarray] | None
+    logits: np.ndarray | None
 
 
 @dataclass
@@ -412,6 +425,59 @@ class Session:
         """The id whose text is exactly ``text`` (lowest id first), or None."""
         texts = self._token_texts()
         return texts.index(text) if text in texts else None
+
+    # ------------------------------------------------------------------ put down and pick up
+
+    def snapshot(self) -> SessionSnapshot:
+        """Everything needed to continue this session exactly: the history, the turns, and the model's state after
+        the tokens fed so far (host arrays) with the logits that follow them."""
+        fed = self._fed
+        state = {name: np.array(_host(value)) for name, value in fed.state.items()}
+        logits = None if fed.logits is None else np.array(fed.logits)
+        turns = [(turn.prompt, turn.start, turn.window_start, turn.result) for turn in self._turns]
+        return SessionSnapshot(list(self.history), turns, fed.start, fed.end, state, logits)
+
+    def restore(self, snapshot: SessionSnapshot) -> None:
+        """Continue from ``snapshot`` as if never stopped. Without its state (``snapshot.state`` None, e.g. another
+        model file), the history from the window start is re-fed lazily before the next token. The snapshot must
+        be valid for this model (``check_snapshot``)."""
+        self.history = list(snapshot.history)
+        self._turns = [_Turn(prompt, start, window, None, result) for prompt, start, window, result in snapshot.turns]
+        if snapshot.state is None:
+            self._fed = replace(self._empty(1), start=snapshot.fed_start, end=snapshot.fed_start)
+        else:
+            self._fed = _Fed(dict(snapshot.state), snapshot.fed_start, snapshot.fed_end, snapshot.logits)
+
+    def check_snapshot(self, snapshot: SessionSnapshot) -> str | None:
+        """Why ``snapshot`` cannot continue on this model (one line), or None when it can."""
+        vocab = self.model.info.vocab_size
+        if any(type(token) is not int or not 0 <= token < vocab for token in snapshot.history):
+            return "its token history has ids outside this model's vocabulary"
+        size = len(snapshot.history)
+        if not 0 <= snapshot.fed_start <= snapshot.fed_end <= size:
+            return "its fed range is not inside its history"
+        previous = 0
+        for _, start, window, _ in snapshot.turns:
+            if not (previous <= start <= size and 0 <= window <= start):
+                return "its turns are not in order inside its history"
+            previous = start
+        if snapshot.state is not None:
+            if snapshot.fed_end > snapshot.fed_start and snapshot.logits is None:
+                return "its state has no logits"
+            if snapshot.logits is not None and snapshot.logits.shape != (1, vocab):
+                return "its logits do not fit this model's vocabulary"
+            expected = self.model.initial_state(1)
+            past = snapshot.fed_end - snapshot.fed_start
+            for spec in self.model.info.state:
+                array = snapshot.state.get(spec.input)
+                want = list(expected[spec.input].shape)
+                if spec.seq_axis is not None:
+                    want[spec.seq_axis] = past
+                if array is None or array.dtype != expected[spec.input].dtype or list(array.shape) != want:
+                    return f"its state tensor {spec.input!r} does not fit this model"
+            if set(snapshot.state) != set(expected):
+                return "its state tensors are not this model's"
+        return None
 
     def check_sampler(self) -> None:
         """Build the sampler chain once: a setting that needs the vocabulary (a logit-bias token that is not one
