@@ -89,7 +89,7 @@ def model_fingerprint(model: OnnxModel) -> str:
 
 class ReplApp:
     def __init__(self, model: OnnxModel, settings: Settings, *, device: str = "auto", threads: int | None = None,
-                 history: bool = True, console: Console | None = None) -> None:
+                 history: bool = True, console: Console | None = None, autosave: str | None = None) -> None:
         self.model = model
         self.settings = settings
         self.session = Session(model, settings)
@@ -103,18 +103,34 @@ class ReplApp:
         self._interrupt_requested = False  # set by Ctrl-C while an input is handled
         self._prompt: PromptSession[str] | None = None
         self._model_digest: str | None = None
+        self.autosave = autosave  # where to save the session on exit (--autosave)
+        self.resumed: str | None = None  # the note to show once the header is printed (--session)
 
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
         """Read and handle lines until :quit or Ctrl-D; returns the exit status."""
         self.print_header()
+        if self.resumed:
+            self.note(self.resumed)
         prompt = self._prompt = self._prompt_session()
-        while True:
-            try:
-                return self._loop(prompt)
-            except KeyboardInterrupt:  # a second Ctrl-C while the first was being handled: just go on
-                continue
+        try:
+            while True:
+                try:
+                    return self._loop(prompt)
+                except KeyboardInterrupt:  # a second Ctrl-C while the first was being handled: just go on
+                    continue
+        finally:
+            if self.autosave:
+                self._save_on_exit(self.autosave)
+
+    def _save_on_exit(self, target: str) -> None:
+        try:
+            path = self.save_session(target)
+        except (OSError, ReplError) as exc:
+            self.error(f"autosave failed: {_error_line(exc)}")
+        else:
+            self.note(f"session saved to {path}")
 
     def _loop(self, prompt: PromptSession[str]) -> int:
         while True:

@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="add BIAS (a number or -inf) to TOKEN's logit; TOKEN is its text or #id (repeatable)")
     parser.add_argument("--ban", action="append", default=[], metavar="TEXT",
                         help="never produce TEXT, however it would be tokenized (repeatable; \\n understood)")
+    parser.add_argument("--session", metavar="FILE",
+                        help="resume the session saved in FILE (:save FILE writes one)")
+    parser.add_argument("--autosave", action="store_true",
+                        help="save the session to the --session FILE on exit (created if missing)")
     parser.add_argument("--prompt", metavar="TEXT", help="generate once for TEXT and exit")
     parser.add_argument("--max-tokens", metavar="N", help="shortcut for --set max_new_tokens=N")
     parser.add_argument("--seed", metavar="N", help="shortcut for --set seed=N (same seed, same text)")
@@ -237,7 +241,14 @@ def _run(args: argparse.Namespace) -> int:
     interactive = args.prompt is None and sys.stdin.isatty()
     if interactive and (args.json or args.output or args.n):
         raise CliError("--json, --n and --output need --prompt or prompts piped on stdin")
+    if (args.session or args.autosave) and not interactive:
+        raise CliError("--session and --autosave belong to the interactive REPL (no --prompt, no piped stdin)")
+    if args.autosave and not args.session:
+        raise CliError("--autosave needs --session FILE (where to save)")
+    if args.session and not args.autosave and not Path(args.session).expanduser().is_file():
+        raise CliError(f"--session {args.session}: no such file")
     build_settings({}, args)  # a bad --set fails here, before the (slower) model load
+    from repl.commands import ReplError
     from runtime.generate import Session
     from runtime.session import OnnxModel
 
@@ -254,7 +265,13 @@ def _run(args: argparse.Namespace) -> int:
             from repl.app import ReplApp
 
             app = ReplApp(model, settings, device=args.device, threads=args.threads,
-                          history=not args.no_history)
+                          history=not args.no_history, autosave=args.session if args.autosave else None)
+            if args.session and Path(args.session).expanduser().is_file():
+                try:
+                    _, turns = app.load_session(args.session)
+                except ReplError as error:
+                    raise CliError(str(error)) from None
+                app.resumed = f"resumed {args.session}: {turns} turns"
             return app.run()
         return run_batch(Session(model, settings), args, path)
 

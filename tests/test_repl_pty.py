@@ -325,3 +325,35 @@ def test_probs_pick_mode_appends_tokens_by_hand(start):
     term.command(":undo", "removed the last turn")
     term.command(":undo", "removed the last turn")  # the pick of "Q" is a turn of its own
     assert term.quit() == 0
+
+
+def test_session_put_down_and_picked_up_continues_as_if_never_stopped(start, tmp_path):
+    """--session FILE --autosave saves on Ctrl-D; --session FILE resumes (seed and all), and the next turn's text
+    is the text of a session that never stopped; :save / :load in between changes nothing."""
+    demo = REPO / "repl" / "demo" / "demo.onnx"
+    stored, resumed_save, straight_save = tmp_path / "s.json", tmp_path / "a.json", tmp_path / "b.json"
+    first = start("--seed", "5", "--max-tokens", "30", "--session", str(stored), "--autosave", model=demo)
+    first.child.sendline("ROMEO:")
+    first.expect(r"30 tokens · [\d.]+ tok/s · max_tokens")
+    assert first.quit() == 0
+    assert "session saved to" in first.text and json.loads(stored.read_text(encoding="utf-8"))["version"] == 2
+
+    second = start("--session", str(stored), model=demo)
+    second.expect_exact("resumed")
+    second.command(f":save {tmp_path / 'mid.json'}", "saved 1 turns")
+    second.command(f":load {tmp_path / 'mid.json'}", "settings restored")
+    second.child.sendline("JULIET:")
+    second.expect(r"30 tokens · [\d.]+ tok/s · max_tokens")
+    second.command(f":save {resumed_save}", "saved 2 turns")
+    assert second.quit() == 0
+
+    straight = start("--seed", "5", "--max-tokens", "30", model=demo)
+    for prompt in ("ROMEO:", "JULIET:"):
+        straight.child.sendline(prompt)
+        straight.expect(r"30 tokens · [\d.]+ tok/s · max_tokens")
+    straight.command(f":save {straight_save}", "saved 2 turns")
+    assert straight.quit() == 0
+    resumed = json.loads(resumed_save.read_text(encoding="utf-8"))
+    uninterrupted = json.loads(straight_save.read_text(encoding="utf-8"))
+    assert [turn["text"] for turn in resumed["transcript"]] == [turn["text"] for turn in uninterrupted["transcript"]]
+    assert resumed["history"] == uninterrupted["history"] and resumed["state"] == uninterrupted["state"]
