@@ -40,6 +40,8 @@ modes:
 
 examples:
   textgen-repl --model lstm.onnx
+  textgen-repl --session chat.json --autosave          # resume chat.json, save it back on exit
+  textgen-repl --set dry_multiplier=0.8 --logit-bias e=-inf --ban thou
   textgen-repl --model lstm.onnx --prompt "ROMEO:" --max-tokens 200 --seed 1 --json
   printf 'ROMEO:\\nJULIET:\\n' | textgen-repl --model lstm.onnx --sampler greedy --max-tokens 50
 """
