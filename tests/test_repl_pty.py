@@ -166,6 +166,21 @@ def test_bad_command_and_bad_values_leave_the_session_alive(start):
         "max_new_tokens": ("-5", "max_new_tokens must be in [0, 1000000]"),
         "min_new_tokens": ("x", "min_new_tokens must be an integer"),
         "num_beams": ("0", "num_beams must be in [1, 64]"),
+        "dry_multiplier": ("-1", "dry_multiplier must be >= 0"),
+        "dry_base": ("0.5", "dry_base must be >= 1"),
+        "dry_allowed_length": ("0", "dry_allowed_length must be an integer >= 1"),
+        "dry_penalty_last_n": ("-3", "dry_penalty_last_n must be an integer >= -1"),
+        "dry_sequence_breakers": ("[1]", "dry_sequence_breakers must be a list of strings"),
+        "xtc_probability": ("2", "xtc_probability must be in [0, 1]"),
+        "xtc_threshold": ("-0.1", "xtc_threshold must be in [0, 1]"),
+        "top_n_sigma": ("abc", "top_n_sigma must be a number"),
+        "dynatemp_range": ("-1", "dynatemp_range must be >= 0"),
+        "dynatemp_exponent": ("0", "dynatemp_exponent must be > 0"),
+        "mirostat": ("3", "mirostat must be one of 0, 1, 2"),
+        "mirostat_tau": ("0", "mirostat_tau must be > 0"),
+        "mirostat_eta": ("2", "mirostat_eta must be in (0, 1]"),
+        "logit_bias": ('{"e": "x"}', "must be a number"),
+        "ban": ("[1", "ban: not a JSON list of strings"),
     }
     assert set(KEYS) - set(bad_values) == {"stop"}  # every key is covered (stop's limit: see test_repl_cli)
     for key, (value, message) in bad_values.items():

@@ -8,15 +8,16 @@ Every step is one class with one interface, llama.cpp's (``llama_sampler_i``):
     reset(slot=None, tokens=None)                        forget row ``slot``'s state (all rows: None); with
                                                          ``tokens``, start it again from them
 
-State lives in the step that needs it (the penalties' window per batch row; a future mirostat's mu), moves only
+State lives in the step that needs it (the penalties' window per batch row; mirostat's mu), moves only
 on ``accept`` and starts over on ``reset``. A stateful step sets ``depth``, the number of trailing history
 tokens its state follows; the chain then turns the histories each call passes into those events (one token
 appended since the last call: ``accept``; anything else, e.g. a new prompt, an undo, beam rows reordered:
 ``reset`` with the history's tail), so a step never compares histories itself. Class attributes tell the chain
 the rest: ``sampling_only`` steps only reshape the sampling distribution, so greedy decoding skips them (HF:
 warpers need do_sample); ``may_remove_all`` steps can remove every token, so the chain checks the row after them;
-``random`` steps (XTC, mirostat's own draw) read ``candidates.uniform``, which ``sample`` derives from the row's
-draw uniform (``draw.step_uniform``), so the chain still asks ``rng`` for one uniform per row and call.
+``random`` steps (XTC) read ``candidates.uniform``, which ``sample`` derives from the row's draw uniform by a
+mixing hash (``draw.step_uniform``), so the chain still asks ``rng`` for one uniform per row and call. Steps that
+match text (``needs_vocabulary``) get each id's text from the chain as ``from_settings(..., vocabulary=)``.
 
 Optional fast-path forms, used by the compiled plan (``plan.py``) when a step has them and ignored otherwise:
 
@@ -706,7 +707,8 @@ class MirostatStep(Step):
     """Mirostat 1 and 2 (llama.cpp): truncate the distribution to aim at a target surprise ``tau`` (bits); the
     chain's draw then picks among what is left, and ``accept`` moves the row's ``mu`` by ``eta`` times the
     drawn token's surprise minus tau. mu starts at 2 * tau and goes back there on ``reset`` (a new prompt, an
-    undo, a new session). Version 1 estimates the Zipf exponent from the top ``m`` = 100 tokens and keeps the
+    undo, a new session): it is kept through a turn, and each REPL turn (a chain of its own) starts again from
+    2 * tau; with min_new_tokens > 0 the turn's chain that bans end-of-text keeps a mu of its own. Version 1 estimates the Zipf exponent from the top ``m`` = 100 tokens and keeps the
     top k it implies; version 2 keeps the tokens whose surprise is at most mu."""
 
     sampling_only = True
