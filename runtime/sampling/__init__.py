@@ -18,8 +18,8 @@ Steps, composed in a configurable order (``order``: "llama", "hf" or a comma lis
     mirostat          Mirostat 1 / 2: truncate toward a target surprise; replaces the other sampling filters
 
 "llama" order (the default, llama.cpp's; every llama.cpp sampler is off until set) applies temperature last, so
-the filters see the model's own distribution; "hf" applies it right after the penalties, as Hugging Face does. Greedy (temperature 0) runs only
-the steps that read the history, then takes the argmax.
+the filters see the model's own distribution; "hf" applies it right after the penalties, as Hugging Face does.
+Greedy (temperature 0) runs only the steps that read the history, then takes the argmax.
 
 Modules, by concern:
 
