@@ -708,8 +708,9 @@ class MirostatStep(Step):
     chain's draw then picks among what is left, and ``accept`` moves the row's ``mu`` by ``eta`` times the
     drawn token's surprise minus tau. mu starts at 2 * tau and goes back there on ``reset`` (a new prompt, an
     undo, a new session): it is kept through a turn, and each REPL turn (a chain of its own) starts again from
-    2 * tau; with min_new_tokens > 0 the turn's chain that bans end-of-text keeps a mu of its own. Version 1 estimates the Zipf exponent from the top ``m`` = 100 tokens and keeps the
-    top k it implies; version 2 keeps the tokens whose surprise is at most mu."""
+    2 * tau; with min_new_tokens > 0 the turn's chain that bans end-of-text keeps a mu of its own. Version 1
+    estimates the Zipf exponent from the top ``m`` = 100 tokens and keeps the top k it implies; version 2 keeps
+    the tokens whose surprise is at most mu."""
 
     sampling_only = True
     depth = 1
