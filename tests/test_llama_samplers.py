@@ -207,3 +207,12 @@ def test_bad_values_are_one_line_setting_errors(key: str, value: str, message: s
     with pytest.raises(SettingError, match=re.escape(message)) as error:
         apply_setting(SamplerSettings(), key, value)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("mu", [1e6, -1e6, 5000.0, -5000.0])
+def test_mirostat_survives_an_extreme_mu(version: int, mu: float) -> None:
+    step = MirostatStep(version, tau=5.0, eta=0.1, vocab_size=7)
+    step._mu[0] = mu  # what a long run of surprising tokens with a large eta can reach
+    kept = np.count_nonzero(_step_row(step, np.log([0.5, 0.2, 0.1, 0.1, 0.05, 0.03, 0.02]).tolist(), None))
+    assert kept == (7 if mu > 0 else 1)

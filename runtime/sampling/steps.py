@@ -736,7 +736,8 @@ class MirostatStep(Step):
         if self.version == 1:
             kept = self._top_k(probs, mu)
         else:  # surprise -log2 p <= mu  <=>  p >= 2^-mu; the most likely token always stays
-            kept = np.flatnonzero(probs >= 2.0**-mu)
+            with np.errstate(over="ignore"):
+                kept = np.flatnonzero(probs >= np.exp2(np.float64(-mu)))
             if kept.size == 0:
                 kept = np.array([int(probs.argmax())])
         keep = np.zeros(values.size, dtype=bool)
@@ -769,7 +770,9 @@ class MirostatStep(Step):
         if not math.isfinite(s_hat) or s_hat <= 0 or abs(epsilon) < 1e-12:
             return 1
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            k = ((epsilon * 2.0**mu) / (1 - float(self.vocab_size) ** -epsilon)) ** (1 / s_hat)
+            # numpy scalars, so that overflow is inf under errstate rather than a Python OverflowError
+            k = float(((epsilon * np.exp2(np.float64(mu))) / (1 - np.float64(self.vocab_size) ** -epsilon))
+                      ** (1 / s_hat))
         if not math.isfinite(k):
             return positive if k > 0 else 1
         return int(min(max(k, 1), positive))
