@@ -278,7 +278,7 @@ def format_setting(value: object) -> str:
         return "none"
     if isinstance(value, float):
         return f"{value:g}"
-    if isinstance(value, str) and value.startswith(("[", "{")):  # logit_bias, ban, dry_sequence_breakers: JSON text already
+    if isinstance(value, str) and value.startswith(("[", "{")):  # JSON-valued settings: as typed
         return value
     if isinstance(value, (list, str)):
         return json.dumps(value, ensure_ascii=False)
