@@ -43,7 +43,7 @@ from benchmarks.common import (
     run_main,
 )
 from runtime.defaults import DEFAULT_GENERATION
-from runtime.sampling import SamplerChain, SamplerSettings
+from runtime.sampling import SamplerChain, settings_from_mapping
 
 PROMPT = "ROMEO:"
 CHAR_VOCAB = 67  # the demo's 65 characters + end-of-text + unknown
@@ -57,6 +57,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "full chain (+ min-p 0.05, repetition 1.1)": FULL_CHAIN,
     "full chain, hf order": {**FULL_CHAIN, "order": "hf"},
     "full chain + typical-p 0.9": {**FULL_CHAIN, "typical_p": 0.9},
+    # llama.cpp's samplers (issue 19), each on top of the exporter defaults
+    "defaults + logit bias (3 tokens)": {**EXPORT_DEFAULTS, "logit_bias": {"#1": -1.0, "#2": "-inf", "#3": 2.0}},
+    "defaults + DRY 0.8, last 64": {**EXPORT_DEFAULTS, "dry_multiplier": 0.8, "dry_penalty_last_n": 64},
+    "defaults + DRY 0.8, whole history": {**EXPORT_DEFAULTS, "dry_multiplier": 0.8},
+    "defaults + top-n-sigma 1": {**EXPORT_DEFAULTS, "top_n_sigma": 1.0},
+    "defaults + XTC 0.5 / 0.1": {**EXPORT_DEFAULTS, "xtc_probability": 0.5, "xtc_threshold": 0.1},
+    "defaults + dynatemp 0.5": {**EXPORT_DEFAULTS, "dynatemp_range": 0.5},
+    "mirostat 2 (tau 5, eta 0.1)": {"temperature": 0.8, "mirostat": 2},
+    "mirostat 1 (tau 5, eta 0.1)": {"temperature": 0.8, "mirostat": 1},
 }
 
 
@@ -94,7 +103,7 @@ def sampler_costs(args: Any) -> tuple[Table, tuple[Stats, Stats]]:
     full_at_gpt2 = (Stats([]), Stats([]))
     for vocab, calls in ((CHAR_VOCAB, 200 if args.smoke else 2000), (GPT2_VOCAB, 10 if args.smoke else 200)):
         for name, values in CONFIGS.items():
-            chain = SamplerChain(SamplerSettings(**values), vocab, banned_ids=[vocab - 1])
+            chain = SamplerChain(settings_from_mapping(values), vocab, banned_ids=[vocab - 1])
             wall, cpu = time_chain(chain, vocab, calls, args.repeats)
             table.add(name, f"{vocab:,}", "small" if chain.plan.small else "general", fmt_stats(wall.scaled(1e6)),
                       fmt_stats(cpu.scaled(1e6)))

@@ -8,15 +8,19 @@ goes on; Ctrl-C stops a generation, Ctrl-D exits.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import hashlib
 import json
+import math
 import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prompt_toolkit import PromptSession
 from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
@@ -27,15 +31,16 @@ from rich.text import Text
 from repl.commands import QuitRepl, ReplCompleter, ReplError, parse_command
 from runtime.atomic import atomic_write_text, check_output_path
 from runtime.errors import first_line
-from runtime.generate import GenerationResult, Session, SessionError
+from runtime.generate import GenerationResult, Session, SessionError, SessionSnapshot
 from runtime.modelfile import ModelFileError
 from runtime.sampling import SettingError
 from runtime.session import OnnxModel
 from runtime.settings import Settings
 
 SESSION_FORMAT = "textgen-repl-session"
-SESSION_VERSION = 1
-MAX_SESSION_BYTES = 64 * 1024 * 1024
+SESSION_VERSION = 2  # 2: the token history, turn positions and the model state itself (1: transcript only)
+MAX_SESSION_BYTES = 512 * 1024 * 1024  # a GPT-2 small KV cache at 1,024 tokens is ~100 MB as base64
+STATE_DTYPES = ("float32", "float16")
 BLOCK_QUOTE = '"""'
 USER_SOURCES = ("cli", "set")
 EXIT_HINT = "(Ctrl-C) To exit, type :quit or press Ctrl-D."
@@ -84,7 +89,7 @@ def model_fingerprint(model: OnnxModel) -> str:
 
 class ReplApp:
     def __init__(self, model: OnnxModel, settings: Settings, *, device: str = "auto", threads: int | None = None,
-                 history: bool = True, console: Console | None = None) -> None:
+                 history: bool = True, console: Console | None = None, autosave: str | None = None) -> None:
         self.model = model
         self.settings = settings
         self.session = Session(model, settings)
@@ -97,18 +102,36 @@ class ReplApp:
         self._ends_with_newline = True
         self._notices: list[str] = []  # notices of the running turn, shown after its text (once each)
         self._interrupt_requested = False  # set by Ctrl-C while an input is handled
+        self._prompt: PromptSession[str] | None = None
+        self._model_digest: str | None = None
+        self.autosave = autosave  # where to save the session on exit (--autosave)
+        self.resumed: str | None = None  # the note to show once the header is printed (--session)
 
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
         """Read and handle lines until :quit or Ctrl-D; returns the exit status."""
         self.print_header()
-        prompt = self._prompt_session()
-        while True:
-            try:
-                return self._loop(prompt)
-            except KeyboardInterrupt:  # a second Ctrl-C while the first was being handled: just go on
-                continue
+        if self.resumed:
+            self.note(self.resumed)
+        prompt = self._prompt = self._prompt_session()
+        try:
+            while True:
+                try:
+                    return self._loop(prompt)
+                except KeyboardInterrupt:  # a second Ctrl-C while the first was being handled: just go on
+                    continue
+        finally:
+            if self.autosave:
+                self._save_on_exit(self.autosave)
+
+    def _save_on_exit(self, target: str) -> None:
+        try:
+            path = self.save_session(target)
+        except (OSError, ReplError) as exc:
+            self.error(f"autosave failed: {_error_line(exc)}")
+        else:
+            self.note(f"session saved to {path}")
 
     def _loop(self, prompt: PromptSession[str]) -> int:
         while True:
@@ -183,6 +206,15 @@ class ReplApp:
         for warning in self.settings.warnings:
             self.console.print(Text(f"note: {warning}", style="dim"))
         self.console.print(Text("Type :help for commands, Ctrl-D to exit.", style="dim"))
+
+    def ask(self, question: str) -> str:
+        """One line from the user inside a command (``:probs pick``); Ctrl-D or Ctrl-C answer with nothing."""
+        try:
+            if self._prompt is None:  # not running interactively (embedded use, tests): plain input
+                return input(question)
+            return self._prompt.prompt(question)
+        except (EOFError, KeyboardInterrupt):
+            return ""
 
     def note(self, message: str) -> None:
         self.console.print(Text(message, style="dim"))
@@ -266,20 +298,35 @@ class ReplApp:
     # ------------------------------------------------------------------ :save / :load / :model
 
     def save_session(self, target: str) -> Path:
+        """Write the transcript, the settings and the exact model state (version 2) to ``target``, atomically."""
         path = check_output_path(target, ":save", inputs=(self.model.path,))
+        snapshot = self.session.snapshot()
         transcript = [
             {"prompt": prompt, "text": result.text, "tokens": [int(t) for t in result.tokens],
-             "stop_reason": result.stop_reason}
-            for prompt, result in self.session.turns
+             "stop_reason": result.stop_reason, "start": start, "window_start": window}
+            for prompt, start, window, result in snapshot.turns if result is not None
         ]
         user_settings = {key: value for key, value, source, _ in self.settings.rows() if source in USER_SOURCES}
         document = {
             "format": SESSION_FORMAT, "version": SESSION_VERSION, "model": str(self.model.path),
-            "tokenizer": model_fingerprint(self.model), "settings": user_settings,
-            "all_settings": self.settings.as_dict(), "transcript": transcript,
+            "model_sha256": self.model_digest(), "tokenizer": model_fingerprint(self.model),
+            "settings": user_settings, "all_settings": self.settings.as_dict(), "transcript": transcript,
+            "history": snapshot.history, "fed": {"start": snapshot.fed_start, "end": snapshot.fed_end},
+            "state": {name: encode_array(array) for name, array in snapshot.state.items()},
+            "logits": None if snapshot.logits is None else encode_array(snapshot.logits),
         }
         atomic_write_text(path, json.dumps(document, ensure_ascii=False, indent=1) + "\n")
         return path
+
+    def model_digest(self) -> str:
+        """sha256 of the model file, computed once per model: a saved state continues only on the same file."""
+        if self._model_digest is None:
+            digest = hashlib.sha256()
+            with open(self.model.path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            self._model_digest = digest.hexdigest()
+        return self._model_digest
 
     def load_session(self, target: str) -> tuple[Path, int]:
         path = Path(target).expanduser()
@@ -288,9 +335,34 @@ class ReplApp:
         for key, value in document["settings"].items():
             restored.set(key, value, source="set")  # validated again: the file may have been edited
         same_tokenizer = document.get("tokenizer") == model_fingerprint(self.model)
-        session = replay_transcript(self.model, restored, document["transcript"], same_tokenizer)
+        if document["version"] >= 2 and same_tokenizer:
+            session = self._resume(path, document, restored)
+        else:
+            if document["version"] >= 2:
+                self.note(f"{path} was made with another tokenizer ({document.get('model')}): its text is "
+                          "re-encoded and re-fed")
+            session = replay_transcript(self.model, restored, document["transcript"], same_tokenizer)
         self.settings, self.session = restored, session
         return path, len(document["transcript"])
+
+    def _resume(self, path: Path, document: dict[str, Any], settings: Settings) -> Session:
+        """A version-2 session on a model with the same tokenizer: its exact state on the same model file;
+        otherwise its token history, re-fed (and said so)."""
+        same_file = document.get("model_sha256") == self.model_digest()
+        snapshot = session_snapshot(path, document, with_state=same_file)
+        session = Session(self.model, settings)
+        problem = session.check_snapshot(snapshot)
+        if problem is not None and snapshot.state is not None:
+            self.note(f"{path}: {problem}; re-feeding its {len(snapshot.history)} tokens instead")
+            snapshot.state = None
+            problem = session.check_snapshot(snapshot)
+        if problem is not None:
+            raise ReplError(f"{path}: {problem}")
+        if not same_file:
+            self.note(f"{path} was made with another model file ({document.get('model')}) with the same tokenizer: "
+                      f"re-feeding its {len(snapshot.history) - snapshot.fed_start} tokens into this one")
+        session.restore(snapshot)
+        return session
 
     def switch_model(self, target: str) -> None:
         model = OnnxModel.open(Path(target).expanduser(), device=self.device, threads=self.threads)
@@ -299,6 +371,7 @@ class ReplApp:
             if source in USER_SOURCES:
                 settings.set(key, value, source=source)
         self.model, self.settings, self.session = model, settings, Session(model, settings)
+        self._model_digest = None
         self.print_header()
         self.note("settings kept; the running text starts afresh")
 
@@ -389,6 +462,55 @@ def read_session_file(path: Path) -> dict[str, Any]:
     if not isinstance(transcript, list) or not all(_valid_turn(turn) for turn in transcript):
         raise ReplError(f"{path}: 'transcript' must be a list of {{prompt, text}} objects")
     return document
+
+
+def encode_array(array: np.ndarray) -> dict[str, Any]:
+    return {"dtype": str(array.dtype), "shape": list(array.shape),
+            "data": base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")}
+
+
+def decode_array(value: object, what: str) -> np.ndarray:
+    """An ``encode_array`` record, checked (the file is untrusted): known dtype, sane shape, exact byte count."""
+    if not isinstance(value, dict) or value.get("dtype") not in STATE_DTYPES:
+        raise ReplError(f"{what} must be an array record with dtype {' or '.join(STATE_DTYPES)}")
+    shape = value.get("shape")
+    if not isinstance(shape, list) or not all(type(size) is int and 0 <= size < 1 << 31 for size in shape):
+        raise ReplError(f"{what}: 'shape' must be a list of non-negative integers")
+    try:
+        data = base64.b64decode(str(value.get("data", "")), validate=True)
+    except (binascii.Error, ValueError):
+        raise ReplError(f"{what}: 'data' is not base64") from None
+    dtype = np.dtype(value["dtype"])
+    if len(data) != math.prod(shape) * dtype.itemsize:
+        raise ReplError(f"{what}: {len(data)} bytes do not make an array of shape {shape}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+
+
+def session_snapshot(path: Path, document: dict[str, Any], with_state: bool) -> SessionSnapshot:
+    """A version-2 document's history, turns and (``with_state``) model state, with types checked."""
+    history, fed = document.get("history"), document.get("fed")
+    if not isinstance(history, list) or not all(type(token) is int for token in history):
+        raise ReplError(f"{path}: 'history' must be a list of token ids")
+    if not isinstance(fed, dict) or not all(type(fed.get(key)) is int for key in ("start", "end")):
+        raise ReplError(f"{path}: 'fed' must hold integer start and end")
+    turns = []
+    for turn in document["transcript"]:
+        start, window = turn.get("start"), turn.get("window_start")
+        if type(start) is not int or type(window) is not int:
+            raise ReplError(f"{path}: a version-2 turn needs integer 'start' and 'window_start'")
+        tokens = list(turn.get("tokens") or [])
+        result = GenerationResult(text=turn["text"], tokens=tokens, prompt_tokens=0, seconds=0.0, tokens_per_s=0.0,
+                                  stop_reason=str(turn.get("stop_reason", "max_tokens")), seed=None)
+        turns.append((turn["prompt"], start, window, result))
+    state = logits = None
+    if with_state:
+        raw_state = document.get("state")
+        if not isinstance(raw_state, dict):
+            raise ReplError(f"{path}: 'state' must be an object of arrays")
+        state = {str(name): decode_array(value, f"{path}: state {name!r}") for name, value in raw_state.items()}
+        if document.get("logits") is not None:
+            logits = decode_array(document["logits"], f"{path}: logits")
+    return SessionSnapshot(history, turns, fed["start"], fed["end"], state, logits)
 
 
 def _valid_turn(turn: object) -> bool:

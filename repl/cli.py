@@ -47,6 +47,8 @@ timings (--json fields, and the REPL's status line), split like llama.cpp's:
 
 examples:
   textgen-repl --model lstm.onnx
+  textgen-repl --session chat.json --autosave          # resume chat.json, save it back on exit
+  textgen-repl --set dry_multiplier=0.8 --logit-bias e=-inf --ban thou
   textgen-repl --model lstm.onnx --prompt "ROMEO:" --max-tokens 200 --seed 1 --json
   printf 'ROMEO:\\nJULIET:\\n' | textgen-repl --model lstm.onnx --sampler greedy --max-tokens 50
 """
@@ -74,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sampler preset: greedy, sample, nucleus, beam, loop-guard (applied before --set)")
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                         help="any setting, e.g. --set temp=0.6 --set top_k=40 (repeatable; see :show in the REPL)")
+    parser.add_argument("--logit-bias", dest="logit_bias", action="append", default=[], metavar="TOKEN=BIAS",
+                        help="add BIAS (a number or -inf) to TOKEN's logit; TOKEN is its text or #id (repeatable)")
+    parser.add_argument("--ban", action="append", default=[], metavar="TEXT",
+                        help="never produce TEXT, however it would be tokenized (repeatable; \\n understood)")
+    parser.add_argument("--session", metavar="FILE",
+                        help="resume the session saved in FILE (:save FILE writes one)")
+    parser.add_argument("--autosave", action="store_true",
+                        help="save the session to the --session FILE on exit (created if missing)")
     parser.add_argument("--prompt", metavar="TEXT", help="generate once for TEXT and exit")
     parser.add_argument("--max-tokens", metavar="N", help="shortcut for --set max_new_tokens=N")
     parser.add_argument("--seed", metavar="N", help="shortcut for --set seed=N (same seed, same text)")
@@ -121,7 +131,15 @@ def build_settings(model_defaults: dict[str, Any], args: argparse.Namespace) -> 
     preset = [(settings.PRESET_KEY, args.sampler)] if args.sampler is not None else []
     shortcuts = [(key, value) for key, value in (("max_new_tokens", args.max_tokens), ("seed", args.seed))
                  if value is not None]
-    return settings.build_settings(model_defaults, preset, map(_assignment, args.assignments), shortcuts)
+    built = settings.build_settings(model_defaults, preset, map(_assignment, args.assignments), shortcuts)
+    for text in args.logit_bias:
+        token, sep, bias = text.rpartition("=")
+        if not sep or not token:
+            raise CliError(f"--logit-bias expects TOKEN=BIAS (e.g. e=-inf or #12=2.5), got {text!r}")
+        built.add_bias(token, bias, source="cli")
+    for text in args.ban:
+        built.add_ban(text, source="cli")
+    return built
 
 
 def _assignment(text: str) -> tuple[str, str]:
@@ -258,11 +276,18 @@ def _run(args: argparse.Namespace) -> int:
     interactive = args.prompt is None and sys.stdin.isatty()
     if interactive and (args.json or args.output or args.n):
         raise CliError("--json, --n and --output need --prompt or prompts piped on stdin")
+    if (args.session or args.autosave) and not interactive:
+        raise CliError("--session and --autosave belong to the interactive REPL (no --prompt, no piped stdin)")
+    if args.autosave and not args.session:
+        raise CliError("--autosave needs --session FILE (where to save)")
+    if args.session and not args.autosave and not Path(args.session).expanduser().is_file():
+        raise CliError(f"--session {args.session}: no such file")
     build_settings({}, args)  # a bad --set fails here, before the (slower) model load
     if args.output is not None:  # a folder, the model itself or an unwritable place: refused before any work
         from runtime.atomic import check_output_path
 
         check_output_path(args.output, "--output", inputs=(args.model,) if args.model else ())
+    from repl.commands import ReplError
     from runtime.generate import Session
     from runtime.session import OnnxModel
 
@@ -271,6 +296,7 @@ def _run(args: argparse.Namespace) -> int:
         settings = build_settings(model.info.generation, args)
         for warning in settings.warnings:
             _notice(warning)
+        Session(model, settings).check_sampler()  # a --logit-bias token this vocabulary lacks: exit 2 now
         # Everything loaded so far lives as long as the process: keep it out of the collector's full passes,
         # which otherwise walk ~170k objects (~0.1 s, a visible stall mid-stream) every so often.
         gc.freeze()
@@ -278,7 +304,13 @@ def _run(args: argparse.Namespace) -> int:
             from repl.app import ReplApp
 
             app = ReplApp(model, settings, device=args.device, threads=args.threads,
-                          history=not args.no_history)
+                          history=not args.no_history, autosave=args.session if args.autosave else None)
+            if args.session and Path(args.session).expanduser().is_file():
+                try:
+                    _, turns = app.load_session(args.session)
+                except ReplError as error:
+                    raise CliError(str(error)) from None
+                app.resumed = f"resumed {args.session}: {turns} turns"
             return app.run()
         return run_batch(Session(model, settings), args, path)
 

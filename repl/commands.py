@@ -21,8 +21,17 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from runtime.sampling import ALIASES
-from runtime.settings import KEYS, LOOP_ALIASES, PRESET_HELP, PRESETS, canonical_key, format_setting
+from runtime.sampling import ALIASES, SettingError
+from runtime.settings import (
+    KEYS,
+    LOOP_ALIASES,
+    PRESET_HELP,
+    PRESETS,
+    SETTING_HELP,
+    canonical_key,
+    decode_escapes,
+    format_setting,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -53,6 +62,7 @@ class ReplHost(Protocol):
     session: Session
 
     def note(self, message: str) -> None: ...
+    def ask(self, question: str) -> str: ...
     def regenerate(self) -> None: ...
     def alternatives(self, count: int) -> None: ...
     def save_session(self, target: str) -> Path: ...
@@ -79,8 +89,45 @@ def cmd_set(app: ReplHost, arg: str) -> None:
     key, value = _split_assignment(arg)
     if not key or value is None:
         raise ReplError("usage: :set KEY VALUE (e.g. :set temp 0.6); :show lists the keys")
-    name, parsed = app.settings.set(key, value, source="set")
-    app.note(f"{name} = {format_setting(parsed)}")
+    name = canonical_key(key)
+    _checked(app, name, lambda: app.settings.set(key, value, source="set"))
+    app.note(f"{name} = {format_setting(app.settings.get(name))}")
+
+
+def _checked(app: ReplHost, key: str, change: Callable[[], object]) -> None:
+    """Make a change to ``key``, then build the sampler once: a value this model cannot use (a logit-bias token
+    not in its vocabulary) is undone and reported, so the next turn does not fail on it."""
+    before, source = app.settings.get(key), app.settings.source(key)
+    change()
+    try:
+        app.session.check_sampler()
+    except SettingError:
+        app.settings.set(key, before, source=source)
+        raise
+
+
+def cmd_bias(app: ReplHost, arg: str) -> None:
+    token, _, bias = arg.strip().rpartition(" ")
+    if not arg.strip():
+        app.note(f"logit bias: {app.settings.get('logit_bias')} (:bias TOKEN BIAS adds one, :unbias clears)")
+        return
+    if not token:
+        raise ReplError("usage: :bias TOKEN BIAS (TOKEN: the token's text or #id; BIAS: a number or -inf)")
+    _checked(app, "logit_bias", lambda: app.settings.add_bias(token, bias, source="set"))
+    app.note(f"logit_bias = {app.settings.get('logit_bias')}")
+
+
+def cmd_unbias(app: ReplHost, arg: str) -> None:
+    app.settings.remove_bias(arg.strip() or None, source="set")
+    app.note(f"logit_bias = {app.settings.get('logit_bias')}")
+
+
+def cmd_ban(app: ReplHost, arg: str) -> None:
+    if not arg:
+        app.note(f"banned strings: {app.settings.get('ban')} (:ban TEXT adds one, :unset ban clears them)")
+        return
+    _checked(app, "ban", lambda: app.settings.add_ban(arg, source="set"))
+    app.note(f"banned strings: {app.settings.get('ban')}")
 
 
 def cmd_unset(app: ReplHost, arg: str) -> None:
@@ -122,12 +169,32 @@ def cmd_stop(app: ReplHost, arg: str) -> None:
 
 
 def cmd_probs(app: ReplHost, arg: str) -> None:
-    count = _int_argument(arg, DEFAULT_PROBS, 1, MAX_PROBS, "usage: :probs [N] (1..100)")
-    ranked = app.session.next_token_probs(count)
-    if not ranked:
-        raise ReplError("no token is possible under the current settings")
+    words = arg.split()
+    picking = "pick" in (word.lower() for word in words)
+    rest = " ".join(word for word in words if word.lower() != "pick")
+    count = _int_argument(rest, DEFAULT_PROBS, 1, MAX_PROBS, "usage: :probs [N] [pick] (N: 1..100)")
+    while True:
+        ranked = app.session.next_token_probs(count)
+        if not ranked:
+            raise ReplError("no token is possible under the current settings")
+        _print_chart(app, ranked, picking)
+        if not picking:
+            return
+        answer = app.ask("pick # or token (Enter ends): ")
+        if not answer.strip():
+            return
+        token = _picked_token(app, answer, ranked)
+        result = app.session.pick(token)
+        app.note(f"picked {display_token(result.text)}")
+
+
+def _print_chart(app: ReplHost, ranked: list[tuple[int, str, float]], picking: bool) -> None:
     top = max(prob for _, _, prob in ranked) or 1.0
-    table = Table(box=box.SIMPLE, title=f"next token (top {len(ranked)})", title_justify="left")
+    title = f"next token (top {len(ranked)})"
+    if picking:
+        tail = app.session.model.decode(app.session.history[-40:])[-40:]
+        title += f" after {display_token(tail)}"
+    table = Table(box=box.SIMPLE, title=title, title_justify="left")
     table.add_column("#", justify="right")
     table.add_column("token")
     table.add_column("probability", justify="right")
@@ -136,6 +203,28 @@ def cmd_probs(app: ReplHost, arg: str) -> None:
         bar = "█" * max(1 if prob > 0 else 0, math.floor(BAR_WIDTH * prob / top))
         table.add_row(str(rank), Text(display_token(text)), f"{prob:7.2%}", Text(bar, style="cyan"))
     app.console.print(table)
+
+
+def _picked_token(app: ReplHost, answer: str, ranked: list[tuple[int, str, float]]) -> int:
+    """A row number of the chart, ``#id``, or a token's text (as shown, quoted, or with \\n escapes)."""
+    text = answer.strip()
+    if text.isdigit():
+        if not 1 <= int(text) <= len(ranked):
+            raise ReplError(f"pick a row 1..{len(ranked)}, #id or a token's text")
+        return ranked[int(text) - 1][0]
+    if text.startswith("#") and text[1:].isdigit():
+        return int(text[1:])
+    try:
+        wanted = json.loads(text) if text.startswith('"') else decode_escapes(answer.rstrip("\n"))
+    except json.JSONDecodeError:
+        wanted = text
+    for token, shown, _ in ranked:
+        if shown == wanted:
+            return token
+    token = app.session.token_id(wanted)
+    if token is None:
+        raise ReplError(f"{display_token(wanted)} is not one token of this model (use a row number or #id)")
+    return token
 
 
 def cmd_n(app: ReplHost, arg: str) -> None:
@@ -256,7 +345,7 @@ for a new line. Ctrl-C stops a generation; Ctrl-D (or :quit) exits.
 Commands:"""
 
 _SET_DETAILS = (
-    "keys: " + ", ".join(KEYS) + "\naliases: "
+    "\n".join(f"{key:<22} {SETTING_HELP[key]}" for key in KEYS) + "\naliases: "
     + ", ".join(f"{alias}={name}" for alias, name in {**ALIASES, **LOOP_ALIASES}.items())
     + "\nseed none draws a new random seed per turn; stop texts understand \\n and \\t."
 )
@@ -268,14 +357,21 @@ _COMMAND_LIST = [
     Command("sampler", ":sampler NAME", "preset: " + ", ".join(PRESETS),
             "\n".join(f"{name}: {text}" for name, text in PRESET_HELP.items()), cmd_sampler),
     Command("stop", ":stop TEXT", "also stop generating at TEXT (:unset stop clears)", "", cmd_stop),
-    Command("probs", ":probs [N]", "the N most likely next tokens (default 10)",
-            "Probabilities after the current penalties and filters (top_k, top_p, temperature, ...).", cmd_probs),
+    Command("bias", ":bias TOKEN BIAS", "add BIAS (a number or -inf) to a token's logit (text or #id)", "",
+            cmd_bias),
+    Command("unbias", ":unbias [TOKEN]", "drop one logit bias, or all of them", "", cmd_unbias),
+    Command("ban", ":ban TEXT", "never produce TEXT, however it would be tokenized (:unset ban clears)", "",
+            cmd_ban),
+    Command("probs", ":probs [N] [pick]", "the N most likely next tokens (default 10); pick: choose them by hand",
+            "Probabilities after the current penalties and filters (top_k, top_p, temperature, ...).\n"
+            "With pick, type a row number, #id or a token's text to append that token; the chart then shows\n"
+            "what follows it. Enter on an empty line ends picking; :undo takes a pick back.", cmd_probs),
     Command("n", ":n N", "N alternative continuations of the last prompt (the text stays as it is)", "", cmd_n),
     Command("reset", ":reset", "forget the running text and start afresh", "", cmd_reset),
     Command("undo", ":undo", "remove the last turn (your text and the model's)", "", cmd_undo),
     Command("regen", ":regen", "generate the last turn again", "", cmd_regen),
-    Command("save", ":save FILE", "write the transcript and settings as JSON", "", cmd_save),
-    Command("load", ":load FILE", "restore settings and replay the transcript from a :save file", "", cmd_load),
+    Command("save", ":save FILE", "write the transcript, settings and model state as JSON", "", cmd_save),
+    Command("load", ":load FILE", "continue a :save file exactly where it was put down", "", cmd_load),
     Command("eval", ":eval FILE", "perplexity of the loaded model on a text file (see textgen-eval)", "", cmd_eval),
     Command("model", ":model PATH", "switch to another model file (settings are kept; the text restarts)", "",
             cmd_model),

@@ -79,6 +79,7 @@ from runtime.scoring import (
 from runtime.session import ModelRunError, OnnxModel
 from runtime.settings import PRESETS, Settings, build_settings, canonical_key
 from runtime.textmetrics import (
+    Novelty,
     bits,
     chunk_evenly,
     entropy,
@@ -243,11 +244,12 @@ METRIC_COLUMNS = (
     "eos_share",
 )
 JUDGE_COLUMN = "judge_nats"
+NOVELTY_COLUMNS = ("verbatim_share", "copied_ngram_share")
 # Short table headers (the table must fit a terminal) and the legend printed under it.
 METRIC_TITLES = {
     "unique_word_rate": "uniq-w", "distinct_1": "dist-1", "distinct_2": "dist-2", "distinct_3": "dist-3",
     "entropy": "H/step", "mean_tokens": "tokens", "mean_words": "words", "eos_share": "eos",
-    JUDGE_COLUMN: "judge",
+    JUDGE_COLUMN: "judge", "verbatim_share": "verbatim", "copied_ngram_share": "copied",
 }
 LEGEND = (
     "uniq-w: distinct/total words within a sample (mean); dist-n: distinct word n-grams over all samples; "
@@ -255,6 +257,8 @@ LEGEND = (
     "that ended on end-of-text"
 )
 JUDGE_LEGEND = "; judge: nats/token under the judge model"
+NOVELTY_LEGEND = ("; verbatim: share of samples found verbatim in {corpus} (whole lines); copied: share of the "
+                  "samples' word {n}-grams found in it")
 
 
 @dataclass
@@ -405,9 +409,9 @@ def format_metric(value: float | None, decimals: int = 3) -> str:
     return f"{value:.{decimals}f}"
 
 
-def table_columns(sweeps: Sequence[Sweep], with_judge: bool) -> list[str]:
+def table_columns(sweeps: Sequence[Sweep], with_judge: bool, extra: Sequence[str] = ()) -> list[str]:
     keys = [s.key for s in sweeps] or ["run"]
-    return [*keys, *METRIC_COLUMNS, *([JUDGE_COLUMN] if with_judge else [])]
+    return [*keys, *METRIC_COLUMNS, *([JUDGE_COLUMN] if with_judge else []), *extra]
 
 
 def row_cells(row: MetricsRow, sweeps: Sequence[Sweep], columns: Sequence[str], reference: bool) -> list[str]:
@@ -425,11 +429,11 @@ def row_cells(row: MetricsRow, sweeps: Sequence[Sweep], columns: Sequence[str], 
 
 
 def render_table(rows: Sequence[MetricsRow], reference: MetricsRow | None, sweeps: Sequence[Sweep],
-                 with_judge: bool, title: str = "sampling metrics") -> Any:
+                 with_judge: bool, title: str = "sampling metrics", extra: Sequence[str] = ()) -> Any:
     from rich import box
     from rich.table import Table
 
-    columns = table_columns(sweeps, with_judge)
+    columns = table_columns(sweeps, with_judge, extra)
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     for column in columns:
         numeric = column in METRIC_TITLES
@@ -442,9 +446,9 @@ def render_table(rows: Sequence[MetricsRow], reference: MetricsRow | None, sweep
 
 
 def write_csv(path: Path, rows: Sequence[MetricsRow], reference: MetricsRow | None, sweeps: Sequence[Sweep],
-              with_judge: bool) -> None:
+              with_judge: bool, extra: Sequence[str] = ()) -> None:
     """One line per row; metric cells are plain numbers (empty when undefined) for spreadsheets and pandas."""
-    columns = table_columns(sweeps, with_judge)
+    columns = table_columns(sweeps, with_judge, extra)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
@@ -539,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--reference", help="held-out text to compare the samples' metrics with "
                           "(read with the same --format/--column as --data)")
     sampling.add_argument("--judge", help="another model file: cross-entropy of the samples under it")
+    sampling.add_argument("--novelty", metavar="CORPUS",
+                          help="share of samples found verbatim in CORPUS and of their word n-grams copied from it")
+    sampling.add_argument("--novelty-n", type=int, default=4, metavar="N", help="n for --novelty (default 4)")
     output = parser.add_argument_group("output")
     output.add_argument("--csv", help="also write the sampling table to this CSV file")
     output.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -573,8 +580,10 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise EvalError("nothing to do: give --data FILE (perplexity) and/or --samples N (sampling metrics)")
     if args.samples < 0:
         raise EvalError(f"--samples must be >= 0, got {args.samples}")
-    if args.samples == 0 and (args.sweep or args.reference or args.judge or args.csv):
-        raise EvalError("--sweep, --reference, --judge and --csv need --samples N")
+    if args.samples == 0 and (args.sweep or args.reference or args.judge or args.csv or args.novelty):
+        raise EvalError("--sweep, --reference, --judge, --novelty and --csv need --samples N")
+    if args.novelty_n < 1:
+        raise EvalError(f"--novelty-n must be >= 1, got {args.novelty_n}")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise EvalError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.batch_size < 1:
@@ -587,7 +596,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 def run_sampling(model: OnnxModel, args: argparse.Namespace, sweeps: Sequence[Sweep],
                  fixed: Sequence[tuple[str, str]], judge: OnnxModel | None,
-                 notice: Callable[[str], None]) -> list[MetricsRow]:
+                 notice: Callable[[str], None], novelty: Novelty | None = None) -> list[MetricsRow]:
     grid = sweep_grid(sweeps)
     defaults = base_defaults(model.info.generation, args.base)
     all_settings = [build_settings(defaults, fixed, combo) for combo in grid]  # fail fast on values
@@ -600,6 +609,8 @@ def run_sampling(model: OnnxModel, args: argparse.Namespace, sweeps: Sequence[Sw
         metrics = sample_metrics(result)
         if judge is not None:
             metrics[JUDGE_COLUMN] = judge_nats(judge, args.prompt, result.texts)
+        if novelty is not None:
+            metrics.update(zip(NOVELTY_COLUMNS, novelty.measure(result.texts), strict=True))
         rows.append(MetricsRow(dict(combination), metrics, _resolve_seed(args.seed, settings), result.seconds,
                                result.texts))
     return rows
@@ -678,16 +689,20 @@ def _run(args: argparse.Namespace) -> int:
         base = base_settings(model.info.generation, fixed, sweeps, args.base)
         if args.max_tokens is not None:
             base["max_new_tokens"] = {"value": args.max_tokens, "source": "cli"}
-        rows = run_sampling(model, args, sweeps, fixed, judge, notice)
+        novelty = Novelty(_load_documents(args.novelty, args.format, args.column)[0], args.novelty_n) \
+            if args.novelty else None
+        extra = NOVELTY_COLUMNS if novelty is not None else ()
+        rows = run_sampling(model, args, sweeps, fixed, judge, notice, novelty)
         reference = _reference_row(model, args, rows, notice) if args.reference else None
         report["sampling"] = _sampling_report(args, rows, reference)
         report["sampling"]["base"] = {"from": args.base, "settings": base}
         if args.csv:
-            write_csv(Path(args.csv), rows, reference, sweeps, judge is not None)
+            write_csv(Path(args.csv), rows, reference, sweeps, judge is not None, extra)
         if not args.json:
             console.print(base_line(base), markup=False, emoji=False, soft_wrap=True)
-            console.print(render_table(rows, reference, sweeps, judge is not None, _table_title(args, rows)))
-            notice(LEGEND + (JUDGE_LEGEND if judge is not None else ""))
+            console.print(render_table(rows, reference, sweeps, judge is not None, _table_title(args, rows), extra))
+            legend = NOVELTY_LEGEND.format(corpus=args.novelty, n=args.novelty_n) if novelty is not None else ""
+            notice(LEGEND + (JUDGE_LEGEND if judge is not None else "") + legend)
             if judge is not None:
                 notice("note: repetitive text is easy to predict, so it gets a LOW judge loss; "
                        "read the judge column together with uniq-w and dist-n")

@@ -20,6 +20,7 @@ distribution), so the REPL and ``textgen-eval`` share one implementation of wind
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import time
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from runtime.sampling import SamplerChain, SamplerSettings
-from runtime.session import OnnxModel
+from runtime.session import OnnxModel, _host
 from runtime.settings import Settings
 
 TextCallback = Callable[[str], None]
@@ -99,6 +100,19 @@ class _Turn:
 
 
 @dataclass
+class SessionSnapshot:
+    """A session put down (``Session.snapshot``): its token history, its turns as (prompt, start, window start,
+    result), and the model state after ``history[fed_start:fed_end]`` (None: re-feed from ``fed_start``)."""
+
+    history: list[int]
+    turns: list[tuple[str, int, int, GenerationResult | None]]
+    fed_start: int
+    fed_end: int
+    state: dict[str, np.ndarray] | None
+    logits: np.ndarray | None
+
+
+@dataclass
 class _Plan:
     """The settings of one generation, read once so a mid-generation ``:set`` cannot tear it."""
 
@@ -143,19 +157,22 @@ def alternative_seed(seed: int, index: int) -> int:
     return seed + index
 
 
-def new_plan(model: OnnxModel, settings: Settings) -> _Plan:
+def new_plan(model: OnnxModel, settings: Settings, vocabulary: Callable[[], list[str]] | None = None) -> _Plan:
     """The settings of one generation read once: sampler chains, lengths, stops and a seeded generator (a fresh
-    seed when the settings have none). The server builds one per request row, the Session one per turn."""
+    seed when the settings have none). The server builds one per request row, the Session one per turn.
+    ``vocabulary()`` gives each id's text, asked only when a step matches text (logit bias by text, banned
+    strings, DRY's sequence breakers); without it such settings raise SettingError."""
     sampler = settings.sampler()
     seed = sampler.seed if sampler.seed is not None else draw_seed()
     vocab, banned, eos = model.info.vocab_size, model.banned_ids, model.info.special.eos
     unk = model.info.special.unk
     if unk is not None and settings.get("suppress_unk"):  # banned like padding (runtime/settings.py)
         banned = [*banned, unk]
+    texts = vocabulary() if vocabulary is not None and needs_vocabulary(sampler) else None
     return _Plan(
         sampler=sampler,
-        chain=SamplerChain(sampler, vocab, banned),
-        chain_without_eos=SamplerChain(sampler, vocab, [*banned, eos]),
+        chain=SamplerChain(sampler, vocab, banned, vocabulary=texts),
+        chain_without_eos=SamplerChain(sampler, vocab, [*banned, eos], vocabulary=texts),
         max_new=int(settings.get("max_new_tokens")),
         min_new=int(settings.get("min_new_tokens")),
         beams=int(settings.get("num_beams")),
@@ -177,6 +194,12 @@ def document_start(ids: list[int], eos: int, start_with_eos: bool = True) -> lis
 def kept_on_slide(context_length: int) -> int:
     """Tokens kept when the window slides: three quarters of it, so sliding is rare and context stays long."""
     return max(1, context_length * 3 // 4)
+
+
+def needs_vocabulary(sampler: SamplerSettings) -> bool:
+    """Whether the chain needs each id's text: banned strings, DRY's sequence breakers, logit bias by text."""
+    return sampler.ban != "[]" or sampler.dry_multiplier > 0 or any(
+        not (key.startswith("#") and key[1:].isdigit()) for key in json.loads(sampler.logit_bias))
 
 
 def draw_seed() -> int:
@@ -294,6 +317,7 @@ class Session:
         self._decode_fast = model.tokenizer.decode
         self._fed = self._empty(1)
         self._prompt_done: float | None = None  # when the running turn's prompt was processed
+        self._vocabulary: list[str] | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -493,10 +517,98 @@ class Session:
         best = np.argsort(-probs, kind="stable")[:count]
         return [(int(i), self._token_text(int(i)), float(probs[i])) for i in best if probs[i] > 0]
 
+    def pick(self, token: int) -> GenerationResult:
+        """Append ``token`` by hand (``:probs pick``) as a turn of its own, so that ``:undo`` takes it back and the
+        next turn continues after it; returns that turn's result (its text is the token's)."""
+        if not 0 <= int(token) < self.model.info.vocab_size or int(token) in set(self.model.banned_ids):
+            raise SessionError(f"token #{token} is not in this model's vocabulary")
+        started = time.perf_counter()
+        prompt_ids = self._prompt_ids("")  # eos first when the session is empty, as for a typed prompt
+        self._begin_turn("")
+        self.history.extend([*prompt_ids, int(token)])
+        text = text_after(self._decode_fast, self.history[:-1], [int(token)])
+        result = _result(text, [int(token)], len(prompt_ids), started, "picked", None, False)
+        self._turns[-1].result = result
+        return result
+
+    def token_id(self, text: str) -> int | None:
+        """The id whose text is exactly ``text`` (lowest id first), or None."""
+        texts = self._token_texts()
+        return texts.index(text) if text in texts else None
+
+    # ------------------------------------------------------------------ put down and pick up
+
+    def snapshot(self) -> SessionSnapshot:
+        """Everything needed to continue this session exactly: the history, the turns, and the model's state after
+        the tokens fed so far (host arrays) with the logits that follow them."""
+        fed = self._fed
+        state = {name: np.array(_host(value)) for name, value in fed.state.items()}
+        logits = None if fed.logits is None else np.array(fed.logits)
+        turns = [(turn.prompt, turn.start, turn.window_start, turn.result) for turn in self._turns]
+        return SessionSnapshot(list(self.history), turns, fed.start, fed.end, state, logits)
+
+    def restore(self, snapshot: SessionSnapshot) -> None:
+        """Continue from ``snapshot`` as if never stopped. Without its state (``snapshot.state`` None, e.g. another
+        model file), the history from the window start is re-fed lazily before the next token. The snapshot must
+        be valid for this model (``check_snapshot``)."""
+        self.history = list(snapshot.history)
+        self._turns = [_Turn(prompt, start, window, None, result) for prompt, start, window, result in snapshot.turns]
+        if snapshot.state is None:
+            self._fed = replace(self._empty(1), start=snapshot.fed_start, end=snapshot.fed_start)
+        else:
+            self._fed = _Fed(dict(snapshot.state), snapshot.fed_start, snapshot.fed_end, snapshot.logits)
+
+    def check_snapshot(self, snapshot: SessionSnapshot) -> str | None:
+        """Why ``snapshot`` cannot continue on this model (one line), or None when it can."""
+        vocab = self.model.info.vocab_size
+        if any(type(token) is not int or not 0 <= token < vocab for token in snapshot.history):
+            return "its token history has ids outside this model's vocabulary"
+        size = len(snapshot.history)
+        if not 0 <= snapshot.fed_start <= snapshot.fed_end <= size:
+            return "its fed range is not inside its history"
+        previous = 0
+        for _, start, window, _ in snapshot.turns:
+            if not (previous <= start <= size and 0 <= window <= start):
+                return "its turns are not in order inside its history"
+            previous = start
+        if snapshot.state is not None:
+            if snapshot.fed_end > snapshot.fed_start and snapshot.logits is None:
+                return "its state has no logits"
+            if snapshot.logits is not None and snapshot.logits.shape != (1, vocab):
+                return "its logits do not fit this model's vocabulary"
+            expected = self.model.initial_state(1)
+            past = snapshot.fed_end - snapshot.fed_start
+            for spec in self.model.info.state:
+                array = snapshot.state.get(spec.input)
+                want = list(expected[spec.input].shape)
+                if spec.seq_axis is not None:
+                    want[spec.seq_axis] = past
+                if array is None or array.dtype != expected[spec.input].dtype or list(array.shape) != want:
+                    return f"its state tensor {spec.input!r} does not fit this model"
+            if set(snapshot.state) != set(expected):
+                return "its state tensors are not this model's"
+        return None
+
+    def check_sampler(self) -> None:
+        """Build the sampler chain once: a setting that needs the vocabulary (a logit-bias token that is not one
+        token of this model) raises its SettingError here rather than at the next turn."""
+        self._chain(self.settings.sampler(), self.model.banned_ids)
+
     # ------------------------------------------------------------------ turn plumbing
 
+    def _chain(self, sampler: SamplerSettings, banned: Sequence[int]) -> SamplerChain:
+        vocabulary = self._token_texts() if needs_vocabulary(sampler) else None
+        return SamplerChain(sampler, self.model.info.vocab_size, banned, vocabulary=vocabulary)
+
+    def _token_texts(self) -> list[str]:
+        """Each id's text, for the steps that match text (logit bias by text, banned strings, DRY's breakers);
+        built on first use (a 50k vocabulary takes a moment) and kept."""
+        if self._vocabulary is None:
+            self._vocabulary = [self._token_text(token) for token in range(self.model.info.vocab_size)]
+        return self._vocabulary
+
     def _plan(self) -> _Plan:
-        return new_plan(self.model, self.settings)
+        return new_plan(self.model, self.settings, self._token_texts)
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         """The prompt's ids, after a leading eos when it starts the session and ``start_with_eos`` is on. A prompt

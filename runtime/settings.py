@@ -63,6 +63,43 @@ PRESET_HELP = {
     "beam": "beam search with 4 beams, no repeated bigrams",
     "loop-guard": "repetition_penalty 1.3 and no repeated trigrams (breaks loops)",
 }
+# One line per setting for ``:help set`` (tests check that every key has one).
+SETTING_HELP: dict[str, str] = {
+    "temperature": "divide the logits by this (0 = greedy, > 1 flatter)",
+    "top_k": "keep the k most likely tokens (0 = off)",
+    "top_p": "keep the most likely tokens up to this probability mass (1 = off)",
+    "min_p": "keep tokens at least min_p times as likely as the best (0 = off)",
+    "typical_p": "locally typical sampling mass (1 = off)",
+    "repetition_penalty": "divide repeated tokens' positive logits by this (1 = off)",
+    "presence_penalty": "subtract once from tokens in the penalty window (0 = off)",
+    "frequency_penalty": "subtract count times this from tokens in the window (0 = off)",
+    "penalty_last_n": "the penalties' window in tokens (-1 = whole history, 0 = off)",
+    "no_repeat_ngram_size": "never repeat an n-gram of the history (0 = off)",
+    "dry_multiplier": "DRY: penalty on the token that would extend a repeat (0 = off; llama.cpp uses 0.8)",
+    "dry_base": "DRY: the penalty grows as base^(repeat length - allowed length)",
+    "dry_allowed_length": "DRY: repeats up to this many tokens go unpenalised",
+    "dry_penalty_last_n": "DRY: tokens searched for repeats (-1 = whole history, 0 = off)",
+    "dry_sequence_breakers": "DRY: repeats never span a token containing one of these (JSON list)",
+    "xtc_probability": "XTC: chance per token to exclude the top choices (0 = off)",
+    "xtc_threshold": "XTC: tokens at least this likely are top choices (all but the least go)",
+    "top_n_sigma": "keep logits within n standard deviations of the max (<= 0 = off)",
+    "dynatemp_range": "dynamic temperature: temperature +- range by the entropy (0 = off)",
+    "dynatemp_exponent": "dynamic temperature: exponent on the normalised entropy",
+    "mirostat": "1 or 2: Mirostat aims at a target surprise, replacing the other filters (0 = off)",
+    "mirostat_tau": "Mirostat: target surprise in bits",
+    "mirostat_eta": "Mirostat: learning rate of its running threshold mu",
+    "logit_bias": "add a bias to tokens (JSON object TOKEN -> BIAS; :bias / :unbias)",
+    "ban": "strings the output never contains (JSON list; :ban TEXT adds one)",
+    "order": "step order: llama, hf or a comma list of steps",
+    "seed": "random seed (none = a new one per turn)",
+    "max_new_tokens": "tokens generated per turn at most",
+    "min_new_tokens": "end-of-text is banned until this many tokens",
+    "num_beams": "beam search width (1 = sampling)",
+    "stop": "stop generating at any of these texts",
+    "start_with_eos": "the first prompt follows the end-of-text separator (on for textgen models, off for HF GPT-2)",
+    "suppress_unk": "never generate the unknown token <unk> (on in word-model files)",
+}
+
 # Hugging Face GenerationConfig keys a model file may carry that are not user settings here: ignored quietly.
 _IGNORED_MODEL_KEYS = frozenset({
     "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version",
@@ -87,7 +124,7 @@ def canonical_key(key: str) -> str:
         raise SettingError(f"unknown setting {str(key)!r} (settings: {', '.join(KEYS)})") from None
 
 
-def _decode_escapes(text: str) -> str:
+def decode_escapes(text: str) -> str:
     r"""``\n``, ``\t``, ``\r`` and ``\\`` typed by the user become the characters (non-ASCII text stays as is)."""
     out, index = [], 0
     while index < len(text):
@@ -126,7 +163,7 @@ def _as_bool(key: str, raw: object) -> bool:
 
 def _as_stop_list(raw: object) -> list[str]:
     if isinstance(raw, str):
-        text = _decode_escapes(raw)
+        text = decode_escapes(raw)
         values = [text] if text else []
     elif isinstance(raw, (list, tuple)) and all(isinstance(item, str) for item in raw):
         values = [item for item in raw if item]
@@ -199,6 +236,30 @@ class Settings:
         self._values["stop"] = (value, source)
         return list(value)
 
+    def add_bias(self, token: str, raw_bias: str, source: str = "set") -> dict[str, object]:
+        """``:bias TOKEN BIAS``: one logit-bias entry (TOKEN is a token's text or #id; BIAS a number or -inf)."""
+        current = json.loads(self.get("logit_bias"))
+        current[decode_escapes(token)] = raw_bias
+        _, value = parse_value("logit_bias", current)
+        self._values["logit_bias"] = (value, source)
+        return json.loads(value)
+
+    def remove_bias(self, token: str | None = None, source: str = "set") -> dict[str, object]:
+        """``:unbias [TOKEN]``: drop one entry, or every one."""
+        current = json.loads(self.get("logit_bias")) if token else {}
+        if token and current.pop(decode_escapes(token), None) is None:
+            raise SettingError(f"no logit bias for {token!r} (:bias lists them)")
+        _, value = parse_value("logit_bias", current)
+        self._values["logit_bias"] = (value, source)
+        return json.loads(value)
+
+    def add_ban(self, text: str, source: str = "set") -> list[str]:
+        """``:ban TEXT``: never produce TEXT (escapes such as \\n understood)."""
+        current = json.loads(self.get("ban"))
+        _, value = parse_value("ban", [*current, decode_escapes(text)])
+        self._values["ban"] = (value, source)
+        return json.loads(value)
+
     def unset(self, key: str) -> None:
         """Back to the model's default for this key if it has one, else the built-in default."""
         name = canonical_key(key)
@@ -247,6 +308,8 @@ def format_setting(value: object) -> str:
         return "none"
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, str) and value.startswith(("[", "{")):  # JSON-valued settings: as typed
+        return value
     if isinstance(value, (list, str)):
         return json.dumps(value, ensure_ascii=False)
     return str(value)

@@ -126,3 +126,41 @@ def chunk_evenly(ids: Sequence[int], n_chunks: int, chunk_length: int) -> list[l
     # Integer spacing (size - chunk_length) / (count - 1) >= chunk_length because count * chunk_length <= size.
     starts = [i * (size - chunk_length) // (count - 1) for i in range(count)]
     return [list(ids[start : start + chunk_length]) for start in starts]
+
+
+class Novelty:
+    """How much of generated text a corpus already holds (makemore prints whether a sample is in the training
+    set): the share of samples found verbatim in it, and the share of the samples' word n-grams it contains.
+
+    A sample is found verbatim when its text (surrounding whitespace stripped, each line stripped) appears in
+    the corpus at line boundaries: it is one of the corpus's lines or documents, or a run of whole lines. So
+    "emma" counts when the corpus has the line "emma", not because it has "emmanuel". Word n-grams use
+    ``words`` (case-folded), over each corpus document."""
+
+    def __init__(self, documents: Sequence[str], n: int = 4) -> None:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        self.n = n
+        self._text = "\n" + "\n".join(_stripped_lines(document) for document in documents) + "\n"
+        self._grams: set[int] = set()
+        for document in documents:
+            self._grams.update(hash(gram) for gram in ngrams(words(document), n))
+
+    def found_verbatim(self, text: str) -> bool:
+        body = _stripped_lines(text).strip("\n")
+        return bool(body) and f"\n{body}\n" in self._text
+
+    def measure(self, texts: Sequence[str]) -> tuple[float, float]:
+        """(share of samples found verbatim, share of word n-grams copied); NaN when there is nothing to count."""
+        counted = [text for text in texts if text.strip()]
+        verbatim = sum(self.found_verbatim(text) for text in counted) / len(counted) if counted else math.nan
+        total = copied = 0
+        for text in texts:
+            for gram in ngrams(words(text), self.n):
+                total += 1
+                copied += hash(gram) in self._grams
+        return verbatim, copied / total if total else math.nan
+
+
+def _stripped_lines(text: str) -> str:
+    return "\n".join(line.strip() for line in text.splitlines())

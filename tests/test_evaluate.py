@@ -550,3 +550,43 @@ def test_cli_subprocess_never_imports_torch(model_files, tmp_path: Path) -> None
     bad = run_cli("--model", str(tmp_path / "missing.onnx"), "--data", str(text_file))
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_novelty_by_hand() -> None:
+    from runtime.textmetrics import Novelty
+
+    novelty = Novelty(["emma\n  olivia  ", "The quick brown fox jumps"], n=4)
+    samples = ["emma", "emmanuel", "olivia\n", "a quick brown FOX jumps high", "emma\nolivia", "   "]
+    verbatim, copied = novelty.measure(samples)
+    # found: "emma" (a line), "olivia" (a stripped line), "emma\nolivia" (a run of whole lines); not "emmanuel"
+    # nor the sentence; the blank sample is not counted. 4-grams: only (quick, brown, fox, jumps) of 3 is copied.
+    assert verbatim == pytest.approx(3 / 5)
+    assert copied == pytest.approx(1 / 3)
+    assert math.isnan(Novelty(["x"]).measure([])[0])
+
+
+def test_eval_novelty_against_a_corpus_holding_the_samples_and_one_that_does_not(tmp_path: Path, capsys) -> None:
+    from importlib.resources import files
+
+    from repl.evaluate import GenerationPlan, draw_samples, main
+    from runtime.session import OnnxModel
+    from runtime.settings import build_settings
+
+    demo = OnnxModel.open(files("repl.demo") / "demo.onnx", device="cpu", threads=1)
+    settings = build_settings(demo.info.generation, [("temperature", "0"), ("max_new_tokens", "60")])
+    texts = draw_samples(demo, settings, GenerationPlan(2, "ROMEO:", 60, 0, 16)).texts
+    holding, other = tmp_path / "holding.txt", tmp_path / "other.txt"
+    holding.write_text("A first line.\n" + texts[0].strip() + "\nA last line.\n", encoding="utf-8")
+    other.write_text("zebra quagga okapi\n", encoding="utf-8")
+    args = ["--samples", "2", "--max-tokens", "60", "--set", "temperature=0", "--prompt", "ROMEO:", "--json",
+            "--device", "cpu", "--threads", "1", "--novelty-n", "3"]
+    shares = []
+    for corpus in (holding, other):
+        assert main([*args, "--novelty", str(corpus)]) == 0
+        row = json.loads(capsys.readouterr().out)["sampling"]["rows"][0]
+        shares.append((row["verbatim_share"], row["copied_ngram_share"]))
+    assert shares == [(1.0, 1.0), (0.0, 0.0)]
+    assert main([*args, "--novelty", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    assert main([*args, "--novelty", str(holding), "--novelty-n", "0"]) == 2
+    assert "--novelty-n must be >= 1" in capsys.readouterr().err

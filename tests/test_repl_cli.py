@@ -306,3 +306,10 @@ def test_unwritable_output(cycle_model, tmp_path):
     blocker.write_text("x")
     result = run_cli("--model", str(cycle_model), "--prompt", "a", "--output", str(blocker / "out.txt"))
     assert_one_line_error(result, "cannot write")
+
+
+def test_session_flags_are_checked_before_work(cycle_model, tmp_path):
+    assert_one_line_error(run_cli("--model", str(cycle_model), "--session", str(tmp_path / "s.json"), "--prompt",
+                                  "x"), "--session and --autosave belong to the interactive REPL")
+    assert_one_line_error(run_cli("--model", str(cycle_model), "--autosave", stdin=""),
+                          "--session and --autosave belong to the interactive REPL")

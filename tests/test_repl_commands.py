@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import math
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -110,3 +112,107 @@ def test_the_header_names_the_weight_format_from_the_source_metadata(source: dic
     from repl.app import weight_format
 
     assert weight_format(source) == label
+
+
+def test_bias_unbias_and_ban_commands_change_the_sampler_and_bad_tokens_are_undone(demo_model):
+    app, out = make_app(demo_model)
+    app.handle(":bias e -inf")
+    app.handle(":bias #5 2")
+    assert json.loads(app.settings.get("logit_bias")) == {"e": "-inf", "#5": 2.0}
+    app.handle(":bias zz 1")  # not one token of the demo's vocabulary: reported, and the old value stays
+    assert "'zz' is not one token" in out.getvalue()
+    assert json.loads(app.settings.get("logit_bias")) == {"e": "-inf", "#5": 2.0}
+    app.handle(":unbias #5")
+    assert json.loads(app.settings.get("logit_bias")) == {"e": "-inf"}
+    app.handle(":ban the")
+    assert json.loads(app.settings.get("ban")) == ["the"]
+    app.handle(":set temp 0")
+    text = app.session.generate("The ").text
+    assert "e" not in text and "the" not in text and len(text) > 50
+    app.handle(":unbias")
+    assert app.settings.get("logit_bias") == "{}"
+    app.handle(":set mirostat 3")
+    assert "mirostat must be one of 0, 1, 2" in out.getvalue()
+
+
+def test_show_lists_the_new_settings_with_their_source_and_help_set_explains_every_key(demo_model):
+    from runtime.settings import KEYS, SETTING_HELP
+
+    assert set(SETTING_HELP) == set(KEYS)
+    app, out = make_app(demo_model)
+    app.handle(":set dry_multiplier 0.8")
+    app.handle(":show")
+    shown = out.getvalue()
+    for key in ("dry_multiplier", "xtc_probability", "mirostat", "top_n_sigma", "dynatemp_range", "logit_bias"):
+        assert key in shown
+    assert any("dry_multiplier" in line and "0.8" in line and "set" in line for line in shown.splitlines())
+    app.handle(":help set")
+    assert SETTING_HELP["xtc_threshold"] in out.getvalue()
+
+
+def _continued_text(app: ReplApp) -> str:
+    return app.session.generate("\nJULIET:").text
+
+
+def test_a_loaded_session_continues_exactly_as_an_uninterrupted_one(demo_model, tmp_path):
+    """:save then :load (in another app) and the next sampled text, same seed, is identical to the session that
+    never stopped; the state itself comes back, not a re-feed (same model file)."""
+    uninterrupted, _ = make_app(demo_model)
+    first, out = make_app(demo_model)
+    for app in (uninterrupted, first):
+        app.handle(":set seed 7")
+        app.handle(":set max_tokens 80")
+        app.session.generate("ROMEO:")
+        app.session.generate("")  # a turn that continues the text (pending token fed with nothing)
+    expected = _continued_text(uninterrupted)
+    saved = tmp_path / "chat.json"
+    first.handle(f":save {saved}")
+    document = json.loads(saved.read_text(encoding="utf-8"))
+    assert document["version"] == 2 and document["state"] and document["history"] == first.session.history
+    second, out = make_app(demo_model)
+    second.handle(f":load {saved}")
+    assert "re-feeding" not in out.getvalue()
+    assert second.session.history == first.session.history
+    assert second.settings.get("seed") == 7 and second.settings.get("max_new_tokens") == 80
+    assert _continued_text(second) == expected
+    second.handle(":undo")  # turns came back: undo re-feeds from the turn's window start
+    assert len(second.session.turns) == 2
+
+
+def test_a_session_from_another_model_file_is_re_fed_with_a_message(demo_model, tmp_path, edit_metadata):
+    from importlib.resources import files
+
+    first, _ = make_app(demo_model)
+    first.handle(":set seed 3")
+    first.session.generate("ROMEO:")
+    saved = tmp_path / "chat.json"
+    first.handle(f":save {saved}")
+    other_path = edit_metadata(Path(str(files("repl.demo") / "demo.onnx")), "other.onnx",
+                               lambda meta: meta.update({"textgen.note": "another file"}))
+    other, out = make_app(OnnxModel.open(other_path, device="cpu"))
+    other.handle(f":load {saved}")
+    assert "another model file" in out.getvalue() and "re-feeding" in out.getvalue()
+    assert other.session.history == first.session.history
+    assert other.session.generate("x").tokens  # it goes on
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda d: d.update(history=[1, 2, "x"]), "'history' must be a list of token ids"),
+    (lambda d: d.update(history=[10**9]), "outside this model's vocabulary"),
+    (lambda d: d["state"][next(iter(d["state"]))].update(data="!!"), "not base64"),
+    (lambda d: d["state"][next(iter(d["state"]))].update(shape=[1, 2]), "do not make an array"),
+    (lambda d: d["state"][next(iter(d["state"]))].update(dtype="object"), "dtype float32 or float16"),
+    (lambda d: d.update(fed={"start": 0, "end": 10**6}), "fed range"),
+])
+def test_a_tampered_session_file_is_a_clear_error_and_the_session_goes_on(demo_model, tmp_path, change, message):
+    app, out = make_app(demo_model)
+    app.session.generate("ROMEO:")
+    saved = tmp_path / "chat.json"
+    app.handle(f":save {saved}")
+    document = json.loads(saved.read_text(encoding="utf-8"))
+    change(document)
+    saved.write_text(json.dumps(document), encoding="utf-8")
+    history = list(app.session.history)
+    app.handle(f":load {saved}")
+    assert message in out.getvalue() and "Traceback" not in out.getvalue()
+    assert app.session.history == history

@@ -168,6 +168,21 @@ def test_bad_command_and_bad_values_leave_the_session_alive(start):
         "num_beams": ("0", "num_beams must be in [1, 64]"),
         "start_with_eos": ("maybe", "start_with_eos must be on or off"),
         "suppress_unk": ("2", "suppress_unk must be on or off"),
+        "dry_multiplier": ("-1", "dry_multiplier must be >= 0"),
+        "dry_base": ("0.5", "dry_base must be >= 1"),
+        "dry_allowed_length": ("0", "dry_allowed_length must be an integer >= 1"),
+        "dry_penalty_last_n": ("-3", "dry_penalty_last_n must be an integer >= -1"),
+        "dry_sequence_breakers": ("[1]", "dry_sequence_breakers must be a list of strings"),
+        "xtc_probability": ("2", "xtc_probability must be in [0, 1]"),
+        "xtc_threshold": ("-0.1", "xtc_threshold must be in [0, 1]"),
+        "top_n_sigma": ("abc", "top_n_sigma must be a number"),
+        "dynatemp_range": ("-1", "dynatemp_range must be >= 0"),
+        "dynatemp_exponent": ("0", "dynatemp_exponent must be > 0"),
+        "mirostat": ("3", "mirostat must be one of 0, 1, 2"),
+        "mirostat_tau": ("0", "mirostat_tau must be > 0"),
+        "mirostat_eta": ("2", "mirostat_eta must be in (0, 1]"),
+        "logit_bias": ('{"e": "x"}', "must be a number"),
+        "ban": ("[1", "ban: not a JSON list of strings"),
     }
     assert set(KEYS) - set(bad_values) == {"stop"}  # every key is covered (stop's limit: see test_repl_cli)
     for key, (value, message) in bad_values.items():
@@ -310,3 +325,70 @@ def test_unknown_prompt_characters_are_named_once_per_turn_and_timings_are_split
         term.expect_exact(f"alternative {index}/2")
         term.expect(rf"seed {3 + index - 1}\b")
     assert term.quit() == 0
+
+
+def test_probs_pick_mode_appends_tokens_by_hand(start):
+    """:probs alone stays a chart; :probs N pick numbers the rows, appends what the user picks (a row number or
+    a token's text) and shows what follows, until an empty answer; the session then goes on after the picks."""
+    term = start("--max-tokens", "6", model=REPO / "repl" / "demo" / "demo.onnx")
+    term.command(":sampler greedy", "sampler greedy")
+    term.child.sendline("ROMEO")
+    term.expect(r"6 tokens · [\d.]+ tok/s · max_tokens")
+    term.command(":probs 3", "next token (top 3)")
+    term.wait_for_prompt()
+    assert "pick # or token" not in term.text
+    term.child.sendline(":probs 5 pick")
+    term.expect(r'next token \(top 5\) after "[^"]*"')
+    first = term.expect(r'\n\s+1\s+("[^"]+")\s+\d')
+    term.expect_exact("pick # or token (Enter ends):")
+    term.child.sendline("1")
+    term.expect_exact(f"picked {first.group(1)}")
+    term.expect_exact("pick # or token (Enter ends):")
+    term.child.sendline("Q")  # a token by its text, wherever it ranks
+    term.expect_exact('picked "Q"')
+    term.expect(r'after "[^"]*Q"')
+    term.expect_exact("pick # or token (Enter ends):")
+    term.child.sendline("99")
+    term.expect_exact("pick a row 1..5")
+    term.wait_for_prompt()
+    term.child.sendline(":probs pick")
+    term.expect_exact("pick # or token (Enter ends):")
+    term.child.sendline("")
+    term.wait_for_prompt()
+    term.child.sendline("")  # an empty line: the model goes on from the picked text
+    term.expect(r"6 tokens · [\d.]+ tok/s · max_tokens")
+    term.command(":undo", "removed the last turn")
+    term.command(":undo", "removed the last turn")  # the pick of "Q" is a turn of its own
+    assert term.quit() == 0
+
+
+def test_session_put_down_and_picked_up_continues_as_if_never_stopped(start, tmp_path):
+    """--session FILE --autosave saves on Ctrl-D; --session FILE resumes (seed and all), and the next turn's text
+    is the text of a session that never stopped; :save / :load in between changes nothing."""
+    demo = REPO / "repl" / "demo" / "demo.onnx"
+    stored, resumed_save, straight_save = tmp_path / "s.json", tmp_path / "a.json", tmp_path / "b.json"
+    first = start("--seed", "5", "--max-tokens", "30", "--session", str(stored), "--autosave", model=demo)
+    first.child.sendline("ROMEO:")
+    first.expect(r"30 tokens · [\d.]+ tok/s · max_tokens")
+    assert first.quit() == 0
+    assert "session saved to" in first.text and json.loads(stored.read_text(encoding="utf-8"))["version"] == 2
+
+    second = start("--session", str(stored), model=demo)
+    second.expect_exact("resumed")
+    second.command(f":save {tmp_path / 'mid.json'}", "saved 1 turns")
+    second.command(f":load {tmp_path / 'mid.json'}", "settings restored")
+    second.child.sendline("JULIET:")
+    second.expect(r"30 tokens · [\d.]+ tok/s · max_tokens")
+    second.command(f":save {resumed_save}", "saved 2 turns")
+    assert second.quit() == 0
+
+    straight = start("--seed", "5", "--max-tokens", "30", model=demo)
+    for prompt in ("ROMEO:", "JULIET:"):
+        straight.child.sendline(prompt)
+        straight.expect(r"30 tokens · [\d.]+ tok/s · max_tokens")
+    straight.command(f":save {straight_save}", "saved 2 turns")
+    assert straight.quit() == 0
+    resumed = json.loads(resumed_save.read_text(encoding="utf-8"))
+    uninterrupted = json.loads(straight_save.read_text(encoding="utf-8"))
+    assert [turn["text"] for turn in resumed["transcript"]] == [turn["text"] for turn in uninterrupted["transcript"]]
+    assert resumed["history"] == uninterrupted["history"] and resumed["state"] == uninterrupted["state"]

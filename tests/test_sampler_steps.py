@@ -28,7 +28,7 @@ import runtime.sampling.plan as sampling_plan
 from runtime.sampling import PRESET_ORDERS, REGISTRY, SamplerChain, SamplerSettings
 from runtime.sampling.candidates import Candidates, Scratch
 from runtime.sampling.steps import Filter, Step
-from runtime.sampling.validation import RULES, FloatRange, IntAtLeast
+from runtime.sampling.validation import RULES, FloatRange, IntAtLeast, IntChoice
 
 
 class KeepAboveMeanStep(Filter):
@@ -100,6 +100,8 @@ def setting_values(name: str, default: object) -> st.SearchStrategy:
         return st.one_of(st.just(default), st.just(low), st.floats(low, high))
     if isinstance(check, IntAtLeast):
         return st.one_of(st.just(default), st.integers(check.minimum, check.minimum + 12))
+    if isinstance(check, IntChoice):
+        return st.one_of(st.just(default), st.sampled_from(check.choices))
     return st.just(default)  # order and seed are drawn below
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from runtime.sampling.candidates import FLOAT32_MAX, Bans, Candidates, Scratch, View, finite, probabilities, sanitize
 from runtime.sampling.draw import draw, step_uniform
 from runtime.sampling.plan import Plan
-from runtime.sampling.settings import SamplerSettings
+from runtime.sampling.settings import SamplerSettings, SettingError
 from runtime.sampling.steps import REGISTRY, Step
 from runtime.sampling.validation import resolve_order, validate
 
@@ -76,21 +76,26 @@ class HistoryFollower:
 class SamplerChain:
     """Applies the configured steps to a batch of logits and draws one token per row."""
 
-    def __init__(self, settings: SamplerSettings, vocab_size: int, banned_ids: Sequence[int] = ()):
+    def __init__(self, settings: SamplerSettings, vocab_size: int, banned_ids: Sequence[int] = (),
+                 vocabulary: Sequence[str] | None = None):
         validate(settings)
         if int(vocab_size) < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         self.settings = settings
         self.vocab_size = int(vocab_size)
         self.greedy = settings.temperature <= 0
+        self.vocabulary = vocabulary
         self.banned_ids = self._check_ids(banned_ids, "banned_ids")
         if self.banned_ids.size >= self.vocab_size:
             raise ValueError("banned_ids cover the whole vocabulary")
-        self.step_names = tuple(
-            name for name in resolve_order(settings.order) if not (self.greedy and REGISTRY[name].sampling_only)
-        )
-        built = (REGISTRY[name].from_settings(settings, self.vocab_size) for name in self.step_names)
-        self.steps: list[Step] = [step for step in built if step is not None]
+        names = resolve_order(settings.order)
+        if settings.mirostat:  # llama.cpp: mirostat replaces the other sampling steps (temperature stays)
+            names = tuple(name for name in names
+                          if not REGISTRY[name].sampling_only or name in ("temperature", "mirostat"))
+            if "mirostat" not in names:
+                names = (*names, "mirostat")
+        self.step_names = tuple(name for name in names if not (self.greedy and REGISTRY[name].sampling_only))
+        self.steps: list[Step] = [step for step in map(self._build, self.step_names) if step is not None]
         stateful = [step for step in self.steps if step.depth is not None]
         self._follower = HistoryFollower(stateful) if stateful else None
         self.plan = Plan(self.steps, self.vocab_size, self.greedy)
@@ -99,6 +104,15 @@ class SamplerChain:
         self._scratch = Scratch()
         self._ban_cache: dict[tuple, Bans] = {}
         self._base_bans = self._make_bans()
+
+    def _build(self, name: str) -> Step | None:
+        kind = REGISTRY[name]
+        if getattr(kind, "needs_vocabulary", False):
+            try:
+                return kind.from_settings(self.settings, self.vocab_size, vocabulary=self.vocabulary)
+            except ValueError as error:  # e.g. a logit-bias key that is not one token of this vocabulary
+                raise SettingError(str(error)) from None
+        return kind.from_settings(self.settings, self.vocab_size)
 
     def _check_ids(self, ids: Sequence[int], what: str) -> np.ndarray:
         array = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))

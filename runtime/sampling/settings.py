@@ -9,10 +9,18 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+# llama.cpp's default order (common/common.h: penalties, dry, top_n_sigma, top_k, typ_p, top_p, min_p, xtc,
+# temperature), with logit_bias first (llama.cpp adds it ahead of the chain), the history bans (ban strings,
+# no-repeat n-grams) next to the penalties, and mirostat last: with mirostat on, the chain keeps only the steps
+# that are not sampling-only, temperature and mirostat, as llama.cpp does.
 PRESET_ORDERS: dict[str, tuple[str, ...]] = {
-    "llama": ("penalties", "no_repeat_ngram", "top_k", "typical_p", "top_p", "min_p", "temperature"),
-    "hf": ("penalties", "no_repeat_ngram", "temperature", "top_k", "typical_p", "top_p", "min_p"),
+    "llama": ("logit_bias", "penalties", "dry", "ban", "no_repeat_ngram", "top_n_sigma", "top_k", "typical_p",
+              "top_p", "min_p", "xtc", "temperature", "mirostat"),
+    "hf": ("logit_bias", "penalties", "dry", "ban", "no_repeat_ngram", "temperature", "top_n_sigma", "top_k",
+           "typical_p", "top_p", "min_p", "xtc", "mirostat"),
 }
+
+DEFAULT_DRY_BREAKERS = '["\\n", ":", "\\"", "*"]'  # llama.cpp's: newline, colon, double quote, asterisk
 
 
 @dataclass
@@ -27,6 +35,22 @@ class SamplerSettings:
     frequency_penalty: float = 0.0  # subtract count * value
     penalty_last_n: int = 64  # window of recent tokens for the three penalties; 0 = off, -1 = whole history
     no_repeat_ngram_size: int = 0  # ban tokens that would repeat an n-gram of the history (HF semantics)
+    # llama.cpp's samplers, under llama.cpp's names and defaults (each off by default)
+    dry_multiplier: float = 0.0  # DRY: 0 = off
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1  # -1 = whole history, 0 = off
+    dry_sequence_breakers: str = DEFAULT_DRY_BREAKERS  # JSON list of strings
+    xtc_probability: float = 0.0  # XTC: 0 = off
+    xtc_threshold: float = 0.1  # > 0.5 = off
+    top_n_sigma: float = -1.0  # <= 0 = off
+    dynatemp_range: float = 0.0  # 0 = off
+    dynatemp_exponent: float = 1.0
+    mirostat: int = 0  # 0 = off, 1 = Mirostat, 2 = Mirostat 2.0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    logit_bias: str = "{}"  # JSON object: token text or "#id" -> bias (a number or "-inf")
+    ban: str = "[]"  # JSON list of strings the output never contains
     order: str = "llama"  # "llama", "hf" or an explicit comma list of step names
     seed: int | None = None
 
@@ -50,6 +74,14 @@ ALIASES = {
     "samplers": "order",
     "sampler_order": "order",
     "random_seed": "seed",
+    "dry_last_n": "dry_penalty_last_n",
+    "dry_breakers": "dry_sequence_breakers",
+    "dry_sequence_breaker": "dry_sequence_breakers",
+    "top_nsigma": "top_n_sigma",
+    "dynatemp_exp": "dynatemp_exponent",
+    "mirostat_lr": "mirostat_eta",
+    "mirostat_ent": "mirostat_tau",
+    "banned_strings": "ban",
 }
 
 

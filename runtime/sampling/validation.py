@@ -9,6 +9,7 @@ setting without new test code. The step names an ``order`` may list come from th
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -94,6 +95,46 @@ def resolve_order(order: str) -> tuple[str, ...]:
     return steps
 
 
+def _as_strings(name: str, value: object) -> str:
+    """A list of strings, as canonical JSON text: from a list, JSON list text, or one comma-free string list
+    ``a,b`` (JSON is the way to name a comma)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise SettingError(f"{name}: not a JSON list of strings ({error.msg}): {value!r}") from None
+        else:
+            value = [part for part in value.split(",") if part] if value else []
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+        raise SettingError(f"{name} must be a list of strings, got {_show(value)}")
+    return json.dumps(list(value))
+
+
+def parse_bias(name: str, raw: object) -> float:
+    """A logit bias: a finite number or -inf (which removes the token)."""
+    if isinstance(raw, str) and raw.strip().lower() in ("-inf", "-infinity"):
+        return -math.inf
+    return _as_float(name, raw)
+
+
+def _as_bias_map(name: str, value: object) -> str:
+    """token text or #id -> bias, as canonical JSON text (-inf written as the string "-inf")."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as error:
+            raise SettingError(f"{name}: not a JSON object of token -> bias ({error.msg}): {value!r}") from None
+    if not isinstance(value, dict) or not all(isinstance(key, str) and key for key in value):
+        raise SettingError(f"{name} must map token texts (or #id) to biases, got {_show(value)}")
+    canonical: dict[str, object] = {}
+    for key, raw in value.items():
+        bias = parse_bias(f"{name} {key!r}", raw)
+        canonical[key] = "-inf" if bias == -math.inf else bias
+    return json.dumps(canonical)
+
+
 def _as_order(name: str, value: object) -> str:
     steps = resolve_order(value)  # type: ignore[arg-type]
     text = str(value).strip().lower()
@@ -137,6 +178,19 @@ class IntAtLeast:
             raise SettingError(f"{name} must be an integer >= {self.minimum}{self.note}, got {value}")
 
 
+@dataclass(frozen=True)
+class IntChoice:
+    """An integer among a few values, e.g. mirostat 0, 1 or 2."""
+
+    choices: tuple[int, ...]
+    note: str = ""
+
+    def __call__(self, name: str, value: int) -> None:
+        if value not in self.choices:
+            wanted = ", ".join(str(choice) for choice in self.choices)
+            raise SettingError(f"{name} must be one of {wanted}{self.note}, got {value}")
+
+
 def _no_check(name: str, value: object) -> None:
     return None
 
@@ -153,10 +207,27 @@ RULES: dict[str, tuple[Callable[[str, object], object], Callable[[str, object], 
     "frequency_penalty": (_as_float, FloatRange(None, None)),
     "penalty_last_n": (_as_int, IntAtLeast(-1, " (-1 = whole history, 0 = off)")),
     "no_repeat_ngram_size": (_as_int, IntAtLeast(0, " (0 = off)")),
+    "dry_multiplier": (_as_float, FloatRange(0.0, None, note=" (0 = off)")),
+    "dry_base": (_as_float, FloatRange(1.0, None)),
+    "dry_allowed_length": (_as_int, IntAtLeast(1)),
+    "dry_penalty_last_n": (_as_int, IntAtLeast(-1, " (-1 = whole history, 0 = off)")),
+    "dry_sequence_breakers": (_as_strings, _no_check),
+    "xtc_probability": (_as_float, FloatRange(0.0, 1.0, note=" (0 = off)")),
+    "xtc_threshold": (_as_float, FloatRange(0.0, 1.0, note=" (> 0.5 = off)")),
+    "top_n_sigma": (_as_float, FloatRange(None, None)),
+    "dynatemp_range": (_as_float, FloatRange(0.0, None, note=" (0 = off)")),
+    "dynatemp_exponent": (_as_float, FloatRange(0.0, None, low_open=True)),
+    "mirostat": (_as_int, IntChoice((0, 1, 2), " (0 = off, 1 = Mirostat, 2 = Mirostat 2.0)")),
+    "mirostat_tau": (_as_float, FloatRange(0.0, None, low_open=True)),
+    "mirostat_eta": (_as_float, FloatRange(0.0, 1.0, low_open=True)),
+    "logit_bias": (_as_bias_map, _no_check),
+    "ban": (_as_strings, _no_check),
     "order": (_as_order, _no_check),
     "seed": (_as_seed, _no_check),
 }
 
+
+_TEXT_SETTINGS = ("order", "dry_sequence_breakers", "logit_bias", "ban")  # settings whose value is text
 
 # ----------------------------------------------------------------------------------------------------------------
 # Parsing
@@ -186,7 +257,8 @@ def validate(settings: SamplerSettings) -> None:
     """Raise SettingError (one line) unless every field has a usable type and range."""
     for name, (convert, check) in RULES.items():
         value = getattr(settings, name)
-        if isinstance(value, str) != (name == "order"):  # strings are user text: parse_setting converts those
+        if isinstance(value, str) != (name in _TEXT_SETTINGS):  # other strings are user text: parse_setting
+            # converts those
             raise SettingError(f"{name} has the wrong type: {_show(value)}")
         if convert is _as_int and not isinstance(value, (int, np.integer)):
             raise SettingError(f"{name} must be an integer, got {_show(value)}")
