@@ -121,7 +121,7 @@ def canonical_key(key: str) -> str:
         if close:
             suggestion = LOOP_ALIASES.get(close[0], ALIASES.get(close[0], close[0]))
             raise SettingError(f"unknown setting {str(key)!r}; did you mean {suggestion}?") from None
-        raise SettingError(f"unknown setting {str(key)!r} (settings: {', '.join(KEYS)})") from None
+        raise SettingError(f"unknown setting {str(key)!r} (:help set in the REPL lists every setting)") from None
 
 
 def decode_escapes(text: str) -> str:
