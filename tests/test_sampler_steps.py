@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import runtime.sampling.plan as sampling_plan
-from runtime.sampling import PRESET_ORDERS, REGISTRY, SamplerChain, SamplerSettings
+from runtime.sampling import PRESET_ORDERS, REGISTRY, SamplerChain, SamplerSettings, SettingError
 from runtime.sampling.candidates import Candidates, Scratch
 from runtime.sampling.steps import Filter, Step
 from runtime.sampling.validation import RULES, FloatRange, IntAtLeast, IntChoice
@@ -91,13 +91,22 @@ def general_path() -> Iterator[None]:
 # Strategies read from the settings' own rules
 
 
+def _valid(check: FloatRange, value: float) -> bool:
+    try:
+        check("value", value)
+    except SettingError:
+        return False
+    return True
+
+
 def setting_values(name: str, default: object) -> st.SearchStrategy:
     """Valid values of one setting, drawn from its rule's range (bounded to a sane span), or its default."""
     check = RULES[name][1]
     if isinstance(check, FloatRange):
         low = -5.0 if check.low is None else check.low + (1e-3 if check.low_open else 0.0)
         high = low + 10.0 if check.high is None else min(check.high, low + 10.0)
-        return st.one_of(st.just(default), st.just(low), st.floats(low, high))
+        values = st.floats(low, high).filter(lambda value: _valid(check, value))
+        return st.one_of(st.just(default), st.just(low), values)
     if isinstance(check, IntAtLeast):
         return st.one_of(st.just(default), st.integers(check.minimum, check.minimum + 12))
     if isinstance(check, IntChoice):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
@@ -169,6 +170,19 @@ class FloatRange:
 
 
 @dataclass(frozen=True)
+class TemperatureRange(FloatRange):
+    """0 (greedy) or a normal float: dividing by a subnormal temperature (below 2.2e-308) turns every logit into an
+    infinity, where no cut or draw means anything; tiny normal ones such as 1e-30 still work as near-greedy."""
+
+    smallest: float = sys.float_info.min
+
+    def __call__(self, name: str, value: float) -> None:
+        super().__call__(name, value)
+        if 0.0 < value < self.smallest:
+            raise SettingError(f"{name} must be 0 (greedy) or at least {_show(self.smallest)}, got {_show(value)}")
+
+
+@dataclass(frozen=True)
 class IntAtLeast:
     minimum: int
     note: str = ""
@@ -197,7 +211,7 @@ def _no_check(name: str, value: object) -> None:
 
 # name -> (converter from str/JSON value, range check)
 RULES: dict[str, tuple[Callable[[str, object], object], Callable[[str, object], None]]] = {
-    "temperature": (_as_float, FloatRange(0.0, None, note=" (0 = greedy)")),
+    "temperature": (_as_float, TemperatureRange(0.0, None, note=" (0 = greedy)")),
     "top_k": (_as_int, IntAtLeast(0, " (0 = off)")),
     "top_p": (_as_float, FloatRange(0.0, 1.0, low_open=True)),
     "min_p": (_as_float, FloatRange(0.0, 1.0)),
