@@ -363,7 +363,9 @@ class Session:
 
         ``on_draw`` (see generate_n; rows are always ``[0]``) sees each sampled token with the distribution it was
         drawn from and the raw logits; it is not called for beam search (num_beams > 1), whose candidates are not
-        drawn from one distribution. Ctrl-C (KeyboardInterrupt) stops the turn and returns what was generated, stop_reason "interrupted"."""
+        drawn from one distribution.
+
+        Ctrl-C (KeyboardInterrupt) stops the turn and returns what was generated, stop_reason "interrupted"."""
         plan = self._plan()
         started = time.perf_counter()
         prompt_ids = self._prompt_ids(prompt)
