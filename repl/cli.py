@@ -22,6 +22,7 @@ from runtime.errors import first_line
 
 if TYPE_CHECKING:
     from runtime.generate import GenerationResult, Session
+    from runtime.logprobs import LogprobRecorder
     from runtime.settings import Settings
 
 EXIT_OK = 0
@@ -190,28 +191,6 @@ def result_record(result: GenerationResult) -> dict[str, Any]:
     }
 
 
-class LogprobRecorder:
-    """The ``on_draw`` hook of Session.generate / generate_n: one runtime.logprobs record per drawn token, kept per
-    result row (greedy steps arrive as a point mass at the chosen token, so its logprob is 0, as in textgen-serve)."""
-
-    def __init__(self, session: Session, top: int) -> None:
-        self.session = session
-        self.top = top
-        self.rows: dict[int, list[dict[str, Any]]] = {}
-
-    def __call__(self, tokens: Any, probabilities: Any, logits: Any, rows: Any) -> None:
-        from runtime.logprobs import record_json, token_logprob
-
-        real = self.session.model.tokenizer_size
-        for token, drawn, raw, row in zip(tokens, probabilities, logits, rows, strict=True):
-            record = token_logprob(int(token), drawn, raw, self.top, self.session.token_text, real)
-            self.rows.setdefault(int(row), []).append(record_json(record))
-
-    def take(self, row: int, count: int) -> list[dict[str, Any]]:
-        """Row ``row``'s records for its ``count`` kept tokens (a batch row that ended early drew no more)."""
-        return self.rows.get(row, [])[:count]
-
-
 class BatchRunner:
     """Non-interactive generation: each prompt starts from an empty context and is written to ``out``."""
 
@@ -237,7 +216,7 @@ class BatchRunner:
 
     def _single(self, prompt: str) -> None:
         stream: Callable[[str], None] | None = None if self.as_json else self._write
-        recorder = LogprobRecorder(self.session, self.logprobs) if self.logprobs is not None else None
+        recorder = self._recorder()
         result = self.session.generate(prompt, on_text=stream, on_notice=_notice, on_draw=recorder)
         if self.as_json:
             self._write_json({"prompt": prompt, **self._record(result, recorder, 0)})
@@ -245,7 +224,7 @@ class BatchRunner:
             self._write("\n")
 
     def _several(self, prompt: str, count: int) -> None:
-        recorder = LogprobRecorder(self.session, self.logprobs) if self.logprobs is not None else None
+        recorder = self._recorder()
         results = self.session.generate_n(prompt, count, on_notice=_notice, on_draw=recorder)
         if self.as_json:
             samples = [self._record(result, recorder, index) for index, result in enumerate(results)]
@@ -253,6 +232,13 @@ class BatchRunner:
             return
         for index, result in enumerate(results, start=1):
             self._write(f"--- sample {index}/{count} (seed {result.seed}) ---\n{result.text}\n")
+
+    def _recorder(self) -> LogprobRecorder | None:
+        if self.logprobs is None:
+            return None
+        from runtime.logprobs import LogprobRecorder
+
+        return LogprobRecorder(self.session.token_text, self.logprobs, self.session.model.tokenizer_size)
 
     @staticmethod
     def _record(result: GenerationResult, recorder: LogprobRecorder | None, row: int) -> dict[str, Any]:

@@ -112,6 +112,29 @@ def record_json(record: TokenLogprob) -> dict[str, object]:
                      "raw_logprob": json_logprob(alt.raw_logprob)} for alt in record.top]}
 
 
+class LogprobRecorder:
+    """The ``on_draw`` hook of runtime.generate's Session.generate / generate_n: one JSON-ready record
+    (``record_json``) per drawn token, kept per result row. Greedy steps arrive as a point mass at the chosen token,
+    so its logprob is 0, as textgen-serve reports it."""
+
+    def __init__(self, token_text: Callable[[int], str], top: int, real_tokens: int | None = None) -> None:
+        if not 0 <= top <= MAX_TOP:
+            raise ValueError(f"top must be in [0, {MAX_TOP}], got {top}")
+        self.token_text = token_text
+        self.top = top
+        self.real_tokens = real_tokens
+        self.rows: dict[int, list[dict[str, object]]] = {}
+
+    def __call__(self, tokens: np.ndarray, probabilities: np.ndarray, logits: np.ndarray, rows: np.ndarray) -> None:
+        for token, drawn, raw, row in zip(tokens, probabilities, logits, rows, strict=True):
+            record = token_logprob(int(token), drawn, raw, self.top, self.token_text, self.real_tokens)
+            self.rows.setdefault(int(row), []).append(record_json(record))
+
+    def take(self, row: int, count: int) -> list[dict[str, object]]:
+        """Row ``row``'s records for its first ``count`` tokens (the tokens a result kept)."""
+        return self.rows.get(row, [])[:count]
+
+
 def prompt_logprobs(tokens: list[int], logits: np.ndarray, token_text: Callable[[int], str], top: int,
                     real_tokens: int | None = None) -> list[TokenLogprob]:
     """Raw-model records for prompt tokens (``echo`` with ``logprobs``): ``logits[i]`` [V] are the model's
