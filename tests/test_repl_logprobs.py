@@ -180,3 +180,31 @@ def test_no_hook_no_extra_chain_pass(demo: OnnxModel, monkeypatch: pytest.Monkey
     seen = []
     session.generate(PROMPT, on_draw=lambda tokens, probs, logits, rows: seen.append((tokens, rows)))
     assert len(seen) == 5 and len(calls) == 5 and all(rows.tolist() == [0] for _, rows in seen)
+
+
+def test_eval_json_rows_carry_each_samples_records_as_the_repl_reports_them(capsys) -> None:
+    from repl.evaluate import main as eval_main
+
+    assert eval_main(["--samples", "2", "--max-tokens", str(TOKENS), "--prompt", PROMPT, "--seed", "7", "--json",
+                      "--logprobs", "3", "--device", "cpu"]) == 0
+    row = json.loads(capsys.readouterr().out)["sampling"]["rows"][0]
+    assert len(row["samples"]) == 2
+    for sample in row["samples"]:
+        assert [entry["id"] for entry in sample["logprobs"]] == sample["tokens"]
+        assert all(len(entry["top"]) == 3 and entry["logprob"] <= 0 for entry in sample["logprobs"])
+    repl = run_json(capsys, "--seed", "8", "--logprobs", "3")  # sample i of seed S is the REPL's seed S + i
+    second = row["samples"][1]
+    assert (second["text"], second["tokens"]) == (repl["text"], repl["tokens"])
+    for mine, theirs in zip(second["logprobs"], repl["logprobs"], strict=True):
+        assert mine["logprob"] == pytest.approx(theirs["logprob"], abs=1e-5)
+        assert [alt["id"] for alt in mine["top"]] == [alt["id"] for alt in theirs["top"]]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--samples", "2", "--logprobs", "3"], "--logprobs needs --json and --samples N"),
+    (["--samples", "2", "--json", "--logprobs", "21"], "--logprobs must be an integer from 0 to 20, got 21"),
+    (["--samples", "2", "--json", "--logprobs", "-1"], "--logprobs must be an integer from 0 to 20, got -1"),
+])
+def test_eval_bad_logprobs_are_one_line_usage_errors(args: list[str], message: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "repl.evaluate", *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
