@@ -22,6 +22,7 @@ from runtime.errors import first_line
 
 if TYPE_CHECKING:
     from runtime.generate import GenerationResult, Session
+    from runtime.logprobs import LogprobRecorder
     from runtime.settings import Settings
 
 EXIT_OK = 0
@@ -44,6 +45,11 @@ timings (--json fields, and the REPL's status line), split like llama.cpp's:
   prompt_fed tokens processed in prompt_seconds (prompt_tokens_per_s), then n_tokens generated in
   gen_seconds (tokens_per_s: generation only); seconds is the whole call.
   Each --n sample carries its own seed: --seed SEED alone reproduces that sample.
+
+--logprobs N (0-20, needs --json): a "logprobs" list beside "tokens", one entry per generated token: id, text,
+  logprob (from the distribution the token was drawn from, after the sampler chain; 0 under greedy decoding),
+  raw_logprob (the model's own log-softmax), and "top": the N most likely alternatives with both, best first.
+  A token the sampler removed has logprob -9999.0 (JSON has no -inf). Not with beam search (num_beams > 1).
 
 examples:
   textgen-repl --model lstm.onnx
@@ -89,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", metavar="N", help="shortcut for --set seed=N (same seed, same text)")
     parser.add_argument("--n", type=_positive_int, metavar="N", help="N independent samples per prompt")
     parser.add_argument("--json", action="store_true", help="print JSON (one object per prompt) instead of text")
+    parser.add_argument("--logprobs", type=_logprobs_count, metavar="N",
+                        help="with --json: each generated token's log-probabilities and its N (0-20) most likely "
+                             "alternatives (see below)")
     parser.add_argument("--output", metavar="FILE",
                         help="write the output to FILE instead of stdout (checked before the model loads)")
     parser.add_argument("--no-history", action="store_true",
@@ -104,6 +113,18 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _logprobs_count(text: str) -> int:
+    from runtime.logprobs import MAX_TOP
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {MAX_TOP}, got {text!r}") from None
+    if not 0 <= value <= MAX_TOP:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {MAX_TOP}, got {value}")
     return value
 
 
@@ -174,8 +195,9 @@ class BatchRunner:
     """Non-interactive generation: each prompt starts from an empty context and is written to ``out``."""
 
     def __init__(self, session: Session, out: IO[str], as_json: bool, samples: int | None,
-                 model_path: Path, headers: bool = False) -> None:
+                 model_path: Path, headers: bool = False, logprobs: int | None = None) -> None:
         self.session = session
+        self.logprobs = logprobs  # alternatives per token, None: no logprobs (needs as_json)
         self.out = out
         self.as_json = as_json
         self.samples = samples
@@ -194,20 +216,36 @@ class BatchRunner:
 
     def _single(self, prompt: str) -> None:
         stream: Callable[[str], None] | None = None if self.as_json else self._write
-        result = self.session.generate(prompt, on_text=stream, on_notice=_notice)
+        recorder = self._recorder()
+        result = self.session.generate(prompt, on_text=stream, on_notice=_notice, on_draw=recorder)
         if self.as_json:
-            self._write_json({"prompt": prompt, **result_record(result)})
+            self._write_json({"prompt": prompt, **self._record(result, recorder, 0)})
         else:
             self._write("\n")
 
     def _several(self, prompt: str, count: int) -> None:
-        results = self.session.generate_n(prompt, count, on_notice=_notice)
+        recorder = self._recorder()
+        results = self.session.generate_n(prompt, count, on_notice=_notice, on_draw=recorder)
         if self.as_json:
-            samples = [result_record(result) for result in results]
+            samples = [self._record(result, recorder, index) for index, result in enumerate(results)]
             self._write_json({"prompt": prompt, "samples": samples, "seed": results[0].seed})
             return
         for index, result in enumerate(results, start=1):
             self._write(f"--- sample {index}/{count} (seed {result.seed}) ---\n{result.text}\n")
+
+    def _recorder(self) -> LogprobRecorder | None:
+        if self.logprobs is None:
+            return None
+        from runtime.logprobs import LogprobRecorder
+
+        return LogprobRecorder(self.session.token_text, self.logprobs, self.session.model.tokenizer_size)
+
+    @staticmethod
+    def _record(result: GenerationResult, recorder: LogprobRecorder | None, row: int) -> dict[str, Any]:
+        record = result_record(result)
+        if recorder is not None:  # one entry per id in "tokens" (eos and stop-sequence tokens included)
+            record["logprobs"] = recorder.take(row, len(result.tokens))
+        return record
 
     def _write_json(self, fields: dict[str, Any]) -> None:
         record = {"model": str(self.model_path), **fields, "settings": self.session.settings.as_dict()}
@@ -263,7 +301,8 @@ def input_prompts(stream: IO[str]) -> Iterator[str]:
 def run_batch(session: Session, args: argparse.Namespace, model_path: Path) -> int:
     prompts: Iterator[str] = iter([args.prompt]) if args.prompt is not None else input_prompts(sys.stdin)
     with output_stream(args.output) as out:
-        runner = BatchRunner(session, out, args.json, args.n, model_path, headers=args.prompt is None)
+        runner = BatchRunner(session, out, args.json, args.n, model_path, headers=args.prompt is None,
+                             logprobs=args.logprobs)
         for prompt in prompts:
             runner.run(prompt)
     return EXIT_OK
@@ -276,6 +315,8 @@ def _run(args: argparse.Namespace) -> int:
     interactive = args.prompt is None and sys.stdin.isatty()
     if interactive and (args.json or args.output or args.n):
         raise CliError("--json, --n and --output need --prompt or prompts piped on stdin")
+    if args.logprobs is not None and not args.json:
+        raise CliError("--logprobs needs --json (the log-probabilities are fields of the JSON output)")
     if (args.session or args.autosave) and not interactive:
         raise CliError("--session and --autosave belong to the interactive REPL (no --prompt, no piped stdin)")
     if args.autosave and not args.session:
@@ -297,6 +338,9 @@ def _run(args: argparse.Namespace) -> int:
         for warning in settings.warnings:
             _notice(warning)
         Session(model, settings).check_sampler()  # a --logit-bias token this vocabulary lacks: exit 2 now
+        if args.logprobs is not None and int(settings.get("num_beams")) > 1:
+            raise CliError("--logprobs does not work with beam search (num_beams > 1): its tokens are not drawn "
+                           "from one distribution")
         # Everything loaded so far lives as long as the process: keep it out of the collector's full passes,
         # which otherwise walk ~170k objects (~0.1 s, a visible stall mid-stream) every so often.
         gc.freeze()

@@ -41,6 +41,8 @@ top_k 40 and top_p 0.95 still filter a temperature sweep). The base settings eve
 the table and given as ``base`` in ``--json``; ``--base plain`` starts from the bare distribution instead
 (top_k 0, top_p 1, no penalties or other filters, temperature 1) before --set and the swept values.
 Every row uses the same seed. Stop strings and beam search are not part of sampling evaluation.
+``--logprobs N`` (with ``--json``) adds ``samples`` to each row: every sample's text, token ids and one record per
+token in textgen-repl's ``--logprobs`` shape (runtime/logprobs.py); sample i is what the REPL draws with seed + i.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ import numpy as np
 
 from runtime.atomic import OutputPathError, check_output_path
 from runtime.generate import Session
+from runtime.logprobs import MAX_TOP, LogprobRecorder
 from runtime.modelfile import ModelFileError
 from runtime.sampling import SettingError
 from runtime.scoring import (
@@ -169,6 +172,8 @@ class SampleBatchResult:
     entropy_sum: float
     entropy_steps: int
     seconds: float
+    tokens: list[list[int]] = field(default_factory=list)  # each sample's generated ids (eos included)
+    logprobs: list[list[dict[str, Any]]] | None = None  # per sample, one record per id in ``tokens`` (--logprobs)
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,7 @@ class GenerationPlan:
     max_new_tokens: int | None  # None: the settings' max_new_tokens
     seed: int | None  # None: the settings' seed, else DEFAULT_SEED
     batch_size: int = DEFAULT_SAMPLES_BATCH
+    logprobs: int | None = None  # alternatives per token to record (runtime/logprobs.py); None: no records
 
 
 def draw_samples(model: OnnxModel, settings: Settings, plan: GenerationPlan) -> SampleBatchResult:
@@ -199,9 +205,12 @@ def draw_samples(model: OnnxModel, settings: Settings, plan: GenerationPlan) -> 
     run_settings.set("seed", _resolve_seed(plan.seed, settings), "cli")
     run_settings.set("stop", [], "cli")
     entropy_meter = _EntropyMeter()
+    session = Session(model, run_settings)
+    recorder = None if plan.logprobs is None else LogprobRecorder(session.token_text, plan.logprobs,
+                                                                  model.tokenizer_size)
     started = time.perf_counter()
-    samples = Session(model, run_settings).generate_n(plan.prompt, plan.n_samples, batch_size=plan.batch_size,
-                                                      on_step=entropy_meter)
+    samples = session.generate_n(plan.prompt, plan.n_samples, batch_size=plan.batch_size, on_step=entropy_meter,
+                                 on_draw=recorder)
     seconds = time.perf_counter() - started
     if any(sample.stop_reason == "interrupted" for sample in samples):
         raise KeyboardInterrupt  # generate_n returns partial results on Ctrl-C; an evaluation stops instead
@@ -213,6 +222,9 @@ def draw_samples(model: OnnxModel, settings: Settings, plan: GenerationPlan) -> 
         entropy_sum=entropy_meter.total,
         entropy_steps=entropy_meter.steps,
         seconds=seconds,
+        tokens=[list(sample.tokens) for sample in samples],
+        logprobs=None if recorder is None else [recorder.take(index, len(sample.tokens))
+                                                for index, sample in enumerate(samples)],
     )
 
 
@@ -270,6 +282,7 @@ class MetricsRow:
     seed: int | None = None
     seconds: float | None = None
     samples: list[str] = field(default_factory=list)
+    sample_details: list[dict[str, Any]] | None = None  # per sample text, tokens and logprobs (--logprobs)
 
 
 def sample_metrics(result: SampleBatchResult) -> dict[str, float]:
@@ -549,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     output = parser.add_argument_group("output")
     output.add_argument("--csv", help="also write the sampling table to this CSV file")
     output.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    output.add_argument("--logprobs", type=int, default=None, metavar="N",
+                        help=f"with --json and --samples: each row lists its samples with every token's "
+                             f"log-probabilities and N (0-{MAX_TOP}) alternatives, as textgen-repl --logprobs")
     return parser
 
 
@@ -582,6 +598,12 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise EvalError(f"--samples must be >= 0, got {args.samples}")
     if args.samples == 0 and (args.sweep or args.reference or args.judge or args.csv or args.novelty):
         raise EvalError("--sweep, --reference, --judge, --novelty and --csv need --samples N")
+    if args.logprobs is not None:
+        if not 0 <= args.logprobs <= MAX_TOP:
+            raise EvalError(f"--logprobs must be an integer from 0 to {MAX_TOP}, got {args.logprobs}")
+        if not (args.json and args.samples > 0):
+            raise EvalError("--logprobs needs --json and --samples N (it adds each sample's token records to the "
+                            "JSON sampling rows)")
     if args.novelty_n < 1:
         raise EvalError(f"--novelty-n must be >= 1, got {args.novelty_n}")
     if args.max_tokens is not None and args.max_tokens < 1:
@@ -604,7 +626,7 @@ def run_sampling(model: OnnxModel, args: argparse.Namespace, sweeps: Sequence[Sw
     for index, (combination, settings) in enumerate(zip(grid, all_settings, strict=True), start=1):
         if len(grid) > 1:
             notice(f"[{index}/{len(grid)}] " + ", ".join(f"{k}={v}" for k, v in combination.items()))
-        plan = GenerationPlan(args.samples, args.prompt, args.max_tokens, args.seed, args.batch_size)
+        plan = GenerationPlan(args.samples, args.prompt, args.max_tokens, args.seed, args.batch_size, args.logprobs)
         result = draw_samples(model, settings, plan)
         metrics = sample_metrics(result)
         if judge is not None:
@@ -612,8 +634,15 @@ def run_sampling(model: OnnxModel, args: argparse.Namespace, sweeps: Sequence[Sw
         if novelty is not None:
             metrics.update(zip(NOVELTY_COLUMNS, novelty.measure(result.texts), strict=True))
         rows.append(MetricsRow(dict(combination), metrics, _resolve_seed(args.seed, settings), result.seconds,
-                               result.texts))
+                               result.texts, _sample_details(result)))
     return rows
+
+
+def _sample_details(result: SampleBatchResult) -> list[dict[str, Any]] | None:
+    if result.logprobs is None:
+        return None
+    return [{"text": text, "tokens": tokens, "logprobs": records}
+            for text, tokens, records in zip(result.texts, result.tokens, result.logprobs, strict=True)]
 
 
 def _reference_row(model: OnnxModel, args: argparse.Namespace, rows: Sequence[MetricsRow],
@@ -742,9 +771,16 @@ def _sampling_report(args: argparse.Namespace, rows: Sequence[MetricsRow],
         "prompt": args.prompt,
         "set": dict(parse_assignment(raw, "--set") for raw in args.set),
         "judge": args.judge,
-        "rows": [{"settings": row.label, "seed": row.seed, "seconds": row.seconds, **row.metrics} for row in rows],
+        "rows": [_row_report(row) for row in rows],
         "reference": None if reference is None else {"data": args.reference, **reference.metrics},
     }
+
+
+def _row_report(row: MetricsRow) -> dict[str, Any]:
+    report = {"settings": row.label, "seed": row.seed, "seconds": row.seconds, **row.metrics}
+    if row.sample_details is not None:  # --logprobs: each sample with its per-token records
+        report["samples"] = row.sample_details
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,6 +37,8 @@ from runtime.settings import Settings
 TextCallback = Callable[[str], None]
 # on_step(probabilities, rows): see Session.generate_n
 StepCallback = Callable[[np.ndarray, np.ndarray], None]
+# on_draw(tokens, probabilities, logits, rows): see Session.generate_n
+DrawCallback = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
 STOP_REASONS = ("eos", "max_tokens", "stop_sequence", "interrupted")
 _WORD_CHAR = re.compile(r"\w")  # a prompt needs at least one known token with a letter or digit in it
 _DECODE_CONTEXT = 4  # tokens of context the incremental decoder keeps, so leading spaces/bytes decode right
@@ -356,8 +358,12 @@ class Session:
         return self.generate(prompt, on_text=on_text, on_notice=on_notice)
 
     def generate(self, prompt: str, on_text: TextCallback | None = None,
-                 on_notice: TextCallback | None = None) -> GenerationResult:
+                 on_notice: TextCallback | None = None, *, on_draw: DrawCallback | None = None) -> GenerationResult:
         """Feed ``prompt`` (after any pending tokens) and generate a continuation, streaming it via ``on_text``.
+
+        ``on_draw`` (see generate_n; rows are always ``[0]``) sees each sampled token with the distribution it was
+        drawn from and the raw logits; it is not called for beam search (num_beams > 1), whose candidates are not
+        drawn from one distribution.
 
         Ctrl-C (KeyboardInterrupt) stops the turn and returns what was generated, stop_reason "interrupted"."""
         plan = self._plan()
@@ -372,7 +378,7 @@ class Session:
         if plan.beams > 1:
             reason, text = self._beam_turn(plan, first_new, slides, on_text)
         else:
-            reason, text = self._sample_turn(plan, first_new, slides, on_text)
+            reason, text = self._sample_turn(plan, first_new, slides, on_text, on_draw)
         tokens = self.history[first_new:]
         result = _result(text, tokens, len(prompt_ids), started, reason, plan.seed, slides.happened)
         result.prompt_seconds = (self._prompt_done or time.perf_counter()) - started
@@ -399,7 +405,8 @@ class Session:
             self._prompt_done = time.perf_counter()
 
     def generate_n(self, prompt: str, n: int, on_notice: TextCallback | None = None, *,
-                   batch_size: int | None = None, on_step: StepCallback | None = None) -> list[GenerationResult]:
+                   batch_size: int | None = None, on_step: StepCallback | None = None,
+                   on_draw: DrawCallback | None = None) -> list[GenerationResult]:
         """``n`` independent continuations of the current context + ``prompt``, decoded in batches of
         ``batch_size`` rows (default: all ``n`` in one batch, fastest; smaller batches bound memory). One random
         generator serves the batches in turn, so they never repeat each other and a seed reproduces the results
@@ -408,7 +415,9 @@ class Session:
         ``on_step(probabilities, rows)``, when given, is called at every decode step with the distributions the
         still-running rows draw their next token from (float64 [live, V], each row sums to 1, exactly 0 for
         removed or banned ids; a one-hot row at the chosen token when decoding greedily) and those rows' indices
-        among the ``n`` results; rows that already ended are left out. Without it no extra work is done.
+        among the ``n`` results; rows that already ended are left out. ``on_draw(tokens, probabilities, logits, rows)``
+        sees the same step with the tokens drawn (int64 [live]) and the model's raw logits ([live, V], before any
+        sampler step), for log-probabilities (runtime/logprobs.py). Without either hook no extra work is done.
 
         Ctrl-C returns what was generated (stop_reason "interrupted"; rows of batches not started are empty).
         The session's own history and state are left exactly as they were."""
@@ -428,7 +437,8 @@ class Session:
         size = batch_size or n
         rows: list[_BatchRow] = []
         while len(rows) < n:
-            batch = self._decode_batch(plan, context, base, min(size, n - len(rows)), slides, on_step, len(rows))
+            batch = self._decode_batch(plan, context, base, min(size, n - len(rows)), slides, (on_step, on_draw),
+                                       len(rows))
             rows.extend(batch)
             if any(row.reason == "interrupted" for row in batch):  # Ctrl-C: start no further batch
                 rows.extend(_BatchRow([], "interrupted", "") for _ in range(n - len(rows)))
@@ -442,7 +452,7 @@ class Session:
         return results
 
     def _decode_batch(self, plan: _Plan, context: list[int], base: _Fed, n: int, slides: _SlideNotices,
-                      on_step: StepCallback | None, first_row: int) -> list[_BatchRow]:
+                      hooks: tuple[StepCallback | None, DrawCallback | None], first_row: int) -> list[_BatchRow]:
         """Decode ``n`` rows that all continue ``context`` (whose state is ``base``) in lockstep."""
         rows = [list(context) for _ in range(n)]
         fed = _Fed(self.model.reorder_state(base.state, np.zeros(n, dtype=np.int64)), base.start, base.end,
@@ -455,12 +465,13 @@ class Session:
         counts: list[int | None] = [None] * n  # tokens kept (eos included) once a row has ended
         steps, live, eos = 0, n, self._eos
         rng = RowRandom([alternative_seed(plan.seed, first_row + index) for index in range(n)])
+        observed = hooks[0] is not None or hooks[1] is not None
         try:
             for step in range(plan.max_new):
                 chain = plan.chain_at(step)
                 picked = chain.sample(fed.logits, rows, rng)
-                if on_step is not None:
-                    _report_step(on_step, chain, fed.logits, rows, picked, reasons, first_row)
+                if observed:
+                    _report_step(*hooks, chain, fed.logits, rows, picked, reasons, first_row)
                 tokens = picked.tolist()
                 steps += 1
                 if live == n and streams is None and eos not in tokens:  # the usual step: every row goes on
@@ -641,6 +652,10 @@ class Session:
     def _empty(self, batch: int) -> _Fed:
         return _Fed(self.model.initial_state(batch), 0, 0, None)
 
+    def token_text(self, token: int) -> str:
+        """One id's text as shown alone (a token that decodes to nothing shows its vocabulary entry)."""
+        return self._token_text(token)
+
     def _token_text(self, token: int) -> str:
         text = self.model.decode([token])
         if text or token >= self.model.tokenizer_size:
@@ -677,7 +692,7 @@ class Session:
     # ------------------------------------------------------------------ sampling
 
     def _sample_turn(self, plan: _Plan, first_new: int, on_slide: Callable[[int], None],
-                     on_text: TextCallback | None) -> tuple[str, str]:
+                     on_text: TextCallback | None, on_draw: DrawCallback | None = None) -> tuple[str, str]:
         history, eos = self.history, self._eos
         streaming = on_text is not None or bool(plan.stops)
         stream = TextStream(self._decode_fast, plan.stops, on_text, history[:first_new]) if streaming else None
@@ -687,7 +702,10 @@ class Session:
             while generated < plan.max_new:
                 self._fed = self._advance(rows, self._fed, on_slide)
                 self._mark_prompt_done()
-                token = plan.chain_at(generated).sample_one(self._fed.logits, history, rng)
+                chain = plan.chain_at(generated)
+                token = chain.sample_one(self._fed.logits, history, rng)
+                if on_draw is not None:
+                    _report_step(None, on_draw, chain, self._fed.logits, [history], np.array([token]), (None,), 0)
                 history.append(token)
                 generated += 1
                 if token == eos:
@@ -827,9 +845,11 @@ class _BeamSearch:
         return best_running <= self.finished[-1][0]
 
 
-def _report_step(on_step: StepCallback, chain: SamplerChain, logits: np.ndarray, rows: list[list[int]],
-                 picked: np.ndarray, reasons: Sequence[str | None], first_row: int) -> None:
-    """Call ``on_step`` with the distributions the live rows' tokens were just drawn from (see generate_n).
+def _report_step(on_step: StepCallback | None, on_draw: DrawCallback | None, chain: SamplerChain,
+                 logits: np.ndarray, rows: list[list[int]], picked: np.ndarray, reasons: Sequence[str | None],
+                 first_row: int) -> None:
+    """Call ``on_step`` / ``on_draw`` with the distributions the live rows' tokens were just drawn from (see
+    generate_n).
 
     Recomputed with the same chain, logits and histories as the draw, so observing never changes what is drawn
     (the second chain pass is the price, paid only when a callback is set)."""
@@ -839,7 +859,10 @@ def _report_step(on_step: StepCallback, chain: SamplerChain, logits: np.ndarray,
         probabilities[np.arange(live.size), picked[live]] = 1.0
     else:  # the whole batch (not just the live rows) keeps the chain's work buffer the same shape every step
         probabilities = chain.probabilities(logits, rows)[live]
-    on_step(probabilities, live + first_row)
+    if on_step is not None:
+        on_step(probabilities, live + first_row)
+    if on_draw is not None:
+        on_draw(picked[live], probabilities, np.asarray(logits)[live], live + first_row)
 
 
 def _log_softmax(values: np.ndarray) -> np.ndarray:

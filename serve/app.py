@@ -27,14 +27,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runtime.generate import _Plan, alternative_seed, document_start, new_plan
-from runtime.logprobs import TokenLogprob
+from runtime.logprobs import NEG_INF_LOGPROB, TokenLogprob
 from runtime.session import OnnxModel
 from runtime.settings import build_settings
 from serve.chat import ChatTemplate
 from serve.engine import Engine, Job
 from serve.schemas import ChatRequest, CompletionRequest, FieldError, SettingError, _Common, request_settings
 
-NEG_INF_LOGPROB = -9999.0  # JSON has no -inf: a removed token's logprob is sent as this (vLLM does the same)
 DISCONNECT_POLL_S = 0.25
 
 
