@@ -81,6 +81,7 @@ class _Row:
     sent: int = 0  # characters sent so far
     records: list[TokenLogprob] = field(default_factory=list)  # logprobs of tokens whose text is not sent yet
     record_offset: int = 0  # where the first pending record's token starts in the generated text
+    keys: tuple[tuple, tuple] = ((), ())  # _chain_key of the plan's chain below min_new_tokens, then after it
 
 
 class Engine:
@@ -233,7 +234,8 @@ class Engine:
     def _new_row(self, job: Job, choice: int, plan: _Plan) -> _Row:
         pending: list[str] = []
         stream = TextStream(self.model.tokenizer.decode, plan.stops, pending.append, job.prompt_ids)
-        return _Row(job, choice, plan, list(job.prompt_ids), stream, pending=pending)
+        keys = (_chain_key(plan.chain_without_eos), _chain_key(plan.chain))  # built once: astuple is not cheap
+        return _Row(job, choice, plan, list(job.prompt_ids), stream, pending=pending, keys=keys)
 
     def _append(self, rows: list[_Row], state: dict[str, Any], logits: np.ndarray, length: int) -> None:
         """Join ``rows`` (their state has ``length`` real tokens, no padding) to the batch."""
@@ -323,7 +325,7 @@ class Engine:
             if bias is not None:  # its own logits: sampled alone, exactly as before
                 tokens[index] = chain.sample_one(self._logits[index:index + 1] + bias, row.history, row.plan.rng)
                 continue
-            groups.setdefault(_chain_key(chain), []).append(index)
+            groups.setdefault(row.keys[chain is row.plan.chain], []).append(index)
         for key, members in groups.items():
             rows = [self._rows[index] for index in members]
             if len(members) == 1:
