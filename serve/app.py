@@ -14,7 +14,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -176,8 +176,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error_response(ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error"))
 
 
-def _auth_dependency(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
-    async def check(request: Request) -> None:  # async: FastAPI runs it inline, not through a worker thread
+def _auth_dependency(api_key: str | None) -> Callable[[Request], None]:
+    def check(request: Request) -> None:
         if api_key is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
