@@ -219,7 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Goal: 16 clients >= 6x one client's tok/s on the demo model; measured {gain_16}.",
         "The client loop runs on the same cores as the server, so client-side parsing is part of the cost.",
         "The scheduler-only table bounds the HTTP rows: the model step itself costs more as the batch grows (a "
-        "char LSTM step on one thread is compute-bound) and every row is sampled by its own chain and generator.",
+        "char LSTM step on one thread is compute-bound); rows with equal sampler settings are sampled as one batch.",
+        "With several streams open each sends at most one chunk per --stream-interval (default 20 ms); one client "
+        "alone gets every token at once, so the 1-client row pays one HTTP chunk per token.",
         "Figures taken while other work shares the machine (see the load average above) are preliminary.",
     ]
     report(args, "serve.py", "serve", "textgen-serve: concurrent streaming clients",

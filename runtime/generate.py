@@ -145,6 +145,14 @@ class RowRandom:
         self.seeds = list(seeds)
         self._rows = [np.random.default_rng(seed) for seed in self.seeds]
 
+    @classmethod
+    def of(cls, generators: Sequence[np.random.Generator]) -> RowRandom:
+        """Rows that draw from generators already running (the server's rows, each mid-way through its own
+        seeded stream); they advance exactly as if each row drew alone."""
+        rows = cls([])
+        rows._rows = list(generators)
+        return rows
+
     def random(self, size: int | None = None) -> float | np.ndarray:
         if size is None:
             return self._rows[0].random()

@@ -30,6 +30,7 @@ from runtime.generate import _Plan, alternative_seed, document_start, new_plan
 from runtime.logprobs import NEG_INF_LOGPROB, TokenLogprob
 from runtime.session import OnnxModel
 from runtime.settings import build_settings
+from serve import STREAM_INTERVAL_S
 from serve.chat import ChatTemplate
 from serve.engine import Engine, Job
 from serve.schemas import ChatRequest, CompletionRequest, FieldError, SettingError, _Common, request_settings
@@ -46,6 +47,7 @@ class ServerConfig:
     max_batch: int = 32
     max_body_bytes: int = 1024 * 1024
     max_tokens_cap: int = 4096
+    stream_interval: float = STREAM_INTERVAL_S  # seconds; 0 = a chunk as soon as tokens are there
     chat_template: ChatTemplate = field(default_factory=ChatTemplate)
 
 
@@ -217,6 +219,7 @@ class _Handler:
         self.model = config.model
         self.created = int(time.time())
         self._mailbox: _Mailbox | None = None
+        self._open_streams = 0  # streaming responses in progress (event loop only)
 
     def mailbox(self) -> _Mailbox:
         """The running event loop's mailbox (one per loop; the server has one loop)."""
@@ -378,11 +381,16 @@ class _Handler:
         client went away."""
         pending = len(prepared.jobs) * prepared.n
         checked = time.monotonic()
+        sent = None  # when the last batch went out
         while pending:
             try:
                 items = [await asyncio.wait_for(prepared.queue.get(), DISCONNECT_POLL_S)]
             except asyncio.TimeoutError:
                 items = []
+            if items and sent is not None and self._open_streams > 1:
+                delay = sent + self.config.stream_interval - time.monotonic()
+                if delay > 0:  # let this stream's next tokens gather, so one chunk carries them all
+                    await asyncio.sleep(delay)
             # uvicorn does not fail a send to a closed socket, so a gone client is noticed by asking
             if not items or time.monotonic() - checked > DISCONNECT_POLL_S:
                 checked = time.monotonic()
@@ -396,6 +404,7 @@ class _Handler:
                 pending -= sum(1 for event in events if event[0] == "done")
                 if any(event[0] == "error" for event in events):
                     pending = 0
+            sent = time.monotonic()
             yield items
 
     async def _collect(self, prepared: _Prepared, request: Request) -> tuple[list[_Choice], dict[int, tuple]]:
@@ -410,6 +419,7 @@ class _Handler:
     async def _stream(self, prepared: _Prepared, request: Request, shape: _Shape) -> AsyncIterator[str]:
         choices = [_Choice() for _ in range(len(prepared.jobs) * prepared.n)]
         prompt_info: dict[int, tuple] = {}
+        self._open_streams += 1
         try:
             async for items in self._events(prepared, request):
                 merged = _merge_texts(items)
@@ -425,6 +435,7 @@ class _Handler:
                 yield f"data: {json.dumps(shape.usage_chunk(choices, prompt_info))}\n\n"
             yield "data: [DONE]\n\n"
         finally:
+            self._open_streams -= 1
             self._cancel(prepared)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from repl.cli import CliError, _assignment, _Parser, _positive_int, model_location
 from runtime.errors import first_line
+from serve import STREAM_INTERVAL_S
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a default setting for every request, e.g. --set temperature=0.7 (repeatable)")
     parser.add_argument("--chat-template", metavar="FILE.json",
                         help="chat template for /v1/chat/completions (see docs/serving.md)")
+    parser.add_argument("--stream-interval", type=_milliseconds, default=STREAM_INTERVAL_S * 1000, metavar="MS",
+                        help=f"while several streams are open, each sends at most one chunk per MS milliseconds "
+                             f"(default {STREAM_INTERVAL_S * 1000:g}; 0 = every token at once; one stream alone "
+                             f"always gets every token at once)")
     parser.add_argument("--max-tokens-cap", type=_positive_int, default=4096, metavar="N",
                         help="largest max_tokens a request may ask for (default 4096)")
     parser.add_argument("--max-body-bytes", type=_positive_int, default=1024 * 1024, metavar="N",
@@ -62,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn's log level (default warning)")
     return parser
+
+
+def _milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds (a number >= 0), got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected milliseconds (a number >= 0), got {text}")
+    return value
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -126,6 +141,7 @@ def _serve(args: argparse.Namespace, sock: socket.socket, cli_settings: list[tup
         name = args.model_name or ("demo" if args.model is None else path.stem)
         config = ServerConfig(model=model, model_id=name, cli_settings=cli_settings, api_key=api_key,
                               max_batch=args.max_batch, max_body_bytes=args.max_body_bytes,
+                              stream_interval=args.stream_interval / 1000,
                               max_tokens_cap=args.max_tokens_cap, chat_template=_chat_template(args.chat_template,
                                                                                                metadata))
         app = create_app(config)

@@ -25,14 +25,15 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from runtime.errors import first_line
-from runtime.generate import TextStream, _Plan
+from runtime.generate import RowRandom, TextStream, _Plan
 from runtime.logprobs import TokenLogprob, point_mass, prompt_logprobs, token_logprob
+from runtime.sampling import SamplerChain
 from runtime.session import ModelRunError, OnnxModel
 
 PREFILL_CHUNK = 64  # prompt tokens fed per model run while others wait
@@ -80,6 +81,7 @@ class _Row:
     sent: int = 0  # characters sent so far
     records: list[TokenLogprob] = field(default_factory=list)  # logprobs of tokens whose text is not sent yet
     record_offset: int = 0  # where the first pending record's token starts in the generated text
+    keys: tuple[tuple, tuple] = ((), ())  # _chain_key of the plan's chain below min_new_tokens, then after it
 
 
 class Engine:
@@ -104,6 +106,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run (for /health and tests)
+        self._shared_chains: dict[tuple, SamplerChain] = {}  # one per distinct sampler settings + bans
 
     # ------------------------------------------------------------------ other threads
 
@@ -231,7 +234,8 @@ class Engine:
     def _new_row(self, job: Job, choice: int, plan: _Plan) -> _Row:
         pending: list[str] = []
         stream = TextStream(self.model.tokenizer.decode, plan.stops, pending.append, job.prompt_ids)
-        return _Row(job, choice, plan, list(job.prompt_ids), stream, pending=pending)
+        keys = (_chain_key(plan.chain_without_eos), _chain_key(plan.chain))  # built once: astuple is not cheap
+        return _Row(job, choice, plan, list(job.prompt_ids), stream, pending=pending, keys=keys)
 
     def _append(self, rows: list[_Row], state: dict[str, Any], logits: np.ndarray, length: int) -> None:
         """Join ``rows`` (their state has ``length`` real tokens, no padding) to the batch."""
@@ -287,9 +291,10 @@ class Engine:
         """Sample every row's next token, send the text, drop finished rows, run the model for the rest."""
         events: dict[int, tuple[Job, list[Event]]] = {}
         keep: list[int] = []
+        tokens = self._sample()
         for index, row in enumerate(self._rows):
             out = events.setdefault(id(row.job), (row.job, []))[1]
-            if self._advance_row(row, self._logits[index:index + 1], out):
+            if self._advance_row(row, index, tokens[index], out):
                 keep.append(index)
         self.steps += 1
         for job, job_events in events.values():
@@ -307,14 +312,46 @@ class Engine:
         else:
             self._logits, self._state = self.model.run(ids, self._state, 0)
 
-    def _advance_row(self, row: _Row, logits: np.ndarray, out: list[Event]) -> bool:
-        """Sample one token for ``row``; True while the row goes on."""
+    def _sample(self) -> list[int]:
+        """One token per row. Rows whose chains have equal settings and bans are sampled as one [B, V] batch
+        through one shared chain, each drawing from its own generator (``RowRandom``), so every row gets the
+        token it would get alone (the sampler's batch-row == single-row contract) at a fraction of the per-row
+        cost; a group of one takes the single-row call the REPL makes."""
+        groups: dict[tuple, list[int]] = {}
+        tokens = [0] * len(self._rows)
+        for index, row in enumerate(self._rows):
+            chain = row.plan.chain_at(row.generated)
+            bias = row.job.logit_bias
+            if bias is not None:  # its own logits: sampled alone, exactly as before
+                tokens[index] = chain.sample_one(self._logits[index:index + 1] + bias, row.history, row.plan.rng)
+                continue
+            groups.setdefault(row.keys[chain is row.plan.chain], []).append(index)
+        for key, members in groups.items():
+            rows = [self._rows[index] for index in members]
+            if len(members) == 1:
+                row, index = rows[0], members[0]
+                chain = row.plan.chain_at(row.generated)
+                tokens[index] = chain.sample_one(self._logits[index:index + 1], row.history, row.plan.rng)
+                continue
+            shared = self._shared_chains.get(key)
+            if shared is None:
+                model = rows[0].plan.chain_at(rows[0].generated)
+                shared = self._shared_chains[key] = SamplerChain(model.settings, model.vocab_size, model.banned_ids)
+            picked = shared.sample(self._logits[members], [row.history for row in rows],
+                                   RowRandom.of([row.plan.rng for row in rows]))
+            for index, token in zip(members, picked.tolist(), strict=True):
+                tokens[index] = token
+        return tokens
+
+    def _advance_row(self, row: _Row, index: int, token: int, out: list[Event]) -> bool:
+        """Take ``token`` as the next one of ``row`` (batch row ``index``), with its logprobs when asked for; True
+        while the row goes on."""
         job, plan = row.job, row.plan
-        if job.logit_bias is not None:
-            logits = logits + job.logit_bias
-        chain = plan.chain_at(row.generated)
-        token = chain.sample_one(logits, row.history, plan.rng)
         if job.logprobs is not None and token != self._eos:
+            logits = self._logits[index:index + 1]
+            if job.logit_bias is not None:
+                logits = logits + job.logit_bias
+            chain = plan.chain_at(row.generated)
             probabilities = (point_mass(token, chain.vocab_size) if chain.greedy
                              else chain.probabilities(logits, [row.history])[0])
             row.records.append(token_logprob(token, probabilities, logits[0], job.logprobs, self._text,
@@ -356,6 +393,13 @@ class Engine:
 
     def _text(self, token: int) -> str:
         return self.model.decode([token])
+
+
+def _chain_key(chain: SamplerChain) -> tuple:
+    """What makes two chains process and draw alike: every sampler setting but the seed (each row brings its own
+    generator) and the banned ids."""
+    settings = astuple(replace(chain.settings, seed=None))
+    return (settings, chain.banned_ids.tobytes())
 
 
 def _host(value: Any) -> np.ndarray:

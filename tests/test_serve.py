@@ -148,6 +148,33 @@ def test_streamed_chunks_join_to_the_plain_text(demo: Server) -> None:
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_concurrent_streams_send_a_chunk_per_stream_interval_and_a_lone_stream_every_token() -> None:
+    interval = 0.2
+    with running_server("--stream-interval", str(interval * 1000)) as server:
+        client = server.client()
+        body = {"model": "demo", "prompt": "JULIET:", "max_tokens": 150, "extra_body": {"min_tokens": 150}}
+        lone = list(client.completions.create(**body, seed=1, stream=True))
+        plains = [client.completions.create(**body, seed=seed).choices[0].text for seed in (1, 2)]
+        streams: dict[int, list] = {}
+
+        def read(seed: int) -> None:
+            streams[seed] = list(client.completions.create(**body, seed=seed, stream=True))
+
+        started = time.monotonic()
+        threads = [threading.Thread(target=read, args=(seed,)) for seed in (1, 2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        elapsed = time.monotonic() - started
+    texts = [[chunk.choices[0].text for chunk in streams[seed] if chunk.choices[0].text] for seed in (1, 2)]
+    assert ["".join(text) for text in texts] == plains
+    lone_texts = [chunk.choices[0].text for chunk in lone if chunk.choices[0].text]
+    assert "".join(lone_texts) == plains[0] and len(lone_texts) > 2 + elapsed / interval  # alone: no interval
+    for text in texts:  # together: the first chunk at once, then at most one per interval
+        assert len(text) <= 2 + elapsed / interval
+
+
 def test_n_choices_are_independent_and_choice_0_is_the_seeded_one(demo: Server) -> None:
     client = demo.client()
     one = client.completions.create(model="demo", prompt="KING:", max_tokens=40, seed=11).choices[0].text

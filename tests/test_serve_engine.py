@@ -109,3 +109,41 @@ def test_n_rows_share_one_prefill_and_a_stopped_engine_refuses_jobs(gpt: OnnxMod
     engine.stop()
     late = Collector()
     assert not engine.submit(Job([0], [new_plan(gpt, settings)], late))  # refused once stopping
+
+
+@pytest.mark.parametrize("extra", [{}, {"repetition_penalty": 1.3, "top_k": 0, "top_p": 0.9},
+                                   {"temperature": 0.0}])
+def test_rows_sampled_as_one_batch_each_write_what_they_write_alone(gpt: OnnxModel, extra: dict) -> None:
+    """Rows with equal sampler settings share one batched sampler call, each with its own seeded generator; rows
+    with other settings (here every third one) form their own group: every row still writes the text
+    ``Session`` writes alone with its seed, while rows join at different steps and leave at different lengths."""
+    engine = Engine(gpt, max_batch=16)
+    samplers = [{**extra, "top_k": 5} if index % 3 == 2 else extra for index in range(9)]
+    cases = [(prompt, 6 + 3 * index, 100 + index, sampler)
+             for index, (prompt, sampler) in enumerate(zip(["ab", "bca", "abcabc"] * 3, samplers, strict=True))]
+    batches: list[int] = []
+    original_sample = engine._sample
+
+    def sample() -> list[int]:
+        batches.append(len(engine._rows))
+        return original_sample()
+
+    engine._sample = sample  # type: ignore[method-assign]
+    outs = []
+    for prompt, tokens, seed, sampler in cases:
+        values = {**sampler, "seed": seed, "max_new_tokens": tokens, "min_new_tokens": tokens // 2}
+        collector = Collector()
+        ids = document_start(gpt.encode(prompt), gpt.info.special.eos)
+        outs.append((Job(ids, [new_plan(gpt, build_settings(gpt.info.generation, values))], collector),
+                     collector, values))
+    engine.start()
+    try:
+        for job, _, _ in outs:
+            engine.submit(job)
+        assert all(collector.done.wait(20) for _, collector, _ in outs)
+    finally:
+        engine.stop()
+    assert max(batches) >= 6 and engine._shared_chains  # the rows really were sampled together
+    for (prompt, _, _, _), (_, collector, values) in zip(cases, outs, strict=True):
+        expected = Session(gpt, build_settings(gpt.info.generation, values)).generate(prompt).text
+        assert collector.text == expected
