@@ -46,7 +46,6 @@ from models.checkpoint import (
     Checkpoint,
     CheckpointError,
     TrainingState,
-    load_checkpoint,
     save_checkpoint_or_fallback,
 )
 from models.registry import build_model, load_weights, model_from_checkpoint
@@ -80,6 +79,7 @@ from train.optim import MuonWithAdamW, gpt2_optimizer
 from train.presets import DEFAULT_EPOCHS
 from train.progress import ProgressReporter
 from train.report import RateWindow, eval_line, model_shape, units_text, val_units
+from train.resume import RESUME_OVERRIDES, config_for_resume, last_checkpoint_path, load_resume_checkpoint
 from train.rng import capture_rng_state, restore_rng_state, seed_everything
 from train.sample import sample_continuation
 from train.schedule import EVAL_POINTS, Budget, LRSchedule, evaluation_points, fit_plan
@@ -91,15 +91,10 @@ EVAL_MARGIN = 1.2  # the final evaluation is reserved this many times the last o
 LAST_STATE_INTERVAL = 60.0  # seconds between OUT.last writes at evaluations (each is a full checkpoint)
 MAX_CURVE_POINTS = 4000  # training-loss points kept for the plot (thinned beyond that)
 SAMPLE_TOKENS = {"char": 200}  # tokens sampled per --prime at each evaluation; 60 for other tokenizers
-# Settings a resumed run may change; everything else comes from the checkpoint so the run continues exactly.
-RESUME_OVERRIDES = frozenset(
-    {"out", "data", "max_steps", "time_budget", "epochs", "eval_every", "eval_tokens", "patience", "device",
-     "threads", "prime"}
-)
 
-
-def last_checkpoint_path(out: str | Path) -> Path:
-    return Path(f"{out}.last")
+# The training API (train.cli and the tests import it from here); the resume helpers live in train.resume.
+__all__ = ["RESUME_OVERRIDES", "TrainResult", "Trainer", "config_for_resume", "last_checkpoint_path",
+           "load_resume_checkpoint", "train"]
 
 
 @dataclass
@@ -113,31 +108,6 @@ class TrainResult:
     stop_reason: str
     signal: int | None = None  # the signal that interrupted the run, if any
     checksums: tuple[str, ...] = ()  # distributed runs: every rank's final parameter checksum, in rank order
-
-
-def load_resume_checkpoint(path: str | Path) -> Checkpoint:
-    """A checkpoint that can be resumed: a textgen checkpoint with the training state this trainer writes."""
-    checkpoint = load_checkpoint(path)
-    if checkpoint.training is None or checkpoint.training.missing():
-        raise CheckpointError(f"{path} has no training state to resume from (not written by textgen-train?)")
-    if not isinstance(checkpoint.training.config, dict):
-        raise CheckpointError(f"{path} is damaged: its training config is not a mapping")
-    return checkpoint
-
-
-def config_for_resume(checkpoint: Checkpoint, overrides: dict[str, Any]) -> tuple[TrainConfig, list[str]]:
-    """The saved config with the allowed ``overrides`` applied, and the names of overrides that were ignored
-    because changing them would break the resumed run (model shape, tokenizer, optimizer...)."""
-    if checkpoint.training is None or not isinstance(checkpoint.training.config, dict):
-        raise CheckpointError("the checkpoint has no training config to resume from (use load_resume_checkpoint)")
-    try:
-        config = TrainConfig.from_dict(checkpoint.training.config)
-    except TypeError as exc:
-        raise CheckpointError(f"the checkpoint's training config is unusable: {exc}") from exc
-    allowed = {key: value for key, value in overrides.items() if key in RESUME_OVERRIDES}
-    saved = config.to_dict()
-    ignored = sorted(key for key, value in overrides.items() if key not in RESUME_OVERRIDES and saved.get(key) != value)
-    return replace(config, **allowed), ignored
 
 
 def train(
