@@ -13,7 +13,7 @@ import pytest
 from runtime.sampling import SamplerChain, SamplerSettings, SettingError, apply_setting
 from runtime.sampling.candidates import Candidates
 from runtime.sampling.draw import step_uniform
-from runtime.sampling.steps import DryStep, MirostatStep, XtcStep
+from runtime.sampling.llama_steps import DryStep, MirostatStep, XtcStep
 
 
 def settings(**values: object) -> SamplerSettings:

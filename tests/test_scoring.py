@@ -32,7 +32,8 @@ from runtime.scoring import (
 from runtime.session import OnnxModel
 from runtime.settings import Settings
 from train.config import TrainConfig
-from train.loop import Trainer, _summed_cross_entropy, config_for_resume, last_checkpoint_path, load_resume_checkpoint
+from train.evaluation import summed_cross_entropy
+from train.loop import Trainer, config_for_resume, last_checkpoint_path, load_resume_checkpoint
 from train.loop import train as run_training
 from train.progress import ProgressReporter
 
@@ -159,8 +160,8 @@ def test_trainer_validation_leaves_padding_ids_out_of_the_softmax() -> None:
     targets = torch.randint(0, 5, (2, 3))
     padded = torch.cat([logits, torch.full((2, 3, 4), 9.0)], dim=-1)  # four padding ids, very likely ones
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 7), targets.reshape(-1), reduction="sum").item()
-    assert _summed_cross_entropy(padded, targets, 7) == pytest.approx(expected, rel=1e-6)
-    assert _summed_cross_entropy(padded, targets, 11) > expected + 1.0
+    assert summed_cross_entropy(padded, targets, 7) == pytest.approx(expected, rel=1e-6)
+    assert summed_cross_entropy(padded, targets, 11) > expected + 1.0
 
 
 def test_protocol_errors_are_one_line_scoring_errors(trained) -> None:

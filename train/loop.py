@@ -31,11 +31,9 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
@@ -48,7 +46,6 @@ from models.checkpoint import (
     Checkpoint,
     CheckpointError,
     TrainingState,
-    load_checkpoint,
     save_checkpoint_or_fallback,
 )
 from models.registry import build_model, load_weights, model_from_checkpoint
@@ -56,7 +53,6 @@ from models.rnn import State, detach_state
 from runtime.defaults import generation_defaults
 from runtime.errors import first_line
 from runtime.scoring import ScoringProtocol
-from runtime.units import loss_units
 from train import distributed
 from train.batches import (
     BlockBatcher,
@@ -70,9 +66,9 @@ from train.batches import (
 from train.config import TrainConfig, TrainConfigError, TrainingError
 from train.data import PreparedData, prepare_data
 from train.distributed import Cluster, interleave_states, parameter_checksum, rank_slice_of_state
+from train.evaluation import gpt_validation_total, rnn_validation_total
 from train.metrics import (
     MetricsLog,
-    format_rate,
     format_seconds,
     loss_plot_path,
     metrics_path,
@@ -82,27 +78,23 @@ from train.metrics import (
 from train.optim import MuonWithAdamW, gpt2_optimizer
 from train.presets import DEFAULT_EPOCHS
 from train.progress import ProgressReporter
+from train.report import RateWindow, eval_line, model_shape, units_text, val_units
+from train.resume import RESUME_OVERRIDES, config_for_resume, last_checkpoint_path, load_resume_checkpoint
 from train.rng import capture_rng_state, restore_rng_state, seed_everything
 from train.sample import sample_continuation
 from train.schedule import EVAL_POINTS, Budget, LRSchedule, evaluation_points, fit_plan
+from train.stop_signals import StopSignals
 
-RNN_EVAL_CHUNK = 256  # tokens per forward call when evaluating an RNN (state carried between chunks)
-GPT_EVAL_LOGITS = 2**24  # logits elements per evaluation batch (bounds memory for big vocabularies)
 CALIBRATION_STEPS = 4  # steps timed (after the first, which pays for warm-up) before a time budget is planned
 FINAL_FILES_SECONDS = 3.0  # kept at the end of a time budget for the loss plot, last writes and process exit
 EVAL_MARGIN = 1.2  # the final evaluation is reserved this many times the last one's duration (load varies)
 LAST_STATE_INTERVAL = 60.0  # seconds between OUT.last writes at evaluations (each is a full checkpoint)
 MAX_CURVE_POINTS = 4000  # training-loss points kept for the plot (thinned beyond that)
 SAMPLE_TOKENS = {"char": 200}  # tokens sampled per --prime at each evaluation; 60 for other tokenizers
-# Settings a resumed run may change; everything else comes from the checkpoint so the run continues exactly.
-RESUME_OVERRIDES = frozenset(
-    {"out", "data", "max_steps", "time_budget", "epochs", "eval_every", "eval_tokens", "patience", "device",
-     "threads", "prime"}
-)
 
-
-def last_checkpoint_path(out: str | Path) -> Path:
-    return Path(f"{out}.last")
+# The training API (train.cli and the tests import it from here); the resume helpers live in train.resume.
+__all__ = ["RESUME_OVERRIDES", "TrainResult", "Trainer", "config_for_resume", "last_checkpoint_path",
+           "load_resume_checkpoint", "train"]
 
 
 @dataclass
@@ -116,31 +108,6 @@ class TrainResult:
     stop_reason: str
     signal: int | None = None  # the signal that interrupted the run, if any
     checksums: tuple[str, ...] = ()  # distributed runs: every rank's final parameter checksum, in rank order
-
-
-def load_resume_checkpoint(path: str | Path) -> Checkpoint:
-    """A checkpoint that can be resumed: a textgen checkpoint with the training state this trainer writes."""
-    checkpoint = load_checkpoint(path)
-    if checkpoint.training is None or checkpoint.training.missing():
-        raise CheckpointError(f"{path} has no training state to resume from (not written by textgen-train?)")
-    if not isinstance(checkpoint.training.config, dict):
-        raise CheckpointError(f"{path} is damaged: its training config is not a mapping")
-    return checkpoint
-
-
-def config_for_resume(checkpoint: Checkpoint, overrides: dict[str, Any]) -> tuple[TrainConfig, list[str]]:
-    """The saved config with the allowed ``overrides`` applied, and the names of overrides that were ignored
-    because changing them would break the resumed run (model shape, tokenizer, optimizer...)."""
-    if checkpoint.training is None or not isinstance(checkpoint.training.config, dict):
-        raise CheckpointError("the checkpoint has no training config to resume from (use load_resume_checkpoint)")
-    try:
-        config = TrainConfig.from_dict(checkpoint.training.config)
-    except TypeError as exc:
-        raise CheckpointError(f"the checkpoint's training config is unusable: {exc}") from exc
-    allowed = {key: value for key, value in overrides.items() if key in RESUME_OVERRIDES}
-    saved = config.to_dict()
-    ignored = sorted(key for key, value in overrides.items() if key not in RESUME_OVERRIDES and saved.get(key) != value)
-    return replace(config, **allowed), ignored
 
 
 def train(
@@ -169,46 +136,10 @@ def train(
         console = console or Console()
         reporter = ProgressReporter(console, live)
         trainer = Trainer(config, resume, reporter, cluster, started)
-        with _StopSignals(second_acts_at_once=not cluster.distributed) as signals, reporter:
+        with StopSignals(second_acts_at_once=not cluster.distributed) as signals, reporter:
             return trainer.run(signals, stop_at_step)
     finally:
         distributed.finish(cluster)
-
-
-class _StopSignals:
-    """SIGINT/SIGTERM ask the loop to stop after the current step. A second signal acts at once (the original
-    handlers are back by then): Ctrl-C twice raises KeyboardInterrupt; the checkpoint files stay intact because
-    every write is atomic.
-
-    Under torchrun (``second_acts_at_once=False``) later signals are only recorded: the terminal's Ctrl-C reaches
-    torchrun, not the workers (they run in their own sessions), and torchrun sends SIGTERM to the workers still
-    running as soon as one exits with a non-zero status, which must not kill a rank that is finishing its own
-    orderly stop. torchrun SIGKILLs workers that have not exited 30 s after its signal."""
-
-    def __init__(self, second_acts_at_once: bool = True) -> None:
-        self.received: int | None = None
-        self.second_acts_at_once = second_acts_at_once
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is None:
-            self.received = signum
-        if self.second_acts_at_once:
-            self._restore()
-
-    def _restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._restore()
 
 
 class Trainer:
@@ -418,11 +349,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ run
 
-    def run(self, signals: _StopSignals, stop_at_step: int | None) -> TrainResult:
+    def run(self, signals: StopSignals, stop_at_step: int | None) -> TrainResult:
         self._announce()
         start = self.started
         base_seconds = self.seconds
-        window = _RateWindow()
+        window = RateWindow()
         self._plan_if_known()
         if self._evaluation_due():  # an interruption skipped the evaluation at this step: do it now
             self._evaluate(window)
@@ -556,7 +487,7 @@ class Trainer:
         for line in self.data.report:
             say(line)
         parameters = sum(p.numel() for p in self.model.parameters())
-        say(f"model: {config.arch} {_shape(self.model_config, config.arch)}, {parameters / 1e6:.2f}M parameters "
+        say(f"model: {config.arch} {model_shape(self.model_config, config.arch)}, {parameters / 1e6:.2f}M parameters "
             f"({parameters * 4 / 2**20:.1f} MiB fp32)")
         world = self.cluster.world_size
         per_step = self.config.batch_size * self.block_len * config.grad_accum * world
@@ -619,7 +550,7 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=self.amp_dtype)
 
-    def _show_progress(self, loss: float, lr: float, window: _RateWindow) -> None:
+    def _show_progress(self, loss: float, lr: float, window: RateWindow) -> None:
         epochs = self.cursor.epochs_done()
         self.reporter.update(
             fraction=self.budget.fraction(self.step, self.seconds, epochs), step=self.step, loss=window.smoothed_loss,
@@ -644,32 +575,13 @@ class Trainer:
         total = 0.0
         with self._autocast():
             if self.config.is_rnn:
-                total = self._rnn_val_total()
+                total = rnn_validation_total(self.model, self.val_inputs, self.val_targets, self.val_vocab)
             else:
-                total = self._gpt_val_total()
+                total = gpt_validation_total(self.model, self.val_inputs, self.val_targets, self.val_vocab)
         self.model.train(was_training)
         return self.cluster.total(total) / self.val_count
 
-    def _rnn_val_total(self) -> float:
-        total, state = 0.0, None
-        if self.val_inputs.shape[0] == 0:  # more processes than validation streams: nothing for this one
-            return total
-        for start in range(0, self.val_inputs.shape[1], RNN_EVAL_CHUNK):
-            chunk = slice(start, start + RNN_EVAL_CHUNK)
-            logits, state = self.model(self.val_inputs[:, chunk], state)
-            total += _summed_cross_entropy(logits, self.val_targets[:, chunk], self.val_vocab)
-        return total
-
-    def _gpt_val_total(self) -> float:
-        windows, length = self.val_inputs.shape
-        rows = max(1, GPT_EVAL_LOGITS // (length * self.model.config.vocab_size))
-        total = 0.0
-        for start in range(0, windows, rows):
-            logits = self.model(self.val_inputs[start : start + rows])[0]
-            total += _summed_cross_entropy(logits, self.val_targets[start : start + rows], self.val_vocab)
-        return total
-
-    def _evaluate(self, window: _RateWindow) -> None:
+    def _evaluate(self, window: RateWindow) -> None:
         began = time.monotonic()
         val_loss = self.validation_loss()
         improved = self.best_val_loss is None or val_loss < self.best_val_loss
@@ -685,7 +597,7 @@ class Trainer:
         self.last_metrics = record
         self._log_metrics(record)
         window.reset()
-        self.reporter.say(_eval_line(record, improved))
+        self.reporter.say(eval_line(record, improved))
         if self.is_main:
             self._print_samples()
         if improved:
@@ -712,7 +624,7 @@ class Trainer:
             self.reporter.say(f"warning: cannot write {self.metrics_log.path} ({exc.strerror or exc}); "
                               "training goes on without the metrics log")
 
-    def _metrics_record(self, val_loss: float, window: _RateWindow) -> dict[str, Any]:
+    def _metrics_record(self, val_loss: float, window: RateWindow) -> dict[str, Any]:
         record: dict[str, Any] = {
             "step": self.step,
             "seconds": round(self.seconds, 3),
@@ -725,7 +637,7 @@ class Trainer:
             "val_tokens": self.val_count,
             "loss_unit": "nats/token",  # train_loss and val_loss; the val_* per word/char keys say their own unit
         }
-        record.update(_val_units(val_loss, self.data))
+        record.update(val_units(val_loss, self.data))
         return record
 
     def _print_samples(self) -> None:
@@ -829,9 +741,9 @@ class Trainer:
         wall = time.monotonic() - self.started
         summary = f"done ({stop_reason}): {self.step} steps in {format_seconds(self.seconds)} (wall {wall:.1f} s)"
         if self.best_val_loss is not None:
-            units = _val_units(self.best_val_loss, self.data)
+            units = val_units(self.best_val_loss, self.data)
             summary += (f"; best val loss {self.best_val_loss:.4f} nats/token (ppl {perplexity(self.best_val_loss):.2f}"
-                        f"{_units_text(units)}) at step {self.best_step}; checkpoint {self.out} "
+                        f"{units_text(units)}) at step {self.best_step}; checkpoint {self.out} "
                         f"(latest: {self.last_out})")
         else:
             summary += f"; latest state in {self.last_out}"
@@ -850,78 +762,6 @@ class Trainer:
         return TrainResult(self.step, self.seconds, self.best_val_loss, self.best_step, self.out, self.last_out,
                            reason, signum, checksums)
 
-
-class _RateWindow:
-    """Training loss and throughput since the last evaluation, plus a smoothed loss for the progress bar."""
-
-    def __init__(self) -> None:
-        self.smoothed_loss = math.nan
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss_sum, self.steps, self.tokens, self.seconds = 0.0, 0, 0, 0.0
-
-    def add(self, loss: float, tokens: int, seconds: float) -> None:
-        self.loss_sum += loss
-        self.steps += 1
-        self.tokens += tokens
-        self.seconds += seconds
-        self.smoothed_loss = loss if math.isnan(self.smoothed_loss) else 0.9 * self.smoothed_loss + 0.1 * loss
-
-    @property
-    def mean_loss(self) -> float | None:
-        return self.loss_sum / self.steps if self.steps else None
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-def _summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, real_ids: int) -> float:
-    """Summed NLL with the softmax over the first ``real_ids`` outputs (runtime.scoring's padded-vocabulary rule:
-    ids beyond the tokenizer are never produced)."""
-    if logits.shape[-1] > real_ids:
-        logits = logits[..., :real_ids]
-    flat = logits.reshape(-1, logits.shape[-1]).float()
-    return F.cross_entropy(flat, targets.reshape(-1), reduction="sum").item()
-
-
-def _eval_line(record: dict[str, Any], improved: bool) -> str:
-    train = f"{record['train_loss']:.4f}" if record["train_loss"] is not None else "-"
-    line = (f"step {record['step']} | {format_seconds(record['seconds'])} | train {train} | "
-            f"val {record['val_loss']:.4f} nats/token (ppl {record['val_ppl']:.2f}{_units_text(record)})")
-    line += f" | lr {record['lr']:.2e} | {format_rate(record['tokens_per_s'])}"
-    return line + (" | best, saved" if improved else "")
-
-
-def _val_units(val_loss: float, data: PreparedData) -> dict[str, Any]:
-    """The validation loss per word and per character (runtime.units), converted with the whole validation split's
-    words/characters per token (exact when every validation token is scored, i.e. no --eval-tokens cap)."""
-    if data.val_size is None or data.val_size.tokens == 0:
-        return {}
-    units = loss_units(val_loss, data.val_size)
-    record = {"val_bpc": units["bits_per_char"]}
-    if not data.char_level:
-        record.update(val_nats_per_word=units["nats_per_word"], val_ppl_word=units["ppl_word"])
-    return record
-
-
-def _units_text(record: dict[str, Any]) -> str:
-    text = ""
-    if "val_nats_per_word" in record:
-        text += f"; {record['val_nats_per_word']:.3f} nats/word, ppl/word {record['val_ppl_word']:.1f}"
-    if "val_bpc" in record:
-        text += f"; {record['val_bpc']:.3f} bits/char"
-    return text
-
-
-def _shape(model_config: dict[str, Any], arch: str) -> str:
-    if arch in ("lstm", "gru"):
-        return (f"{model_config.get('num_layers')}x{model_config.get('hidden_size')} "
-                f"(embedding {model_config.get('embedding_size')}, vocab {model_config.get('vocab_size')})")
-    return (f"{model_config.get('n_layer')} layers x {model_config.get('n_embd')} wide, "
-            f"{model_config.get('n_head')} heads, context {model_config.get('context_length')}, "
-            f"vocab {model_config.get('vocab_size')}")
 
 
 def _resolve_device(requested: str) -> torch.device:

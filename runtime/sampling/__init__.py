@@ -25,7 +25,9 @@ Modules, by concern:
 
     settings.py    SamplerSettings, the names and aliases users type, the preset orders
     validation.py  parsing and validation (one-line SettingError), each setting's rule in RULES
-    steps.py       the Step interface (apply / accept / reset, llama.cpp's), every step, and REGISTRY
+    steps.py       the Step interface (apply / accept / reset, llama.cpp's), its bases, the classic steps
+    llama_steps.py llama.cpp's samplers: logit bias, banned strings, DRY, top-n-sigma, XTC, mirostat
+    registry.py    REGISTRY: every step an ``order`` can name, by name (the one list)
     candidates.py  what steps work on: one row's Candidates, a call's Bans, shared numeric helpers
     plan.py        the compiled Plan: the small-vocabulary routes (sorted, prefix cuts, dense, whole batches)
     draw.py        the inverse-CDF draw in token-id order, in its row, sorted, few-candidate and batch forms
@@ -35,8 +37,9 @@ docs/architecture.md ("Sampler chain") explains the interface and how to add a s
 """
 
 from runtime.sampling.chain import SamplerChain
+from runtime.sampling.registry import REGISTRY
 from runtime.sampling.settings import ALIASES, PRESET_ORDERS, SETTING_NAMES, SamplerSettings, SettingError, make_rng
-from runtime.sampling.steps import REGISTRY, Step
+from runtime.sampling.steps import Step
 from runtime.sampling.validation import (
     apply_setting,
     canonical_name,

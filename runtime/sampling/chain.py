@@ -26,8 +26,9 @@ import numpy as np
 from runtime.sampling.candidates import FLOAT32_MAX, Bans, Candidates, Scratch, View, finite, probabilities, sanitize
 from runtime.sampling.draw import draw, step_uniform
 from runtime.sampling.plan import Plan
+from runtime.sampling.registry import REGISTRY
 from runtime.sampling.settings import SamplerSettings, SettingError
-from runtime.sampling.steps import REGISTRY, Step
+from runtime.sampling.steps import Step
 from runtime.sampling.validation import resolve_order, validate
 
 _BAN_CACHE_SIZE = 16  # distinct per-call ban lists remembered (the decode loop uses one or two)

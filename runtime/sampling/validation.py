@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from runtime.sampling.registry import REGISTRY
 from runtime.sampling.settings import ALIASES, PRESET_ORDERS, SETTING_NAMES, SamplerSettings, SettingError
-from runtime.sampling.steps import REGISTRY
 
 
 def step_names() -> tuple[str, ...]:
