@@ -60,7 +60,7 @@ def val_units(val_loss: float, data: PreparedData) -> dict[str, Any]:
 def units_text(record: dict[str, Any]) -> str:
     text = ""
     if "val_nats_per_word" in record:
-        text += f"; {record['val_nats_per_word']:.3f} nats/word, ppl/word {record['val_ppl_word']:.1f}"
+        text += f"; {record['val_nats_per_word']:.3f} nats/word, ppl/word {record['val_ppl_word']:,.5g}"
     if "val_bpc" in record:
         text += f"; {record['val_bpc']:.3f} bits/char"
     return text
