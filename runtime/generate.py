@@ -115,7 +115,7 @@ class SessionSnapshot:
 
 
 @dataclass
-class _Plan:
+class DecodePlan:
     """The settings of one generation, read once so a mid-generation ``:set`` cannot tear it."""
 
     sampler: SamplerSettings
@@ -167,7 +167,7 @@ def alternative_seed(seed: int, index: int) -> int:
     return seed + index
 
 
-def new_plan(model: OnnxModel, settings: Settings, vocabulary: Callable[[], list[str]] | None = None) -> _Plan:
+def new_plan(model: OnnxModel, settings: Settings, vocabulary: Callable[[], list[str]] | None = None) -> DecodePlan:
     """The settings of one generation read once: sampler chains, lengths, stops and a seeded generator (a fresh
     seed when the settings have none). The server builds one per request row, the Session one per turn.
     ``vocabulary()`` gives each id's text, asked only when a step matches text (logit bias by text, banned
@@ -179,7 +179,7 @@ def new_plan(model: OnnxModel, settings: Settings, vocabulary: Callable[[], list
     if unk is not None and settings.get("suppress_unk"):  # banned like padding (runtime/settings.py)
         banned = [*banned, unk]
     texts = vocabulary() if vocabulary is not None and needs_vocabulary(sampler) else None
-    return _Plan(
+    return DecodePlan(
         sampler=sampler,
         chain=SamplerChain(sampler, vocab, banned, vocabulary=texts),
         chain_without_eos=SamplerChain(sampler, vocab, [*banned, eos], vocabulary=texts),
@@ -459,7 +459,7 @@ class Session:
             results.append(finish_timings(result))
         return results
 
-    def _decode_batch(self, plan: _Plan, context: list[int], base: _Fed, n: int, slides: _SlideNotices,
+    def _decode_batch(self, plan: DecodePlan, context: list[int], base: _Fed, n: int, slides: _SlideNotices,
                       hooks: tuple[StepCallback | None, DrawCallback | None], first_row: int) -> list[_BatchRow]:
         """Decode ``n`` rows that all continue ``context`` (whose state is ``base``) in lockstep."""
         rows = [list(context) for _ in range(n)]
@@ -626,7 +626,7 @@ class Session:
             self._vocabulary = [self._token_text(token) for token in range(self.model.info.vocab_size)]
         return self._vocabulary
 
-    def _plan(self) -> _Plan:
+    def _plan(self) -> DecodePlan:
         return new_plan(self.model, self.settings, self._token_texts)
 
     def _prompt_ids(self, prompt: str) -> list[int]:
@@ -699,7 +699,7 @@ class Session:
 
     # ------------------------------------------------------------------ sampling
 
-    def _sample_turn(self, plan: _Plan, first_new: int, on_slide: Callable[[int], None],
+    def _sample_turn(self, plan: DecodePlan, first_new: int, on_slide: Callable[[int], None],
                      on_text: TextCallback | None, on_draw: DrawCallback | None = None) -> tuple[str, str]:
         history, eos = self.history, self._eos
         streaming = on_text is not None or bool(plan.stops)
@@ -732,7 +732,7 @@ class Session:
 
     # ------------------------------------------------------------------ beam search
 
-    def _beam_turn(self, plan: _Plan, first_new: int, on_slide: Callable[[int], None],
+    def _beam_turn(self, plan: DecodePlan, first_new: int, on_slide: Callable[[int], None],
                    on_text: TextCallback | None) -> tuple[str, str]:
         """Beam search; the best hypothesis's tokens join the history as pending tokens."""
         search: _BeamSearch | None = None
@@ -769,7 +769,7 @@ class _BeamSearch:
 
     length_penalty = 1.0
 
-    def __init__(self, session: Session, plan: _Plan, on_slide: Callable[[int], None]) -> None:
+    def __init__(self, session: Session, plan: DecodePlan, on_slide: Callable[[int], None]) -> None:
         self.session = session
         self.model = session.model
         self.plan = plan

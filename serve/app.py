@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runtime.generate import _Plan, alternative_seed, document_start, new_plan
+from runtime.generate import DecodePlan, alternative_seed, document_start, new_plan
 from runtime.logprobs import NEG_INF_LOGPROB, TokenLogprob
 from runtime.session import OnnxModel
 from runtime.settings import build_settings
@@ -328,7 +328,7 @@ class _Handler:
             return context - prompt_tokens
         return max_new
 
-    def _plan(self, settings: Any, seed: int, choice: int, max_new: int) -> _Plan:
+    def _plan(self, settings: Any, seed: int, choice: int, max_new: int) -> DecodePlan:
         """Choice i draws from ``default_rng(alternative_seed(seed, i))``, as alternative i of
         ``textgen-repl --seed SEED --n N`` does, so ``textgen-repl --seed`` with that seed alone reproduces it."""
         plan = new_plan(self.model, settings)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import first_line
-from runtime.generate import RowRandom, TextStream, _Plan
+from runtime.generate import DecodePlan, RowRandom, TextStream
 from runtime.logprobs import TokenLogprob, point_mass, prompt_logprobs, token_logprob
 from runtime.sampling import SamplerChain
 from runtime.session import ModelRunError, OnnxModel
@@ -51,7 +51,7 @@ class Job:
     """One prompt with ``n`` choices; ``plans[i]`` holds choice i's settings, chains and generator."""
 
     prompt_ids: list[int]  # document-start eos included
-    plans: list[_Plan]
+    plans: list[DecodePlan]
     deliver: Deliver
     logprobs: int | None = None  # alternatives per token, None = no logprobs
     echo_logprobs: bool = False  # also the prompt tokens' logprobs
@@ -73,7 +73,7 @@ class _Row:
 
     job: Job
     choice: int
-    plan: _Plan
+    plan: DecodePlan
     history: list[int]
     stream: TextStream
     generated: int = 0
@@ -231,7 +231,7 @@ class Engine:
             rows, state, logits = [rows[i] for i in live], self.model.reorder_state(state, index), logits[index]
         self._append(rows, state, logits, length)
 
-    def _new_row(self, job: Job, choice: int, plan: _Plan) -> _Row:
+    def _new_row(self, job: Job, choice: int, plan: DecodePlan) -> _Row:
         pending: list[str] = []
         stream = TextStream(self.model.tokenizer.decode, plan.stops, pending.append, job.prompt_ids)
         keys = (_chain_key(plan.chain_without_eos), _chain_key(plan.chain))  # built once: astuple is not cheap
