@@ -160,6 +160,11 @@ def test_concurrent_streams_send_a_chunk_per_stream_interval_and_a_lone_stream_e
         def read(seed: int) -> None:
             streams[seed] = list(client.completions.create(**body, seed=seed, stream=True))
 
+        # a long stream already open makes the measured ones concurrent from their first token on: without it,
+        # whichever starts first is alone for a moment and rightly gets a chunk per token
+        endless = {**body, "max_tokens": 4096, "extra_body": {"min_tokens": 4096}}
+        holder = client.completions.create(**endless, seed=3, stream=True)
+        next(iter(holder))
         started = time.monotonic()
         threads = [threading.Thread(target=read, args=(seed,)) for seed in (1, 2)]
         for thread in threads:
@@ -167,6 +172,7 @@ def test_concurrent_streams_send_a_chunk_per_stream_interval_and_a_lone_stream_e
         for thread in threads:
             thread.join(30)
         elapsed = time.monotonic() - started
+        holder.close()
     texts = [[chunk.choices[0].text for chunk in streams[seed] if chunk.choices[0].text] for seed in (1, 2)]
     assert ["".join(text) for text in texts] == plains
     lone_texts = [chunk.choices[0].text for chunk in lone if chunk.choices[0].text]
