@@ -18,6 +18,7 @@ import hashlib
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,17 +62,27 @@ from benchmarks.common import (
 PROMPT = "ROMEO:"
 
 
+@dataclass
 class Row:
-    def __init__(self, name: str, per_token: Stats, tokens: list[int], weights: int | None = None,
-                 file_bytes: int | None = None, context: list[int] | None = None) -> None:
-        self.name, self.per_token, self.tokens = name, per_token, tokens
-        self.weights, self.file_bytes, self.context = weights, file_bytes, context
+    """One runner's figures: seconds per generated token for a whole turn (prompt included) and, where the runner
+    reports them apart (ours, llama.cpp), seconds per prompt token and per generated token."""
+
+    name: str
+    per_token: Stats
+    tokens: list[int] | None  # greedy ids (None: llama-bench feeds random ids and shows none)
+    weights: int | None = None
+    file_bytes: int | None = None
+    context: list[int] | None = None
+    prompt: Stats | None = None
+    gen: Stats | None = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser(__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=None, help="tokens per turn (default 64; smoke 8)")
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers row")
+    parser.add_argument("--no-llama-cpp", action="store_true",
+                        help="skip the llama.cpp rows (they need `python -m benchmarks.llama_cpp setup` first)")
     parser.add_argument("--no-graph-levers", action="store_true",
                         help="skip the ORT GPT-2 optimizer and decomposed-attention rows (each costs an extra export)")
     args = parse_args(parser, argv)
@@ -95,15 +106,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(measure_hf(torch_gpt2, context, tokens, args, parameters))
     del torch_gpt2
     gc.collect()
+    if not args.no_llama_cpp:
+        rows += measure_llama_cpp(spec, len(context), tokens, args, notes)
 
     levers = session_levers(fp32, tokens, args)
-    tables = [speed_table(spec.name, rows, bandwidth, parameters, tokens, args), levers]
+    tables = [speed_table(spec.name, rows, bandwidth, parameters, tokens, args)]
+    versus = llama_cpp_table(rows)
+    tables += [versus, levers] if versus else [levers]
     notes += [
         f"Memory bandwidth measured here: best {fmt(bandwidth.high / 1e9)} GB/s, median "
         f"{fmt(bandwidth.median / 1e9)} GB/s (torch sum over a {64 if args.smoke else 512} MB float32 array, "
         f"{args.threads} threads, {len(bandwidth.samples)} runs); the bound uses the best.",
-        "Earlier measurements on this kind of machine (not re-run here): ggml examples/gpt-2 "
-        "2 threads f32 17.3, q8_0 6.6, q4_0 6.2 ms/token.",
     ]
     report(args, "gpt2_decode.py", "gpt2_decode", f"GPT-2 decode, batch 1, CPU, {args.threads} threads", tables,
            notes)
@@ -116,16 +129,44 @@ def main(argv: Sequence[str] | None = None) -> int:
 def measure_ours(variants: list[tuple[str, Path]], tokens: int, args: Any) -> list[Row]:
     """Each file through runtime.generate.Session, the files taking turns (see common.interleaved)."""
     sessions = {name: ours_session(open_model(path, args.threads), GREEDY, tokens) for name, path in variants}
-    last: dict[str, Any] = {}
+    results: dict[str, list[Any]] = {name: [] for name in sessions}
 
     def turn(name: str) -> float:
         result = ours_generate(sessions[name], PROMPT)
-        last[name] = result
+        results[name].append(result)
         return result.seconds / len(result.tokens)
 
     stats = interleaved({name: (lambda n=name: turn(n)) for name in sessions}, args.repeats)
-    return [Row(name, stats[name], last[name].tokens, file_weight_bytes(path), path.stat().st_size,
-                fed_context(sessions[name], last[name])) for name, path in variants]
+    rows = []
+    for name, path in variants:
+        timed_turns = results[name][-args.repeats:]  # the warm-up turn is not counted
+        last = timed_turns[-1]
+        rows.append(Row(name, stats[name], last.tokens, file_weight_bytes(path), path.stat().st_size,
+                        fed_context(sessions[name], last),
+                        prompt=Stats([r.prompt_seconds / r.prompt_fed for r in timed_turns]),
+                        gen=Stats([r.gen_seconds / len(r.tokens) for r in timed_turns])))
+    return rows
+
+
+def measure_llama_cpp(spec: Any, prompt_tokens: int, tokens: int, args: Any, notes: list[str]) -> list[Row]:
+    """The same weights as GGUF (llama.cpp's converter; q8_0 / q4_0 by its quantizer) through llama-bench, or
+    nothing and a note when there is no build (``python -m benchmarks.llama_cpp setup``)."""
+    from benchmarks import llama_cpp
+
+    build = llama_cpp.find(args.cache_dir)
+    if build is None:
+        notes.append(llama_cpp.missing_line(args.cache_dir))
+        print(notes[-1], file=sys.stderr)
+        return []
+    files = llama_cpp.gguf_files(build, spec, args.cache_dir)
+    results = llama_cpp.bench(build, files, args.threads, prompt_tokens, tokens, args.repeats)
+    notes.append(f"llama.cpp build {build.commit()} from PyPI's llama-cpp-python {llama_cpp.VERSION} source package; "
+                 f"`llama-bench -t {args.threads} -p {prompt_tokens} -n {tokens} -pg {prompt_tokens},{tokens} "
+                 f"-r {args.repeats}` (random token ids, no sampling); GGUF by its convert_hf_to_gguf.py and "
+                 "llama-quantize from the same weights.")
+    return [Row(f"llama.cpp {result.kind}", result.turn_s_per_token, None, result.path.stat().st_size,
+                result.path.stat().st_size, prompt=result.prompt_s_per_token, gen=result.gen_s_per_token)
+            for result in results]
 
 
 def measure_torch(model: Any, ids: list[int], tokens: int, args: Any, parameters: int) -> Row:
@@ -329,25 +370,43 @@ def io_binding_seconds_per_token(path: Path, threads: int, position: int, steps:
 def speed_table(name: str, rows: list[Row], bandwidth: Stats, parameters: int, tokens: int, args: Any) -> Table:
     table = Table(
         f"{name}, batch 1, greedy, {tokens} tokens per turn, {args.repeats} turns",
-        ["runner", "ms/token", "tok/s", "speed vs PyTorch eager", "weights read per token",
-         "bandwidth bound ms/token", "% of bound", "file size", "file / fp32 param bytes",
-         "greedy tokens = PyTorch's"],
+        ["runner", "generation ms/token", "tok/s", "% of bound", "bandwidth bound ms/token", "prompt tok/s",
+         "turn ms/token (prompt included)", "turn vs PyTorch eager", "weights read per token", "file size",
+         "file / fp32 param bytes", "greedy tokens = PyTorch's"],
     )
     eager = next(row for row in rows if row.name.startswith("PyTorch"))
     for row in rows:
-        ms = row.per_token.scaled(1000)
+        gen_ms = row.gen.scaled(1000) if row.gen else None
         bound_ms = row.weights / bandwidth.high * 1000 if row.weights else None  # the best read rate seen
-        same = sum(a == b for a, b in zip(row.tokens, eager.tokens, strict=False))
+        same = (f"{sum(a == b for a, b in zip(row.tokens, eager.tokens, strict=False))}/{len(eager.tokens or [])}"
+                if row.tokens is not None else "n/a")
         table.add(
-            row.name, fmt_stats(ms), fmt(1 / row.per_token.median), fmt_ratio(eager.per_token.median,
-                                                                          row.per_token.median),
-            fmt_mb(row.weights), fmt(bound_ms), f"{100 * bound_ms / ms.median:.0f}%" if bound_ms else "n/a",
-            fmt_mb(row.file_bytes), fmt_ratio(row.file_bytes, parameters) if row.file_bytes else "n/a",
-            f"{same}/{len(eager.tokens)}",
+            row.name, fmt_stats(gen_ms) if gen_ms else "n/a", fmt(1 / row.gen.median) if row.gen else "n/a",
+            f"{100 * bound_ms / gen_ms.median:.0f}%" if bound_ms and gen_ms else "n/a", fmt(bound_ms),
+            fmt(1 / row.prompt.median) if row.prompt else "n/a", fmt_stats(row.per_token.scaled(1000)),
+            fmt_ratio(eager.per_token.median, row.per_token.median), fmt_mb(row.weights), fmt_mb(row.file_bytes),
+            fmt_ratio(row.file_bytes, parameters) if row.file_bytes else "n/a", same,
         )
     table.notes.append(f"fp32 parameter bytes (tied embedding once): {fmt_mb(parameters)}.")
+    table.notes.append("Generation and prompt figures are apart where the runner reports them apart (ours, "
+                       "llama.cpp), as llama.cpp does; % of bound is on generation, the bandwidth-bound phase.")
     table.notes.append("Quantized files compute different logits, so their greedy tokens may differ legitimately.")
     return table
+
+
+def llama_cpp_table(rows: list[Row]) -> Table | None:
+    """Ours against llama.cpp at each precision: generation and prompt speed ratios (> 1: ours is faster)."""
+    pairs = [("ours fp32", "llama.cpp f32"), ("ours int8", "llama.cpp q8_0"), ("ours int4", "llama.cpp q4_0")]
+    by_name = {row.name: row for row in rows}
+    table = Table("Ours vs llama.cpp, same weights, same run",
+                  ["precision", "generation: ours / llama.cpp tok/s", "prompt: ours / llama.cpp tok/s",
+                   "turn: ours / llama.cpp"])
+    for ours, theirs in pairs:
+        if ours in by_name and theirs in by_name:
+            a, b = by_name[ours], by_name[theirs]
+            table.add(f"{ours.split()[-1]} vs {theirs.split()[-1]}", fmt_ratio(b.gen.median, a.gen.median),
+                      fmt_ratio(b.prompt.median, a.prompt.median), fmt_ratio(b.per_token.median, a.per_token.median))
+    return table if table.rows else None
 
 
 if __name__ == "__main__":

@@ -67,8 +67,29 @@ def test_gpt2_decode(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[
     assert len(RATIO.findall(out)) >= 10
     assert re.search(r"ours int8 .*%", out)  # % of the bandwidth bound
     assert "Memory bandwidth measured here" in out
+    assert "llama.cpp rows skipped: no build in" in out  # a fresh cache has none; the line says how to get one
     section = _section(docs, "gpt2_decode")
     assert "| ours int4 |" in section and "bandwidth bound ms/token" in section
+
+
+def test_llama_bench_json_becomes_prompt_generation_and_turn_seconds(tmp_path: Path) -> None:
+    llama_cpp = _load("llama_cpp")
+    build = llama_cpp.LlamaCpp(tmp_path)
+    build.bin_dir.mkdir(parents=True)
+    runs = [{"n_prompt": 8, "n_gen": 0, "samples_ts": [200.0, 400.0]},  # prompt tokens per second
+            {"n_prompt": 0, "n_gen": 64, "samples_ts": [50.0, 40.0]},
+            {"n_prompt": 8, "n_gen": 64, "samples_ts": [36.0, 72.0]}]  # (8 + 64) tokens per second
+    fake = build.binary("llama-bench")  # prints what the real one prints with -o json, and checks its arguments
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    f"assert sys.argv[sys.argv.index('-pg') + 1] == '8,64', sys.argv\n"
+                    f"print(json.dumps({runs!r}))\n")
+    fake.chmod(0o755)
+    model = tmp_path / "model-q8_0.gguf"
+    model.write_bytes(b"")
+    (result,) = llama_cpp.bench(build, {"q8_0": model}, threads=2, prompt=8, tokens=64, repeats=2)
+    assert result.prompt_s_per_token.samples == [1 / 200, 1 / 400]
+    assert result.gen_s_per_token.samples == [1 / 50, 1 / 40]
+    assert result.turn_s_per_token.samples == pytest.approx([2 / 64, 1 / 64])  # 72 tokens in 2 s, then in 1 s
 
 
 def test_tiny_decode(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
