@@ -168,15 +168,28 @@ def hf_directory(spec: Any, cache_dir: Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     eos = benchmark_eos(spec.vocab_size)
     hf_model(torch_model(spec, cache_dir, threads=2), eos).save_pretrained(partial)
-    tokenizer_json, _ = tokenizer_for(spec.vocab_size)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json),
-                                        eos_token="<|endoftext|>", unk_token="<unk>")
+    twin = _bpe_twin(Tokenizer.from_str(tokenizer_for(spec.vocab_size)[0]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=twin, eos_token="<|endoftext|>", unk_token="<unk>")
     tokenizer.save_pretrained(partial)
     config = json.loads((partial / "config.json").read_text())
     config.setdefault("n_ctx", config["n_positions"])  # transformers 5 no longer writes it; the converter reads it
     (partial / "config.json").write_text(json.dumps(config, indent=2))
     partial.rename(path)
     return path
+
+
+def _bpe_twin(tokenizer: Any) -> Any:
+    """The benchmark's char tokenizer as a BPE model with the same ids: llama.cpp loads a GPT-2 vocabulary only
+    with merges, so the first filler token becomes the merge of two characters."""
+    from tokenizers import Tokenizer, models
+
+    vocab = dict(tokenizer.get_vocab(with_added_tokens=False))
+    filler = next(token for token, _ in sorted(vocab.items(), key=lambda item: item[1]) if token.startswith("<w"))
+    vocab["th"] = vocab.pop(filler)
+    twin = Tokenizer(models.BPE(vocab, [("t", "h")], unk_token="<unk>"))
+    twin.pre_tokenizer, twin.decoder = tokenizer.pre_tokenizer, tokenizer.decoder
+    twin.add_special_tokens(list(tokenizer.get_added_tokens_decoder().values()))
+    return twin
 
 
 # The converter identifies a BPE pre-tokenizer by hashing how it splits a test string; the benchmark's char
