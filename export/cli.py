@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         "NAME.fp16.onnx (GPT-2: float16 weights and KV cache) for GPU decoding",
     )
     parser.add_argument(
+        "--int8-weights", choices=("s7", "s8", "u8"), default=None,
+        help="with --quantize int8: how the weights are stored. s7 (default): signed, 7-bit range, exact on "
+        "every x86 CPU; u8: unsigned, full 8-bit range, exact everywhere; s8: signed, full range, exact only on "
+        "CPUs with VNNI (others saturate; the runtime warns when such a file is opened there)",
+    )
+    parser.add_argument(
         "--eval-text", metavar="FILE", default=None,
         help="with --quantize: held-out text to measure the quantized file's perplexity cost on",
     )
@@ -88,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.eval_text and not args.quantize:
         print("error: --eval-text goes with --quantize", file=sys.stderr)
         return EXIT_USER_ERROR
+    if args.int8_weights and args.quantize != "int8":
+        print("error: --int8-weights goes with --quantize int8", file=sys.stderr)
+        return EXIT_USER_ERROR
     problem = _early_problem(args)  # answered in the first second, before torch is imported
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
@@ -108,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {result.path} ({_human_size(result.bytes)}, {result.arch}, {graph})")
         print(f"verified with onnxruntime {result.provider}: max abs logit diff {result.max_abs_diff:.3g}")
         if args.quantize:
-            return _quantize(result.path, args.quantize, args.eval_text)
+            return _quantize(result.path, args.quantize, args.eval_text, args.int8_weights)
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -149,13 +158,19 @@ def _early_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _quantize(fp32_path: Path, mode: str, eval_text: str | None) -> int:
+def _quantize(fp32_path: Path, mode: str, eval_text: str | None, int8_weights: str | None = None) -> int:
     """Write NAME.MODE.onnx beside the fp32 file; with eval_text, report (and judge) its perplexity cost."""
-    from export.quantize import QuantizeError, perplexity_cost, quantize_model
+    from export.quantize import DEFAULT_INT8_WEIGHTS, QuantizeError, perplexity_cost, quantize_model
+    from runtime.cpu import has_vnni
 
     target = fp32_path.with_name(f"{fp32_path.stem}.{mode}.onnx")
-    quantize_model(fp32_path, target, mode)  # type: ignore[arg-type]
-    print(f"wrote {target} ({_human_size(target.stat().st_size)}, {mode})")
+    weights = int8_weights or DEFAULT_INT8_WEIGHTS
+    quantize_model(fp32_path, target, mode, weights)  # type: ignore[arg-type]
+    print(f"wrote {target} ({_human_size(target.stat().st_size)}, {mode}"
+          + (f", {weights} weights)" if mode == "int8" else ")"))
+    if mode == "int8" and weights == "s8" and has_vnni() is False:
+        print("warning: s8 weights saturate on CPUs without VNNI, like this one: this file's logits are wrong here "
+              "(re-export with --int8-weights s7 or u8)", file=sys.stderr)
     if eval_text is None:
         return 0
     try:

@@ -51,6 +51,16 @@ from runtime.modelfile import KEY_SOURCE, ModelFileError, ModelInfo, decode_meta
 
 Mode = Literal["int8", "int4", "fp16"]
 MODES: tuple[str, ...] = ("int8", "int4", "fp16")
+# int8 weight encodings (quantize_dynamic's weight_type / reduce_range): what each costs in accuracy and speed on
+# CPUs with and without VNNI is in docs/benchmarks.md. "s7" is safe on every x86 CPU; "s8" saturates in
+# onnxruntime's AVX2 u8 x s8 kernel on CPUs without VNNI (runtime.cpu warns when such a file is opened there).
+Int8Weights = Literal["s7", "s8", "u8"]
+INT8_WEIGHTS: dict[str, tuple[str, bool, str]] = {  # name -> (weight type, reduce_range, description)
+    "s7": ("QInt8", True, "signed, 7-bit range (reduce_range)"),
+    "s8": ("QInt8", False, "signed, full 8-bit range (needs VNNI on x86)"),
+    "u8": ("QUInt8", False, "unsigned, full 8-bit range, zero point per tensor"),
+}
+DEFAULT_INT8_WEIGHTS: Int8Weights = "s7"
 # fp16 logits may differ from the float32 file's by this much relative to max(1, max |logit|) (measured: 1.8e-4 on
 # the 4x128 char GPT-2 of the shakespeare-gpt2 preset).
 FP16_TOLERANCE = 1e-2
@@ -70,7 +80,8 @@ class QuantizeError(Exception):
     """The model cannot be quantized; the message is one line for the user."""
 
 
-def quantize_model(src_onnx: Path | str, dst_onnx: Path | str, mode: Mode) -> Path:
+def quantize_model(src_onnx: Path | str, dst_onnx: Path | str, mode: Mode,
+                   int8_weights: Int8Weights = DEFAULT_INT8_WEIGHTS) -> Path:
     """Write ``src_onnx`` quantized to ``mode`` ("int8", "int4" or "fp16") to ``dst_onnx`` (atomically) and
     return it.
 
@@ -79,6 +90,8 @@ def quantize_model(src_onnx: Path | str, dst_onnx: Path | str, mode: Mode) -> Pa
     source, target = Path(src_onnx), Path(dst_onnx)
     if mode not in MODES:
         raise QuantizeError(f"unknown quantization {mode!r}; choose {' or '.join(MODES)}")
+    if int8_weights not in INT8_WEIGHTS:
+        raise QuantizeError(f"unknown int8 weight encoding {int8_weights!r}; choose {' or '.join(INT8_WEIGHTS)}")
     if not source.is_file():
         raise QuantizeError(f"model file not found: {source}")
     if target.exists() and target.resolve() == source.resolve():
@@ -90,12 +103,12 @@ def quantize_model(src_onnx: Path | str, dst_onnx: Path | str, mode: Mode) -> Pa
                             f"{info.arch.upper()} kernel on the CPU to check the file with, and int8 suits RNNs")
     with tempfile.TemporaryDirectory(prefix="textgen-quantize-") as work, _quiet_quantizer():
         if mode == "int8":
-            quantized = _quantize_int8(source, Path(work))
+            quantized = _quantize_int8(source, Path(work), int8_weights)
         elif mode == "int4":
             quantized = _quantize_int4(original)
         else:
             quantized = _convert_fp16(original)
-    _copy_metadata(original, quantized, mode)
+    _copy_metadata(original, quantized, mode, int8_weights)
     if mode == "fp16":
         _check_float16_weights(quantized, original, source)
     elif not quantized_lm_head(quantized, info.vocab_size):
@@ -112,15 +125,18 @@ def quantize_model(src_onnx: Path | str, dst_onnx: Path | str, mode: Mode) -> Pa
 # --- the two quantizers ----------------------------------------------------------------------------------------
 
 
-def _quantize_int8(source: Path, work: Path) -> onnx.ModelProto:
-    from onnxruntime.quantization import quant_pre_process, quantize_dynamic
+def _quantize_int8(source: Path, work: Path, weights: Int8Weights) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+
+    weight_type, reduce_range, _ = INT8_WEIGHTS[weights]
 
     prepared, quantized = work / "prepared.onnx", work / "quantized.onnx"
     try:
         # Symbolic shape inference gives up on the exporter's GPT-2 graph ("Incomplete symbolic shape
         # inference"); dynamic quantization does not need it, ORT's optimizer pass and ONNX shapes suffice.
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True, all_tensors_to_one_file=True)
-        quantize_dynamic(str(prepared), str(quantized), op_types_to_quantize=["MatMul"], reduce_range=True)
+        quantize_dynamic(str(prepared), str(quantized), op_types_to_quantize=["MatMul"],
+                         weight_type=QuantType[weight_type], reduce_range=reduce_range)
     except Exception as exc:  # noqa: BLE001 - the quantizer raises bare Exceptions and asserts
         raise QuantizeError(f"int8 quantization failed: {first_line(exc)}") from exc
     model = onnx.load(str(quantized))
@@ -407,7 +423,8 @@ def text_nll(model_path: Path | str, text: str, max_tokens: int | None = None, t
 # --- plumbing ---------------------------------------------------------------------------------------------------
 
 
-def _copy_metadata(original: onnx.ModelProto, quantized: onnx.ModelProto, mode: str) -> None:
+def _copy_metadata(original: onnx.ModelProto, quantized: onnx.ModelProto, mode: str,
+                   int8_weights: Int8Weights = DEFAULT_INT8_WEIGHTS) -> None:
     """The source's metadata, verbatim except ``textgen.source`` which records the quantization."""
     entries = {prop.key: prop.value for prop in original.metadata_props}
     try:
@@ -416,7 +433,7 @@ def _copy_metadata(original: onnx.ModelProto, quantized: onnx.ModelProto, mode: 
         source = {}
     if not isinstance(source, dict):
         source = {}
-    source["quantized"] = _describe(mode, quantized)
+    source["quantized"] = _describe(mode, quantized, int8_weights)
     if mode == "fp16":  # the state (KV cache) is float16 now: say so, which takes format version 2
         info = decode_metadata(entries)
         info.state = tuple(replace(spec, dtype="float16") for spec in info.state)
@@ -427,15 +444,15 @@ def _copy_metadata(original: onnx.ModelProto, quantized: onnx.ModelProto, mode: 
         quantized.metadata_props.add(key=key, value=value)
 
 
-def _describe(mode: str, quantized: onnx.ModelProto) -> dict[str, object]:
+def _describe(mode: str, quantized: onnx.ModelProto, int8_weights: Int8Weights) -> dict[str, object]:
     import onnxruntime
 
     if mode == "fp16":
         method = "onnxruntime.transformers float16 converter: weights, activations and KV cache float16, logits float32"
         return {"mode": mode, "method": method, "onnxruntime": onnxruntime.__version__}
     if mode == "int8":
-        method = "onnxruntime quantize_dynamic, MatMul weights int8 per tensor, 7-bit range (reduce_range)"
-        return {"mode": mode, "method": method, "onnxruntime": onnxruntime.__version__}
+        method = f"onnxruntime quantize_dynamic, MatMul weights int8 per tensor, {INT8_WEIGHTS[int8_weights][2]}"
+        return {"mode": mode, "method": method, "int8_weights": int8_weights, "onnxruntime": onnxruntime.__version__}
     method = "onnxruntime MatMulNBitsQuantizer, MatMul weights 4-bit asymmetric"
     block = next((attribute(node, "block_size", 0) for node in quantized.graph.node if node.op_type == "MatMulNBits"),
                  None)

@@ -23,6 +23,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from tokenizers import Tokenizer
 
+from runtime.cpu import has_vnni, int8_note
 from runtime.errors import whole_line
 from runtime.filekind import sniff_file_kind
 from runtime.modelfile import ModelFileError, ModelInfo, decode_metadata
@@ -298,7 +299,7 @@ class OnnxModel:
             raise ModelLoadError(str(exc)) from exc
         _check_graph(session, info, file)
         tokenizer = _load_tokenizer(info, file)
-        notes = [_conflict_note()]
+        notes = [_conflict_note(), int8_note(info.source, has_vnni())]
         if CUDA in providers and CUDA not in session.get_providers():
             reason = _cuda_reason(cuda_problem)
             if device == "cuda":

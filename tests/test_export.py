@@ -760,3 +760,21 @@ def test_cli_quantize_writes_a_runnable_copy_and_reports_its_cost(tmp_path: Path
     assert np.isfinite(logits).all()
     assert main(["--checkpoint", str(checkpoint), "--eval-text", str(held)]) == 2
     assert "--eval-text goes with --quantize" in capsys.readouterr().err
+
+
+def test_cli_int8_weights_are_chosen_recorded_and_only_with_int8(tmp_path: Path, capsys) -> None:
+    import json
+
+    from export.cli import main
+    from runtime.session import OnnxModel
+
+    checkpoint = tmp_path / "w.bin"
+    write_rnn_checkpoint(checkpoint, "lstm")
+    assert main(["--checkpoint", str(checkpoint), "--quantize", "int8", "--int8-weights", "u8"]) == 0
+    assert "int8, u8 weights" in capsys.readouterr().out
+    source = OnnxModel.open(tmp_path / "w.int8.onnx", device="cpu").info.source
+    assert source["quantized"]["int8_weights"] == "u8"
+    assert json.dumps(source)  # plain JSON, as the model-file contract says
+    for flags in (["--int8-weights", "u8"], ["--quantize", "int4", "--int8-weights", "s8"]):
+        assert main(["--checkpoint", str(checkpoint), *flags]) == 2
+        assert capsys.readouterr().err.strip() == "error: --int8-weights goes with --quantize int8"

@@ -437,3 +437,78 @@ def test_int4_blocks_are_128_unless_a_weight_is_narrower(rows: tuple[int, int], 
     outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, 16]) for i in range(len(rows))]
     graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=weights)
     assert _int4_block_size(helper.make_model(graph)) == block
+
+
+# --- int8 weight encodings (s7 default, u8, s8) and the CPUs they are exact on ------------------------------------
+
+
+def _matmul_integer_weights(path: Path) -> list[np.ndarray]:
+    model = onnx.load(str(path))
+    initializers = {init.name: init for init in model.graph.initializer}
+    return [onnx.numpy_helper.to_array(initializers[node.input[1]]) for node in model.graph.node
+            if node.op_type == "MatMulInteger" and node.input[1] in initializers]
+
+
+@pytest.fixture(scope="module")
+def int8_encodings(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("int8-encodings")
+    paths = {"s7": files["lstm.int8"]}  # the default
+    for weights in ("s8", "u8"):
+        paths[weights] = quantize_model(files["lstm"], root / f"lstm.{weights}.onnx", "int8", weights)
+    return paths
+
+
+def test_int8_weight_encodings_are_stored_as_named_and_recorded(int8_encodings: dict[str, Path]) -> None:
+    ranges = {}
+    for weights, path in int8_encodings.items():
+        assert json.loads(_metadata(path)[KEY_SOURCE])["quantized"]["int8_weights"] == weights
+        arrays = _matmul_integer_weights(path)
+        assert arrays, weights
+        ranges[weights] = (arrays[0].dtype, max(int(np.abs(a.astype(np.int32)).max()) for a in arrays))
+    assert ranges["s7"][0] == np.int8 and ranges["s7"][1] <= 64  # 7-bit: no pair of products saturates int16
+    assert ranges["s8"][0] == np.int8 and ranges["s8"][1] > 64
+    assert ranges["u8"][0] == np.uint8 and ranges["u8"][1] > 128
+
+
+@pytest.mark.parametrize("weights", ["s7", "u8"])
+def test_int8_encodings_safe_everywhere_stay_close_to_fp32_on_this_cpu(files: dict[str, Path],
+                                                                       int8_encodings: dict[str, Path],
+                                                                       weights: str) -> None:
+    reference, quantized = _logits(files["lstm"]), _logits(int8_encodings[weights])
+    assert float(np.abs(quantized - reference).max()) <= 0.05 * float(np.abs(reference).max())
+
+
+def test_an_s8_file_is_flagged_on_a_cpu_without_vnni_only(int8_encodings: dict[str, Path],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import runtime.session
+
+    monkeypatch.setattr(runtime.session, "has_vnni", lambda: False)
+    note = OnnxModel.open(int8_encodings["s8"], device="cpu", threads=1).device_note or ""
+    assert "without VNNI" in note and "--int8-weights s7 or u8" in note
+    for weights in ("s7", "u8"):
+        assert "VNNI" not in (OnnxModel.open(int8_encodings[weights], device="cpu", threads=1).device_note or "")
+    monkeypatch.setattr(runtime.session, "has_vnni", lambda: True)
+    assert "VNNI" not in (OnnxModel.open(int8_encodings["s8"], device="cpu", threads=1).device_note or "")
+
+
+def test_unknown_int8_encoding_is_one_line(files: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(QuantizeError, match="unknown int8 weight encoding 's9'; choose s7 or s8 or u8"):
+        quantize_model(files["lstm"], tmp_path / "x.onnx", "int8", "s9")  # type: ignore[arg-type]
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_cpu_flags_and_vnni_come_from_cpuinfo(tmp_path: Path) -> None:
+    from runtime.cpu import cpu_flags, has_vnni, int8_note
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    flags = cpu_flags.__wrapped__(cpuinfo)
+    assert flags == frozenset({"fpu", "sse2", "avx2", "fma"})
+    assert cpu_flags.__wrapped__(tmp_path / "missing") is None
+    if has_vnni(frozenset()) is not None:  # x86: decided by the flags
+        assert has_vnni(flags) is False and has_vnni(flags | {"avx512_vnni"}) is True
+        assert has_vnni(frozenset({"avx_vnni"})) is True
+    s8 = {"quantized": {"mode": "int8", "int8_weights": "s8"}}
+    assert int8_note(s8, vnni=False) and int8_note(s8, vnni=True) is None and int8_note(s8, vnni=None) is None
+    assert int8_note({"quantized": {"mode": "int8"}}, vnni=False) is None  # older files: all s7
+    assert int8_note({"quantized": "garbage"}, vnni=False) is None  # untrusted metadata
