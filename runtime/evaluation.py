@@ -224,6 +224,7 @@ class _EntropyMeter:
 
 
 def resolve_seed(seed: int | None, settings: Settings) -> int:
+    """The seed a row samples with: the given one, else the settings' seed, else DEFAULT_SEED."""
     if seed is not None:
         return seed
     configured = settings.get("seed")
