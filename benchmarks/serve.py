@@ -154,7 +154,8 @@ def engine_rate(model: Any, clients: int, tokens: int, seed: int) -> float:
     """Aggregate tok/s of ``clients`` jobs run straight through serve.engine.Engine in this process (no HTTP)."""
     import threading
 
-    from runtime.generate import document_start, new_plan
+    from runtime.generate import document_start
+    from runtime.plan import new_plan
     from runtime.settings import build_settings
     from serve.engine import Engine, Job
 

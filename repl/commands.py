@@ -256,7 +256,7 @@ def cmd_load(app: ReplHost, arg: str) -> None:
 
 
 def cmd_eval(app: ReplHost, arg: str) -> None:
-    from repl.evaluate import EvalError, evaluate_perplexity
+    from runtime.evaluation import EvalError, evaluate_perplexity
 
     path = Path(_path_argument(arg, "usage: :eval FILE (a held-out text file)")).expanduser()
     try:

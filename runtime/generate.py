@@ -16,32 +16,33 @@ starts from the end-of-text token, since a model needs at least one token to con
 
 ``generate_n`` is the batch decode loop that evaluation uses too (``on_step`` exposes each step's sampling
 distribution), so the REPL and ``textgen-eval`` share one implementation of windows, bans, lengths and stops.
+
+Beside the loop: each generation's settings are read once into a plan (runtime/plan.py), generated ids become
+text through runtime/textstream.py, and ``num_beams`` > 1 runs the beam search of runtime/beam.py.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import numpy as np
 
+from runtime.beam import BeamSearch
+from runtime.plan import DecodePlan, RowRandom, alternative_seed, needs_vocabulary, new_plan
 from runtime.sampling import SamplerChain, SamplerSettings
-from runtime.session import OnnxModel, _host
+from runtime.session import FedState, OnnxModel, _host
 from runtime.settings import Settings
+from runtime.textstream import TextCallback, TextStream, text_after
 
-TextCallback = Callable[[str], None]
 # on_step(probabilities, rows): see Session.generate_n
 StepCallback = Callable[[np.ndarray, np.ndarray], None]
 # on_draw(tokens, probabilities, logits, rows): see Session.generate_n
 DrawCallback = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
 STOP_REASONS = ("eos", "max_tokens", "stop_sequence", "interrupted")
 _WORD_CHAR = re.compile(r"\w")  # a prompt needs at least one known token with a letter or digit in it
-_DECODE_CONTEXT = 4  # tokens of context the incremental decoder keeps, so leading spaces/bytes decode right
 
 
 class SessionError(Exception):
@@ -74,16 +75,6 @@ class GenerationResult:
 
 
 @dataclass(frozen=True)
-class _Fed:
-    """Model state after the tokens ``rows[:, start:end]``; ``logits`` [B, V] follow the last of them."""
-
-    state: dict[str, Any]
-    start: int
-    end: int
-    logits: np.ndarray | None
-
-
-@dataclass(frozen=True)
 class _BatchRow:
     """One finished row of a batch: its generated ids (eos included), why it stopped, and its text."""
 
@@ -97,7 +88,7 @@ class _Turn:
     prompt: str
     start: int  # len(history) before the prompt's tokens
     window_start: int  # where the context window began then (for re-feeding when no snapshot is kept)
-    snapshot: _Fed | None  # the state before the turn, for an exact undo
+    snapshot: FedState | None  # the state before the turn, for an exact undo
     result: GenerationResult | None = None
 
 
@@ -114,84 +105,6 @@ class SessionSnapshot:
     logits: np.ndarray | None
 
 
-@dataclass
-class DecodePlan:
-    """The settings of one generation, read once so a mid-generation ``:set`` cannot tear it."""
-
-    sampler: SamplerSettings
-    chain: SamplerChain
-    chain_without_eos: SamplerChain  # the same chain with eos banned too, while min_new_tokens is not reached
-    max_new: int
-    min_new: int
-    beams: int
-    stops: list[str]
-    seed: int
-    rng: np.random.Generator = field(repr=False)
-
-    def chain_at(self, generated: int) -> SamplerChain:
-        """The chain for the token after ``generated`` new ones. Banning eos through a second chain built once,
-        rather than per-call extra bans, keeps the per-step cost of the sampler flat."""
-        return self.chain_without_eos if generated < self.min_new else self.chain
-
-
-class RowRandom:
-    """One ``np.random.Generator`` per batch row, behind the one-generator interface the sampler chain uses
-    (``random()`` for a batch of one, ``random(rows)`` for a batch): row i draws from ``default_rng(seeds[i])``
-    exactly what a single generation with ``--seed seeds[i]`` draws, so each alternative of ``:n`` / ``--n`` is
-    reproduced alone by its own seed. Anything else the chain might ask for is refused loudly rather than drawn
-    from a shared stream, which would silently break that promise."""
-
-    def __init__(self, seeds: Sequence[int]) -> None:
-        self.seeds = list(seeds)
-        self._rows = [np.random.default_rng(seed) for seed in self.seeds]
-
-    @classmethod
-    def of(cls, generators: Sequence[np.random.Generator]) -> RowRandom:
-        """Rows that draw from generators already running (the server's rows, each mid-way through its own
-        seeded stream); they advance exactly as if each row drew alone."""
-        rows = cls([])
-        rows._rows = list(generators)
-        return rows
-
-    def random(self, size: int | None = None) -> float | np.ndarray:
-        if size is None:
-            return self._rows[0].random()
-        if size != len(self._rows):
-            raise ValueError(f"RowRandom has {len(self._rows)} rows, asked for {size} draws")
-        return np.array([row.random() for row in self._rows])
-
-
-def alternative_seed(seed: int, index: int) -> int:
-    """The seed of alternative ``index`` (0-based) of a ``:n`` / ``--n`` run with ``seed``: the first one is the
-    seed itself, so ``--n 1`` and a plain run agree."""
-    return seed + index
-
-
-def new_plan(model: OnnxModel, settings: Settings, vocabulary: Callable[[], list[str]] | None = None) -> DecodePlan:
-    """The settings of one generation read once: sampler chains, lengths, stops and a seeded generator (a fresh
-    seed when the settings have none). The server builds one per request row, the Session one per turn.
-    ``vocabulary()`` gives each id's text, asked only when a step matches text (logit bias by text, banned
-    strings, DRY's sequence breakers); without it such settings raise SettingError."""
-    sampler = settings.sampler()
-    seed = sampler.seed if sampler.seed is not None else draw_seed()
-    vocab, banned, eos = model.info.vocab_size, model.banned_ids, model.info.special.eos
-    unk = model.info.special.unk
-    if unk is not None and settings.get("suppress_unk"):  # banned like padding (runtime/settings.py)
-        banned = [*banned, unk]
-    texts = vocabulary() if vocabulary is not None and needs_vocabulary(sampler) else None
-    return DecodePlan(
-        sampler=sampler,
-        chain=SamplerChain(sampler, vocab, banned, vocabulary=texts),
-        chain_without_eos=SamplerChain(sampler, vocab, [*banned, eos], vocabulary=texts),
-        max_new=int(settings.get("max_new_tokens")),
-        min_new=int(settings.get("min_new_tokens")),
-        beams=int(settings.get("num_beams")),
-        stops=list(settings.get("stop")),
-        seed=seed,
-        rng=np.random.default_rng(seed),
-    )
-
-
 def document_start(ids: list[int], eos: int, start_with_eos: bool = True) -> list[int]:
     """A first prompt's ids, conditioned on the document separator (see the module docstring) when
     ``start_with_eos`` is on: a leading eos, unless the prompt already starts with it. An empty prompt always
@@ -204,95 +117,6 @@ def document_start(ids: list[int], eos: int, start_with_eos: bool = True) -> lis
 def kept_on_slide(context_length: int) -> int:
     """Tokens kept when the window slides: three quarters of it, so sliding is rare and context stays long."""
     return max(1, context_length * 3 // 4)
-
-
-def needs_vocabulary(sampler: SamplerSettings) -> bool:
-    """Whether the chain needs each id's text: banned strings, DRY's sequence breakers, logit bias by text."""
-    return sampler.ban != "[]" or sampler.dry_multiplier > 0 or any(
-        not (key.startswith("#") and key[1:].isdigit()) for key in json.loads(sampler.logit_bias))
-
-
-def draw_seed() -> int:
-    return secrets.randbits(31)
-
-
-class TextStream:
-    """Turns generated token ids into text increments.
-
-    Decodes a small window of recent ids so multi-byte characters split over byte-level tokens are emitted only
-    once complete (a trailing U+FFFD means "wait"), and holds back any tail that could be the start of a stop
-    sequence. ``push`` returns True when a stop sequence appeared; ``text`` is then cut just before it."""
-
-    def __init__(self, decode: Callable[[Sequence[int]], str], stops: Sequence[str] = (),
-                 on_text: TextCallback | None = None, context: Sequence[int] = ()) -> None:
-        self._decode = decode
-        self._stops = [s for s in stops if s]
-        self._longest = max((len(s) for s in self._stops), default=0)
-        self._on_text = on_text
-        self._ids = list(context[-_DECODE_CONTEXT:])
-        self._prefix = 0
-        self._read = len(self._ids)
-        self.text = ""
-        self._emitted = 0
-        self.stopped = False
-
-    def push(self, token: int) -> bool:
-        self._ids.append(token)
-        prefix_text = self._decode(self._ids[self._prefix:self._read])
-        full_text = self._decode(self._ids[self._prefix:])
-        if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
-            return False
-        self._accept(full_text[len(prefix_text):])
-        return self.stopped
-
-    def _accept(self, piece: str) -> None:
-        self._prefix, self._read = self._read, len(self._ids)
-        self.text += piece
-        if not self._stops:
-            self._emit(len(self.text))
-            return
-        search_from = max(0, len(self.text) - len(piece) - self._longest + 1)
-        hits = [i for i in (self.text.find(s, search_from) for s in self._stops) if i >= 0]
-        if hits:
-            self.stopped = True
-            self.text = self.text[:min(hits)]
-            self._emit(len(self.text))
-            return
-        self._emit(len(self.text) - self._partial_stop_tail())
-
-    def _partial_stop_tail(self) -> int:
-        """Length of the longest text tail that is a proper prefix of some stop sequence."""
-        for size in range(min(self._longest - 1, len(self.text)), 0, -1):
-            tail = self.text[-size:]
-            if any(stop.startswith(tail) for stop in self._stops):
-                return size
-        return 0
-
-    def _emit(self, upto: int) -> None:
-        if upto > self._emitted:
-            piece = self.text[self._emitted:upto]
-            self._emitted = upto
-            if self._on_text is not None:
-                self._on_text(piece)
-
-    def finish(self, emit: bool = True) -> str:
-        """Flush what is still undecided (an incomplete character, a held-back partial stop sequence)."""
-        if not self.stopped:
-            tail = self._decode(self._ids[self._prefix:])[len(self._decode(self._ids[self._prefix:self._read])):]
-            if tail:
-                self._prefix, self._read = self._read, len(self._ids)
-                self.text += tail
-            if emit:
-                self._emit(len(self.text))
-        return self.text
-
-
-def text_after(decode: Callable[[Sequence[int]], str], context: Sequence[int], tokens: Sequence[int]) -> str:
-    """What a TextStream over ``context`` (no stop sequences) ends with after ``tokens``, decoded in one go: the
-    text of context tail + tokens past the length of the context tail's text, the stream's own rule (a tokenizer
-    that joins with spaces adds one; a character the context left unfinished counts as the context's)."""
-    tail = list(context[-_DECODE_CONTEXT:])
-    return decode(tail + list(tokens))[len(decode(tail)):]
 
 
 class _SlideNotices:
@@ -408,9 +232,9 @@ class Session:
         return [warning]
 
     def _mark_prompt_done(self) -> None:
-        """Called once the prompt's logits exist: the end of prompt processing (see GenerationResult)."""
-        if self._prompt_done is None:
-            self._prompt_done = time.perf_counter()
+        """Called once per turn, when the prompt's logits exist: the end of prompt processing (see
+        GenerationResult)."""
+        self._prompt_done = time.perf_counter()
 
     def generate_n(self, prompt: str, n: int, on_notice: TextCallback | None = None, *,
                    batch_size: int | None = None, on_step: StepCallback | None = None,
@@ -459,11 +283,11 @@ class Session:
             results.append(finish_timings(result))
         return results
 
-    def _decode_batch(self, plan: DecodePlan, context: list[int], base: _Fed, n: int, slides: _SlideNotices,
+    def _decode_batch(self, plan: DecodePlan, context: list[int], base: FedState, n: int, slides: _SlideNotices,
                       hooks: tuple[StepCallback | None, DrawCallback | None], first_row: int) -> list[_BatchRow]:
         """Decode ``n`` rows that all continue ``context`` (whose state is ``base``) in lockstep."""
         rows = [list(context) for _ in range(n)]
-        fed = _Fed(self.model.reorder_state(base.state, np.zeros(n, dtype=np.int64)), base.start, base.end,
+        fed = FedState(self.model.reorder_state(base.state, np.zeros(n, dtype=np.int64)), base.start, base.end,
                    np.repeat(base.logits, n, axis=0))
         # Text is decoded as it comes only where a stop sequence must be spotted; otherwise once at the end.
         streams = None
@@ -575,7 +399,7 @@ class Session:
         if snapshot.state is None:
             self._fed = replace(self._empty(1), start=snapshot.fed_start, end=snapshot.fed_start)
         else:
-            self._fed = _Fed(dict(snapshot.state), snapshot.fed_start, snapshot.fed_end, snapshot.logits)
+            self._fed = FedState(dict(snapshot.state), snapshot.fed_start, snapshot.fed_end, snapshot.logits)
 
     def check_snapshot(self, snapshot: SessionSnapshot) -> str | None:
         """Why ``snapshot`` cannot continue on this model (one line), or None when it can."""
@@ -657,8 +481,8 @@ class Session:
             self._turns[-1].snapshot = None
         self._turns.append(_Turn(prompt, len(self.history), self._fed.start, self._fed))
 
-    def _empty(self, batch: int) -> _Fed:
-        return _Fed(self.model.initial_state(batch), 0, 0, None)
+    def _empty(self, batch: int) -> FedState:
+        return FedState(self.model.initial_state(batch), 0, 0, None)
 
     def token_text(self, token: int) -> str:
         """One id's text as shown alone (a token that decodes to nothing shows its vocabulary entry)."""
@@ -672,7 +496,8 @@ class Session:
 
     # ------------------------------------------------------------------ feeding the model
 
-    def _advance(self, rows: Sequence[Sequence[int]], fed: _Fed, on_slide: Callable[[int], None] | None) -> _Fed:
+    def _advance(self, rows: Sequence[Sequence[int]], fed: FedState,
+                 on_slide: Callable[[int], None] | None) -> FedState:
         """The state after all of ``rows`` (equal-length token lists), given ``fed`` for a prefix of them.
 
         Slides the window (keeps the most recent tokens, re-feeds them from an empty state) rather than let the
@@ -695,7 +520,7 @@ class Session:
         else:
             ids = np.array([row[begin:] for row in rows], dtype=np.int64)
         logits, state = self.model.run(ids, state, past)
-        return _Fed(state, start, length, logits)
+        return FedState(state, start, length, logits)
 
     # ------------------------------------------------------------------ sampling
 
@@ -705,23 +530,25 @@ class Session:
         streaming = on_text is not None or bool(plan.stops)
         stream = TextStream(self._decode_fast, plan.stops, on_text, history[:first_new]) if streaming else None
         rng, rows = plan.rng, (history,)
-        reason, generated = "max_tokens", 0
+        reason = "max_tokens"
         try:
-            while generated < plan.max_new:
+            if plan.max_new > 0:  # the prompt (after any pending tokens): its logits end prompt processing
                 self._fed = self._advance(rows, self._fed, on_slide)
                 self._mark_prompt_done()
+            for generated in range(plan.max_new):
                 chain = plan.chain_at(generated)
                 token = chain.sample_one(self._fed.logits, history, rng)
                 if on_draw is not None:
                     _report_step(None, on_draw, chain, self._fed.logits, [history], np.array([token]), (None,), 0)
                 history.append(token)
-                generated += 1
                 if token == eos:
                     reason = "eos"
                     break
                 if stream is not None and stream.push(token):
                     reason = "stop_sequence"
                     break
+                if generated + 1 < plan.max_new:  # the next token's logits; none are needed after the last
+                    self._fed = self._advance(rows, self._fed, on_slide)
         except KeyboardInterrupt:
             reason = "interrupted"
         if stream is None:  # decoded after the context, as a stream would, so a leading space is kept
@@ -735,11 +562,12 @@ class Session:
     def _beam_turn(self, plan: DecodePlan, first_new: int, on_slide: Callable[[int], None],
                    on_text: TextCallback | None) -> tuple[str, str]:
         """Beam search; the best hypothesis's tokens join the history as pending tokens."""
-        search: _BeamSearch | None = None
+        search: BeamSearch | None = None
         try:
             self._fed = self._advance([self.history], self._fed, on_slide)
             self._mark_prompt_done()
-            search = _BeamSearch(self, plan, on_slide)
+            search = BeamSearch(self.model, plan, self.history, self._fed,
+                                lambda rows, fed: self._advance(rows, fed, on_slide))
             tokens, reason = search.run()
         except KeyboardInterrupt:
             reason = "interrupted"
@@ -760,99 +588,6 @@ class Session:
         return reason, text
 
 
-class _BeamSearch:
-    """Hugging Face beam search semantics (batch of one prompt): candidates are the top 2*num_beams extensions by
-    summed log-probability (after the logits processors); a candidate ending in eos among the top num_beams
-    becomes a finished hypothesis scored sum / generated_length ** length_penalty (1.0); the search stops when no
-    running beam can beat the worst of num_beams finished hypotheses (HF's early_stopping=False heuristic) or at
-    max_new_tokens. With temperature > 0 candidates are sampled from the processed distribution (beam sample)."""
-
-    length_penalty = 1.0
-
-    def __init__(self, session: Session, plan: DecodePlan, on_slide: Callable[[int], None]) -> None:
-        self.session = session
-        self.model = session.model
-        self.plan = plan
-        self.on_slide = on_slide
-        self.beams = plan.beams
-        self.eos = session._eos
-        self.context = list(session.history)
-        self.sampling = plan.sampler.temperature > 0
-        fed = session._fed
-        self.fed = _Fed(self.model.reorder_state(fed.state, np.zeros(self.beams, dtype=np.int64)), fed.start,
-                        fed.end, np.repeat(fed.logits, self.beams, axis=0))
-        self.running: list[list[int]] = [[] for _ in range(self.beams)]
-        self.scores = np.full(self.beams, -1e9)
-        self.scores[0] = 0.0  # identical beams at the start: only the first may expand, as HF does
-        self.finished: list[tuple[float, list[int]]] = []
-
-    def best_so_far(self) -> list[int]:
-        candidates = self.finished + [(float(s) / max(1, len(t)), t) for s, t in zip(self.scores, self.running,
-                                                                                     strict=True) if t]
-        return max(candidates, key=lambda item: item[0])[1] if candidates else []
-
-    def run(self) -> tuple[list[int], str]:
-        for step in range(self.plan.max_new):
-            if self._step(step):
-                break
-        best = max(self.finished, key=lambda item: item[0])[1] if self.finished else self.running[0]
-        return best, ("eos" if best and best[-1] == self.eos else "max_tokens")
-
-    def _step(self, step: int) -> bool:
-        """One beam step; True when the search is over."""
-        vocab = self.model.info.vocab_size
-        rows = [self.context + beam for beam in self.running]
-        log_probs = _log_softmax(self.fed.logits.astype(np.float64))
-        processed = self.plan.chain_at(step).process(log_probs, rows).astype(np.float64)
-        totals = (processed + self.scores[:, None]).ravel()
-        candidates = self._candidates(totals)
-        last_step = step + 1 == self.plan.max_new
-        generated = step + 1
-        next_beams: list[tuple[float, int, int]] = []
-        for rank, flat in enumerate(candidates):
-            beam, token = divmod(int(flat), vocab)
-            score = float(totals[flat])
-            if token == self.eos or last_step:
-                if rank < self.beams:
-                    self._finish(score / generated ** self.length_penalty, self.running[beam] + [token])
-            elif len(next_beams) < self.beams:
-                next_beams.append((score, beam, token))
-        if not next_beams or last_step:
-            return True
-        while len(next_beams) < self.beams:  # fewer live candidates than beams: pad with hopeless copies
-            next_beams.append((-np.inf, next_beams[0][1], next_beams[0][2]))
-        order = np.array([beam for _, beam, _ in next_beams], dtype=np.int64)
-        self.running = [self.running[beam] + [token] for _, beam, token in next_beams]
-        self.scores = np.array([score for score, _, _ in next_beams])
-        reordered = _Fed(self.model.reorder_state(self.fed.state, order), self.fed.start, self.fed.end, None)
-        rows = [self.context + beam for beam in self.running]
-        self.fed = self.session._advance(rows, reordered, self.on_slide)
-        return self._cannot_improve(generated)
-
-    def _candidates(self, totals: np.ndarray) -> np.ndarray:
-        """Flat indices of 2*num_beams candidates: the best ones, or drawn without replacement when sampling."""
-        finite = np.flatnonzero(np.isfinite(totals) & (totals > -1e8))
-        count = min(2 * self.beams, finite.size)
-        if self.sampling:
-            weights = np.exp(totals[finite] - totals[finite].max())
-            count = min(count, int(np.count_nonzero(weights)))
-            return self.plan.rng.choice(finite, size=count, replace=False, p=weights / weights.sum())
-        if count < finite.size:
-            finite = finite[np.argpartition(-totals[finite], count - 1)[:count]]
-        return finite[np.argsort(-totals[finite], kind="stable")]
-
-    def _finish(self, score: float, tokens: list[int]) -> None:
-        self.finished.append((score, tokens))
-        self.finished.sort(key=lambda item: -item[0])
-        del self.finished[self.beams:]
-
-    def _cannot_improve(self, generated: int) -> bool:
-        if len(self.finished) < self.beams:
-            return False
-        best_running = float(self.scores.max()) / generated ** self.length_penalty
-        return best_running <= self.finished[-1][0]
-
-
 def _report_step(on_step: StepCallback | None, on_draw: DrawCallback | None, chain: SamplerChain,
                  logits: np.ndarray, rows: list[list[int]], picked: np.ndarray, reasons: Sequence[str | None],
                  first_row: int) -> None:
@@ -871,11 +606,6 @@ def _report_step(on_step: StepCallback | None, on_draw: DrawCallback | None, cha
         on_step(probabilities, live + first_row)
     if on_draw is not None:
         on_draw(picked[live], probabilities, np.asarray(logits)[live], live + first_row)
-
-
-def _log_softmax(values: np.ndarray) -> np.ndarray:
-    shifted = values - values.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def _result(text: str, tokens: list[int], prompt_tokens: int, started: float, reason: str, seed: int | None,

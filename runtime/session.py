@@ -15,6 +15,7 @@ import importlib.metadata
 import io
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +256,18 @@ def _load_tokenizer(info: ModelInfo, where: Path) -> Tokenizer:
         if token is not None and token >= size:
             raise ModelLoadError(f"{where}: special token {name} ({token}) is outside the tokenizer ({size} tokens)")
     return tokenizer
+
+
+@dataclass(frozen=True)
+class FedState:
+    """Model state after the tokens ``rows[:, start:end]`` of a decode loop's rows (the state ``OnnxModel.run``
+    returned for them, opaque); ``logits`` [B, V] follow the last of them. Shared by the decode loop
+    (runtime/generate.py) and the beam search (runtime/beam.py)."""
+
+    state: dict[str, Any]
+    start: int
+    end: int
+    logits: np.ndarray | None
 
 
 class OnnxModel:

@@ -26,8 +26,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runtime.generate import DecodePlan, alternative_seed, document_start, new_plan
+from runtime.generate import document_start
 from runtime.logprobs import NEG_INF_LOGPROB, TokenLogprob
+from runtime.plan import DecodePlan, alternative_seed, new_plan
 from runtime.session import OnnxModel
 from runtime.settings import build_settings
 from serve import STREAM_INTERVAL_S

@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import first_line
-from runtime.generate import DecodePlan, RowRandom, TextStream
 from runtime.logprobs import TokenLogprob, point_mass, prompt_logprobs, token_logprob
+from runtime.plan import DecodePlan, RowRandom
 from runtime.sampling import SamplerChain
 from runtime.session import ModelRunError, OnnxModel
+from runtime.textstream import TextStream
 
 PREFILL_CHUNK = 64  # prompt tokens fed per model run while others wait
 PREFILL_BUDGET = 256  # prompt tokens fed per scheduler turn (then a decode step runs)

@@ -16,18 +16,16 @@ import pytest
 from conftest import char_tokenizer
 from onnx import TensorProto, helper
 
-from repl import evaluate
-from repl.evaluate import (
+from repl.evaluate import main, parse_sweeps
+from runtime import evaluation, scoring
+from runtime.evaluation import (
     EvalError,
     GenerationPlan,
     draw_samples,
     evaluate_documents,
     evaluate_perplexity,
-    main,
-    parse_sweeps,
     sweep_grid,
 )
-from runtime import scoring
 from runtime.modelfile import ModelInfo, SpecialTokens, StateSpec, encode_metadata
 from runtime.scoring import ScoringError, default_protocol, sliding_windows, token_nll
 from runtime.session import OnnxModel
@@ -364,7 +362,7 @@ def test_eos_share_and_seeded_reproducibility(model_files) -> None:
     eager = open_model(model_files.eager_eos)
     settings = build_settings(eager.info.generation, [], {})
     result = draw_samples(eager, settings, GenerationPlan(5, "", 20, seed=3, batch_size=2))
-    metrics = evaluate.sample_metrics(result)
+    metrics = evaluation.sample_metrics(result)
     assert metrics["eos_share"] == 1.0 and metrics["mean_tokens"] == 0.0
     model = open_model(model_files.lstm)
     settings = build_settings(model.info.generation, [], {})
@@ -443,7 +441,7 @@ def test_sweep_grid_table_csv_and_json(model_files, tmp_path: Path, capsys) -> N
     rows = report["sampling"]["rows"]
     assert len(rows) == 6 and rows[0]["settings"] == {"temp": "0.7", "sampler": "greedy"}
     assert report["sampling"]["reference"]["entropy"] is None
-    assert set(evaluate.METRIC_COLUMNS) <= set(rows[0])
+    assert set(evaluation.METRIC_COLUMNS) <= set(rows[0])
 
 
 def test_a_sweep_prints_the_settings_every_row_shares(model_factory, capsys) -> None:
@@ -464,7 +462,7 @@ def test_a_sweep_prints_the_settings_every_row_shares(model_factory, capsys) -> 
     assert base["from"] == "plain"
     assert base["settings"]["top_k"] == {"value": 0, "source": "plain"}
     assert base["settings"]["top_p"] == {"value": 1.0, "source": "plain"}
-    settings = build_settings(evaluate.base_defaults({"top_k": 40, "top_p": 0.9}, "plain"), [], {"temp": "0.5"})
+    settings = build_settings(evaluation.base_defaults({"top_k": 40, "top_p": 0.9}, "plain"), [], {"temp": "0.5"})
     assert (settings.get("top_k"), settings.get("top_p"), settings.get("temperature")) == (0, 1.0, 0.5)
 
 
@@ -480,7 +478,7 @@ def test_sweep_parsing() -> None:
 
 def test_reference_chunks_match_the_sample_length(model_files) -> None:
     model = open_model(model_files.lstm)
-    metrics, count = evaluate.reference_metrics(model, [TEXT * 10], True, n_chunks=4, mean_tokens=9.6)
+    metrics, count = evaluation.reference_metrics(model, [TEXT * 10], True, n_chunks=4, mean_tokens=9.6)
     assert count == 4 and metrics["mean_tokens"] == 10.0
     assert 0 < metrics["distinct_1"] <= 1 and math.isnan(metrics["eos_share"])
 
@@ -568,7 +566,8 @@ def test_novelty_by_hand() -> None:
 def test_eval_novelty_against_a_corpus_holding_the_samples_and_one_that_does_not(tmp_path: Path, capsys) -> None:
     from importlib.resources import files
 
-    from repl.evaluate import GenerationPlan, draw_samples, main
+    from repl.evaluate import main
+    from runtime.evaluation import GenerationPlan, draw_samples
     from runtime.session import OnnxModel
     from runtime.settings import build_settings
 

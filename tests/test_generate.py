@@ -1,4 +1,5 @@
-"""runtime.generate (the decode loop, sessions, beam search) and runtime.settings, on tiny ONNX fixture models."""
+"""runtime.generate (the decode loop, sessions), runtime.beam, runtime.textstream and runtime.settings, on tiny ONNX
+fixture models."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from runtime.generate import GenerationResult, Session, SessionError, TextStream, kept_on_slide, text_after
+from runtime.generate import GenerationResult, Session, SessionError, kept_on_slide
 from runtime.sampling import SamplerChain, SamplerSettings, SettingError
 from runtime.session import OnnxModel
 from runtime.settings import PRESETS, Settings
+from runtime.textstream import TextStream, text_after
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from repl.app import ReplApp
-from repl.evaluate import evaluate_perplexity
+from runtime.evaluation import evaluate_perplexity
 from runtime.session import OnnxModel
 from runtime.settings import Settings
 

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from repl.cli import main
-from runtime.generate import Session, document_start, new_plan
+from runtime.generate import Session, document_start
 from runtime.logprobs import NEG_INF_LOGPROB
+from runtime.plan import new_plan
 from runtime.sampling import SamplerChain
 from runtime.session import OnnxModel
 from runtime.settings import build_settings

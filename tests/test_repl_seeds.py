@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.generate import RowRandom, Session, alternative_seed
+from runtime.generate import Session
+from runtime.plan import RowRandom, alternative_seed
 from runtime.session import OnnxModel
 from runtime.settings import Settings
 

@@ -9,7 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from runtime.generate import Session, document_start, new_plan
+from runtime.generate import Session, document_start
+from runtime.plan import new_plan
 from runtime.session import OnnxModel
 from runtime.settings import build_settings
 from serve.engine import Engine, Job

@@ -53,7 +53,7 @@ SPACE_MARK = "\u2581"  # "▁", SentencePiece's and Metaspace's marker
 # removes the inserted markers (at the text start, after each newline and opener): decode(encode(text)) == text
 # still holds exactly, and a
 # decoded piece that starts mid-text starts without its space (as SentencePiece tokenizers do), which the
-# runtime's incremental decoding (runtime.generate.TextStream, decoding with context) already accounts for.
+# runtime's incremental decoding (runtime.textstream.TextStream, decoding with context) already accounts for.
 LINE_START = r"^(?=[^\n])"
 # Likewise after an opening bracket, or a quote that opens (at a line start or after a space or an opener): the
 # normalizer inserts a marker there unless a line break follows, the decoder removes one, so '("Quote")' is
