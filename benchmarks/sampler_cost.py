@@ -23,25 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import (
-    FULL_CHAIN,
-    GPT2_SMALL,
-    GPT2_SMOKE,
-    GREEDY,
-    Stats,
-    Table,
-    decode_seconds_per_token,
-    demo_model,
-    fmt_stats,
-    make_parser,
-    model_file,
-    open_model,
-    ours_generate,
-    ours_session,
-    parse_args,
-    report,
-    run_main,
-)
+from benchmarks.common import Stats, Table, fmt_stats, make_parser, parse_args, report, run_main
+from benchmarks.model_files import GPT2_SMALL, GPT2_SMOKE, demo_model, model_file
+from benchmarks.runners import FULL_CHAIN, GREEDY, decode_seconds_per_token, open_model, ours_generate, ours_session
 from runtime.defaults import DEFAULT_GENERATION
 from runtime.sampling import SamplerChain, settings_from_mapping
 
