@@ -81,6 +81,16 @@ def test_tiny_decode(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[
     _section(docs, "tiny_decode")
 
 
+def test_sampler_cost(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    docs = tmp_path / "bench.md"
+    out = _run("sampler_cost", cache, docs, capsys)
+    defaults = [line for line in out.splitlines() if line.startswith("exporter defaults (T 0.8")]
+    assert len(defaults) == 2 and "small" in defaults[0] and "general" in defaults[1]  # V=67, then V=50,257
+    assert out.count("mirostat 1 (tau 5, eta 0.1)") == 2
+    assert re.search(r"^full chain\s.*\d\.\d\dx", out, re.MULTILINE)  # the end-to-end ratio to greedy
+    _section(docs, "sampler_cost")
+
+
 def test_flat_cost(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     docs = tmp_path / "bench.md"
     out = _run("flat_cost", cache, docs, capsys)
