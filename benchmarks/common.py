@@ -76,7 +76,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     return args
 
 
-PROJECT_PACKAGES = ("models", "train", "export", "repl")
+PROJECT_PACKAGES = ("models", "train", "export", "runtime", "repl", "serve")
 
 
 def run_main(main: Callable[[Sequence[str] | None], int]) -> None:

@@ -176,13 +176,18 @@ def test_bad_arguments_are_one_line_errors(arguments: list[str], message: str) -
     assert "Traceback" not in result.stderr
 
 
-def test_project_errors_become_one_line(tmp_path: Path) -> None:
-    """A domain error from the project (here the quantizer refusing a file) is one line and exit code 2."""
+@pytest.mark.parametrize("failing_call", [
+    "from export.quantize import quantize_model; quantize_model('missing.onnx', 'out.onnx', 'int8')",
+    "from runtime.session import OnnxModel; OnnxModel.open('missing.onnx', device='cpu', threads=1)",
+])
+def test_project_errors_become_one_line(tmp_path: Path, failing_call: str) -> None:
+    """A domain error from the project (the quantizer or the runtime refusing a file) is one line and exit code 2."""
     script = tmp_path / "failing.py"
+    module, call = failing_call.split("; ")
     script.write_text(
         "from benchmarks.common import run_main\n"
-        "from export.quantize import quantize_model\n"
-        "run_main(lambda argv: quantize_model('missing.onnx', 'out.onnx', 'int8'))\n"
+        f"{module}\n"
+        f"run_main(lambda argv: {call})\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # the benchmarks package is importable from the repository root
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
