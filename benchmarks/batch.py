@@ -13,20 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.common import (
-    Table,
-    demo_model,
-    fmt,
-    fmt_ratio,
-    fmt_stats,
-    interleaved,
-    make_parser,
-    open_model,
-    ours_session,
-    parse_args,
-    report,
-    run_main,
-)
+from benchmarks.common import Table, fmt, fmt_ratio, fmt_stats, interleaved, make_parser, parse_args, report, run_main
+from benchmarks.model_files import demo_model
+from benchmarks.runners import open_model, ours_session
 
 PROMPT = "ROMEO:"
 

@@ -22,30 +22,28 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
-    GPT2_SMALL,
-    GPT2_SMOKE,
-    GREEDY,
     Stats,
     Table,
-    TorchSampler,
-    benchmark_eos,
     collect,
-    fed_context,
     fmt,
     fmt_ratio,
     fmt_stats,
-    hf_generate,
-    hf_model,
     make_parser,
-    model_file,
-    open_model,
-    ours_generate,
-    ours_session,
     parse_args,
-    quantized_file,
     repeat,
     report,
     run_main,
+)
+from benchmarks.model_files import GPT2_SMALL, GPT2_SMOKE, benchmark_eos, model_file, quantized_file
+from benchmarks.runners import (
+    GREEDY,
+    TorchSampler,
+    fed_context,
+    hf_generate,
+    hf_model,
+    open_model,
+    ours_generate,
+    ours_session,
     torch_gpt2_decode,
     torch_model,
 )

@@ -16,23 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import (
-    GPT2_SMALL,
-    GPT2_SMOKE,
-    Table,
-    decode_seconds_per_token,
-    demo_model,
-    fmt_ratio,
-    fmt_stats,
-    interleaved,
-    make_parser,
-    model_file,
-    open_model,
-    parse_args,
-    quantized_file,
-    report,
-    run_main,
-)
+from benchmarks.common import Table, fmt_ratio, fmt_stats, interleaved, make_parser, parse_args, report, run_main
+from benchmarks.model_files import GPT2_SMALL, GPT2_SMOKE, demo_model, model_file, quantized_file
+from benchmarks.runners import decode_seconds_per_token, open_model
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -145,7 +145,7 @@ def _record_build_info(build: LlamaCpp, model: Path) -> None:
 
 def tiny_probe_model(build: LlamaCpp, cache_dir: Path) -> Path:
     """A q8_0 GGUF of the benchmark's smoke-sized GPT-2: enough to run the quantized kernels once."""
-    from benchmarks.common import GPT2_SMOKE
+    from benchmarks.model_files import GPT2_SMOKE
 
     return gguf_files(build, GPT2_SMOKE, cache_dir, ("q8_0",))["q8_0"]
 
@@ -156,7 +156,8 @@ def tiny_probe_model(build: LlamaCpp, cache_dir: Path) -> Path:
 def hf_directory(spec: Any, cache_dir: Path) -> Path:
     """The benchmark's random GPT-2 (``spec``) as a Hugging Face directory the converter can read: the same
     weights as our model file, a tokenizer with the same ids."""
-    from benchmarks.common import _spec_key, benchmark_eos, hf_model, tokenizer_for, torch_model
+    from benchmarks.model_files import _spec_key, benchmark_eos, tokenizer_for
+    from benchmarks.runners import hf_model, torch_model
 
     path = cache_dir / f"hf-{_spec_key(spec)}"
     if (path / "config.json").exists():

@@ -109,8 +109,8 @@ def train_command(preset: str, budget: float, data: Path, out: Path, smoke: bool
 def run_preset(preset: str, budget: float, data: Path, out_dir: Path, smoke: bool) -> PresetRun:
     """Train one preset in a fresh process and read the result back from its checkpoint and metrics log."""
     from models.checkpoint import load_checkpoint
-    from train.loop import last_checkpoint_path
     from train.metrics import metrics_path, read_metrics
+    from train.resume import last_checkpoint_path
 
     out = out_dir / f"{preset}.bin"
     command = train_command(preset, budget, data, out, smoke)

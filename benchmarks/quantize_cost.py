@@ -19,23 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (
-    CHAR_LSTM_SMOKE,
-    DEMO_MODEL,
-    REPO_ROOT,
-    TINY_GPT_SMOKE,
-    BenchmarkError,
-    Table,
-    corpus_text,
-    fmt,
-    fmt_mb,
-    make_parser,
-    model_file,
-    parse_args,
-    quantized_file,
-    report,
-    run_main,
-)
+from benchmarks.common import REPO_ROOT, BenchmarkError, Table, fmt, fmt_mb, make_parser, parse_args, report, run_main
+from benchmarks.model_files import CHAR_LSTM_SMOKE, DEMO_MODEL, TINY_GPT_SMOKE, corpus_text, model_file, quantized_file
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,32 +23,18 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import (
-    FULL_CHAIN,
-    GPT2_SMALL,
-    GPT2_SMOKE,
-    GREEDY,
-    Stats,
-    Table,
-    decode_seconds_per_token,
-    demo_model,
-    fmt_stats,
-    make_parser,
-    model_file,
-    open_model,
-    ours_generate,
-    ours_session,
-    parse_args,
-    report,
-    run_main,
-)
+from benchmarks.common import Stats, Table, fmt_stats, make_parser, parse_args, report, run_main
+from benchmarks.model_files import GPT2_SMALL, GPT2_SMOKE, demo_model, model_file
+from benchmarks.runners import FULL_CHAIN, GREEDY, decode_seconds_per_token, open_model, ours_generate, ours_session
 from runtime.defaults import DEFAULT_GENERATION
 from runtime.sampling import SamplerChain, settings_from_mapping
+from runtime.settings import SAMPLER_KEYS
 
 PROMPT = "ROMEO:"
 CHAR_VOCAB = 67  # the demo's 65 characters + end-of-text + unknown
 GPT2_VOCAB = 50257
-EXPORT_DEFAULTS: dict[str, Any] = {k: v for k, v in DEFAULT_GENERATION.items() if k != "max_new_tokens"}
+# the sampler part only: DEFAULT_GENERATION also holds decode-loop settings (max_new_tokens, start_with_eos)
+EXPORT_DEFAULTS: dict[str, Any] = {k: v for k, v in DEFAULT_GENERATION.items() if k in SAMPLER_KEYS}
 CONFIGS: dict[str, dict[str, Any]] = {
     "greedy": GREEDY,
     "temperature 0.8 only": {"temperature": 0.8, "top_k": 0},

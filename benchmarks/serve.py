@@ -27,21 +27,17 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import (
-    CHAR_LSTM_SMOKE,
     REPO_ROOT,
-    TINY_GPT,
-    TINY_GPT_SMOKE,
     BenchmarkError,
     Table,
-    demo_model,
     fmt,
     fmt_ratio,
     make_parser,
-    model_file,
     parse_args,
     report,
     run_main,
 )
+from benchmarks.model_files import CHAR_LSTM_SMOKE, TINY_GPT, TINY_GPT_SMOKE, demo_model, model_file
 
 PROMPT = "ROMEO:"
 CLIENTS = (1, 4, 16, 64)
@@ -187,7 +183,8 @@ def engine_rate(model: Any, clients: int, tokens: int, seed: int) -> float:
 
 
 def engine_table(label: str, path: Path, args: Any, counts: Sequence[int], tokens: int) -> Table:
-    from benchmarks.common import interleaved, open_model
+    from benchmarks.common import interleaved
+    from benchmarks.runners import open_model
 
     model = open_model(path, args.threads)
     runners = {str(count): (lambda count=count: engine_rate(model, count, tokens, 0)) for count in counts}

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import GPT2_SMALL, model_file, open_model
+from benchmarks.model_files import GPT2_SMALL, model_file
+from benchmarks.runners import open_model
 from repl.app import decode_array, encode_array
 from runtime.generate import Session
 from runtime.settings import Settings

@@ -18,21 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
-    GPT2_SMALL,
     REPO_ROOT,
     BenchmarkError,
     Table,
-    demo_model,
     fmt_mb,
     fmt_stats,
     make_parser,
-    model_file,
     parse_args,
-    quantized_file,
     repeat,
     report,
     run_main,
 )
+from benchmarks.model_files import GPT2_SMALL, demo_model, model_file, quantized_file
 
 PROMPT = "ROMEO:"
 IMPORT_LINE = re.compile(r"^import time:\s+(\d+)\s+\|\s+(\d+)\s+\|\s*(\S+)\s*$")

@@ -7,7 +7,7 @@
 Runners: ours (the model file through runtime.generate.Session, i.e. the REPL's own loop and sampler), Hugging Face
 ``generate`` (GPT only: transformers has no LSTM LM), and a PyTorch eager loop with the same weights and the same
 chain written in torch. Sampler: repetition penalty 1.1 over 64 tokens, top-k 40, top-p 0.95, min-p 0.05,
-temperature 0.8 (common.FULL_CHAIN). Every runner produces exactly ``--tokens`` tokens (end-of-text suppressed).
+temperature 0.8 (runners.FULL_CHAIN). Every runner produces exactly ``--tokens`` tokens (end-of-text suppressed).
 One thread by default: at this size extra threads only add synchronisation (and, on a busy machine, OpenMP spin
 waits that made torch 10x slower in a trial here); ``--threads 2`` compares the other way.
 """
@@ -18,34 +18,38 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from benchmarks.common import (
-    CHAR_LSTM,
-    CHAR_LSTM_SMOKE,
-    FULL_CHAIN,
-    GREEDY,
-    TINY_GPT,
-    TINY_GPT_SMOKE,
     BenchmarkError,
-    ModelSpec,
     Stats,
     Table,
-    TorchSampler,
-    benchmark_eos,
-    fed_context,
     fmt,
     fmt_ratio,
     fmt_stats,
-    hf_generate,
-    hf_model,
     interleaved,
     make_parser,
-    model_file,
-    open_model,
-    ours_generate,
-    ours_session,
     parse_args,
     report,
     run_main,
     timed,
+)
+from benchmarks.model_files import (
+    CHAR_LSTM,
+    CHAR_LSTM_SMOKE,
+    TINY_GPT,
+    TINY_GPT_SMOKE,
+    ModelSpec,
+    benchmark_eos,
+    model_file,
+)
+from benchmarks.runners import (
+    FULL_CHAIN,
+    GREEDY,
+    TorchSampler,
+    fed_context,
+    hf_generate,
+    hf_model,
+    open_model,
+    ours_generate,
+    ours_session,
     torch_gpt2_decode,
     torch_model,
     torch_rnn_decode,

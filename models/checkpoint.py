@@ -49,8 +49,9 @@ class CheckpointError(Exception):
 
 @dataclass
 class TrainingState:
-    """The ``train`` section: everything train/loop.py needs to continue a run exactly. Every field may be
-    missing from a file (None); ``missing()`` says which of RESUME_FIELDS are."""
+    """The ``train`` section: everything textgen-train needs to continue a run exactly (train/checkpointing.py
+    writes and restores it). Every field may be missing from a file (None); ``missing()`` says which of
+    RESUME_FIELDS are."""
 
     step: int | None = None
     optimizer: dict[str, Any] | None = None  # torch optimizer state_dict

@@ -4,6 +4,11 @@ Every error is OpenAI's JSON (``{"error": {"message", "type", "param", "code"}}`
 bad input (broken JSON, wrong types, bad values, prompts over the context, max_tokens over the cap), 401 without
 the API key, 404 for an unknown model or path, 413 for a body over the size cap, 503 when the queue is full or
 the server is shutting down. Requests never name files: the model is chosen when the server starts.
+
+This module is the app: its routes, error handlers, body cap and API key, and the handler that submits prepared
+requests to the engine and carries the engine's events back (``_Mailbox``), whole or as server-sent events. What a
+request becomes (jobs, settings, the 400s) is serve.prepare; what a response looks like, serve.responses; the error
+shape, serve.errors.
 """
 
 from __future__ import annotations
@@ -13,28 +18,25 @@ import json
 import secrets
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runtime.generate import document_start
-from runtime.logprobs import NEG_INF_LOGPROB, TokenLogprob
-from runtime.plan import DecodePlan, alternative_seed, new_plan
 from runtime.session import OnnxModel
-from runtime.settings import build_settings
 from serve import STREAM_INTERVAL_S
 from serve.chat import ChatTemplate
-from serve.engine import Engine, Job
-from serve.schemas import ChatRequest, CompletionRequest, FieldError, SettingError, _Common, request_settings
+from serve.engine import Engine
+from serve.errors import ApiError, error_body
+from serve.prepare import Prepared, Preparer
+from serve.responses import ChatShape, Choice, CompletionShape, Shape, apply_event, merge_texts
+from serve.schemas import ChatRequest, CompletionRequest
 
 DISCONNECT_POLL_S = 0.25
 
@@ -50,18 +52,6 @@ class ServerConfig:
     max_tokens_cap: int = 4096
     stream_interval: float = STREAM_INTERVAL_S  # seconds; 0 = a chunk as soon as tokens are there
     chat_template: ChatTemplate = field(default_factory=ChatTemplate)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def _error_response(error: ApiError) -> JSONResponse:
@@ -136,7 +126,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models/{model_id}", dependencies=[Depends(auth)])
     async def model(model_id: str) -> dict[str, Any]:
-        handler.check_model(model_id)
+        handler.preparer.check_model(model_id)
         return handler.model_card()
 
     @app.post("/v1/completions", dependencies=[Depends(auth)])
@@ -191,34 +181,13 @@ def _auth_dependency(api_key: str | None) -> Callable[[Request], None]:
 # ---------------------------------------------------------------------------------------------------- requests
 
 
-@dataclass
-class _Choice:
-    text: list[str] = field(default_factory=list)
-    records: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-    tokens: int = 0
-
-
-@dataclass
-class _Prepared:
-    """A validated request: one job per prompt, the texts to echo, and how to report logprobs."""
-
-    jobs: list[Job]
-    prompt_texts: list[str]
-    queue: asyncio.Queue
-    n: int
-    logprobs: int | None
-    echo: bool
-    include_usage: bool
-    seed: int
-
-
 class _Handler:
     def __init__(self, config: ServerConfig, engine: Engine) -> None:
         self.config = config
         self.engine = engine
         self.model = config.model
         self.created = int(time.time())
+        self.preparer = Preparer(config.model, config.model_id, config.cli_settings, config.max_tokens_cap)
         self._mailbox: _Mailbox | None = None
         self._open_streams = 0  # streaming responses in progress (event loop only)
 
@@ -229,124 +198,21 @@ class _Handler:
             self._mailbox = _Mailbox(loop)
         return self._mailbox
 
+    def _deliverer(self, queue: asyncio.Queue, index: int) -> Callable[[list], None]:
+        return self.mailbox().deliverer(queue, index)
+
     def model_card(self) -> dict[str, Any]:
         return {"id": self.config.model_id, "object": "model", "created": self.created, "owned_by": "textgen",
                 "context_length": self.model.info.context_length or None, "arch": self.model.info.arch}
 
-    def check_model(self, name: str | None) -> None:
-        if name not in (None, "", self.config.model_id):
-            raise ApiError(404, f"the model '{name}' does not exist (this server has '{self.config.model_id}')",
-                           "model", "model_not_found")
-
-    # ------------------------------------------------------------------ preparing jobs
-
-    def _prompts(self, prompt: Any) -> list[tuple[str, list[int]]]:
-        """(text, ids) per prompt: a string, a list of strings, a list of token ids or a list of such lists."""
-        if isinstance(prompt, str):
-            return [(prompt, self.model.encode(prompt))]
-        if not prompt:
-            raise ApiError(400, "prompt must not be an empty list", "prompt", "invalid_value")
-        if all(isinstance(item, str) for item in prompt):
-            return [(text, self.model.encode(text)) for text in prompt]
-        lists = [prompt] if all(isinstance(item, int) for item in prompt) else prompt
-        out = []
-        for ids in lists:
-            bad = [token for token in ids if not 0 <= token < self.model.tokenizer_size]
-            if bad:
-                raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{self.model.tokenizer_size - 1})",
-                               "prompt", "invalid_value")
-            out.append((self.model.decode(ids), list(ids)))
-        return out
-
-    def _logit_bias(self, bias: dict[str, float] | None) -> np.ndarray | None:
-        if not bias:
-            return None
-        vector = np.zeros(self.model.info.vocab_size, dtype=np.float32)
-        for key, value in bias.items():
-            if not key.strip().isdigit() or not 0 <= int(key) < self.model.tokenizer_size:
-                raise ApiError(400, f"logit_bias key {key!r} is not a token id of this model", "logit_bias",
-                               "invalid_value")
-            if not -100 <= value <= 100:
-                raise ApiError(400, f"logit_bias values must be in [-100, 100], got {value}", "logit_bias",
-                               "invalid_value")
-            vector[int(key)] = value
-        return vector
-
-    def _settings_pairs(self, body: _Common) -> list[tuple[str, Any]]:
-        try:
-            return request_settings(body)
-        except FieldError as exc:
-            raise ApiError(400, str(exc), exc.param, "invalid_value") from None
-
-    def prepare(self, body: _Common, prompts: list[tuple[str, list[int]]], logprobs: int | None, echo: bool,
-                extra_stops: tuple[str, ...] = ()) -> _Prepared:
-        self.check_model(body.model)
-        pairs = self._settings_pairs(body)
-        if extra_stops:
-            pairs.append(("stop", [*(body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []),
-                                   *extra_stops]))
-        try:
-            settings = build_settings(self.model.info.generation, self.config.cli_settings, pairs, source="set")
-        except SettingError as exc:
-            raise ApiError(400, str(exc), None, "invalid_value") from None
-        explicit = any(key == "max_new_tokens" for key, _ in pairs)
-        max_new = int(settings.get("max_new_tokens"))
-        if max_new > self.config.max_tokens_cap:
-            if explicit:
-                raise ApiError(400, f"max_tokens is {max_new} but this server allows at most "
-                               f"{self.config.max_tokens_cap}", "max_tokens", "max_tokens_exceeded")
-            settings.set("max_new_tokens", self.config.max_tokens_cap)
-        seed = settings.get("seed")
-        if seed is None:
-            seed = secrets.randbits(31)
-            settings.set("seed", seed)
-        bias = self._logit_bias(body.logit_bias)
-        queue: asyncio.Queue = asyncio.Queue()
-        eos = self.model.info.special.eos
-        jobs = []
-        for index, (_, ids) in enumerate(prompts):
-            prompt_ids = document_start(ids, eos, bool(settings.get("start_with_eos")))
-            rows_new = self._fit_context(len(prompt_ids), int(settings.get("max_new_tokens")), explicit)
-            plans = [self._plan(settings, seed, choice, rows_new) for choice in range(body.n)]
-            jobs.append(Job(prompt_ids, plans, self.mailbox().deliverer(queue, index), logprobs=logprobs,
-                            echo_logprobs=echo and logprobs is not None, logit_bias=bias))
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _Prepared(jobs, [text for text, _ in prompts], queue, body.n, logprobs, echo, include_usage, seed)
-
-    def _fit_context(self, prompt_tokens: int, max_new: int, explicit: bool) -> int:
-        """max_new for this prompt: the REPL slides its window, a server row cannot, so past the context is a 400
-        (or, when max_tokens was not given, generation stops at the context's end)."""
-        context = self.model.info.context_length
-        if not context:
-            return max_new
-        if prompt_tokens >= context:
-            raise ApiError(400, f"this model's context is {context} tokens, but the prompt has {prompt_tokens} "
-                           f"(including the document-start token)", "prompt", "context_length_exceeded")
-        if prompt_tokens + max_new > context:
-            if explicit:
-                raise ApiError(400, f"this model's context is {context} tokens; the prompt ({prompt_tokens}) plus "
-                               f"max_tokens ({max_new}) exceed it", "max_tokens", "context_length_exceeded")
-            return context - prompt_tokens
-        return max_new
-
-    def _plan(self, settings: Any, seed: int, choice: int, max_new: int) -> DecodePlan:
-        """Choice i draws from ``default_rng(alternative_seed(seed, i))``, as alternative i of
-        ``textgen-repl --seed SEED --n N`` does, so ``textgen-repl --seed`` with that seed alone reproduces it."""
-        plan = new_plan(self.model, settings)
-        plan.max_new = max_new
-        if choice:
-            plan.seed = alternative_seed(seed, choice)
-            plan.rng = np.random.default_rng(plan.seed)
-        return plan
-
-    def submit(self, prepared: _Prepared) -> None:
+    def submit(self, prepared: Prepared) -> None:
         for job in prepared.jobs:
             if not self.engine.submit(job):
                 self._cancel(prepared)
                 raise ApiError(503, "the server is busy or shutting down; retry later", None, "server_busy",
                                kind="server_error")
 
-    def _cancel(self, prepared: _Prepared) -> None:
+    def _cancel(self, prepared: Prepared) -> None:
         for job in prepared.jobs:
             job.cancel()
         self.engine.wake()
@@ -354,18 +220,19 @@ class _Handler:
     # ------------------------------------------------------------------ endpoints
 
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
-        prompts = self._prompts(body.prompt)
-        prepared = self.prepare(body, prompts, body.logprobs, body.echo)
-        return await self._respond(prepared, request, body.stream, _CompletionShape(self, prepared))
+        prompts = self.preparer.prompts(body.prompt)
+        prepared = self.preparer.prepare(body, prompts, body.logprobs, body.echo, self._deliverer)
+        return await self._respond(prepared, request, body.stream, CompletionShape(self.config.model_id, prepared))
 
     async def chat(self, body: ChatRequest, request: Request) -> Any:
         template = self.config.chat_template
         prompt = template.render([(message.role, message.content or "") for message in body.messages])
         top = (body.top_logprobs or 0) if body.logprobs else None
-        prepared = self.prepare(body, [(prompt, self.model.encode(prompt))], top, False, template.stop)
-        return await self._respond(prepared, request, body.stream, _ChatShape(self, prepared))
+        prepared = self.preparer.prepare(body, [(prompt, self.model.encode(prompt))], top, False, self._deliverer,
+                                         template.stop)
+        return await self._respond(prepared, request, body.stream, ChatShape(self.config.model_id, prepared))
 
-    async def _respond(self, prepared: _Prepared, request: Request, stream: bool, shape: _Shape) -> Any:
+    async def _respond(self, prepared: Prepared, request: Request, stream: bool, shape: Shape) -> Any:
         self.submit(prepared)
         if stream:
             return StreamingResponse(self._stream(prepared, request, shape), media_type="text/event-stream",
@@ -376,7 +243,7 @@ class _Handler:
             self._cancel(prepared)  # a no-op for finished jobs; frees the rows of a client that went away
         return shape.whole(choices, prompt_info)
 
-    async def _events(self, prepared: _Prepared, request: Request) -> AsyncIterator[list[tuple[int, list]]]:
+    async def _events(self, prepared: Prepared, request: Request) -> AsyncIterator[list[tuple[int, list]]]:
         """Engine events as they come, in batches: everything queued when the loop gets to it (so a busy server
         writes several tokens per chunk instead of falling behind), until every choice is done; ends early if the
         client went away."""
@@ -408,25 +275,25 @@ class _Handler:
             sent = time.monotonic()
             yield items
 
-    async def _collect(self, prepared: _Prepared, request: Request) -> tuple[list[_Choice], dict[int, tuple]]:
-        choices = [_Choice() for _ in range(len(prepared.jobs) * prepared.n)]
+    async def _collect(self, prepared: Prepared, request: Request) -> tuple[list[Choice], dict[int, tuple]]:
+        choices = [Choice() for _ in range(len(prepared.jobs) * prepared.n)]
         prompt_info: dict[int, tuple] = {}
         async for items in self._events(prepared, request):
             for index, events in items:
                 for event in events:
-                    _apply(event, index, prepared.n, choices, prompt_info)
+                    apply_event(event, index, prepared.n, choices, prompt_info)
         return choices, prompt_info
 
-    async def _stream(self, prepared: _Prepared, request: Request, shape: _Shape) -> AsyncIterator[str]:
-        choices = [_Choice() for _ in range(len(prepared.jobs) * prepared.n)]
+    async def _stream(self, prepared: Prepared, request: Request, shape: Shape) -> AsyncIterator[str]:
+        choices = [Choice() for _ in range(len(prepared.jobs) * prepared.n)]
         prompt_info: dict[int, tuple] = {}
         self._open_streams += 1
         try:
             async for items in self._events(prepared, request):
-                merged = _merge_texts(items)
+                merged = merge_texts(items)
                 try:
                     for index, event in merged:
-                        _apply(event, index, prepared.n, choices, prompt_info)
+                        apply_event(event, index, prepared.n, choices, prompt_info)
                 except ApiError as exc:  # the headers are sent: the error goes in the stream
                     yield f"data: {json.dumps(error_body(exc.message, exc.kind))}\n\n"
                     return
@@ -438,27 +305,6 @@ class _Handler:
         finally:
             self._open_streams -= 1
             self._cancel(prepared)
-
-
-def _merge_texts(items: list[tuple[int, list]]) -> list[tuple[int, tuple]]:
-    """The events of ``items`` in order, each choice's consecutive text events joined into one (one chunk for
-    several tokens when the loop fell behind the scheduler)."""
-    out: list[tuple[int, tuple]] = []
-    open_text: dict[tuple[int, int], int] = {}  # (prompt index, choice) -> position of its text event in out
-    for index, events in items:
-        for event in events:
-            key = (index, event[1]) if event[0] in ("text", "done") else None
-            if event[0] == "text" and key in open_text:
-                position = open_text[key]
-                _, choice, text, records = out[position][1]
-                out[position] = (index, ("text", choice, text + event[2], [*records, *event[3]]))
-                continue
-            if key is not None:
-                open_text.pop(key, None)
-            if event[0] == "text":
-                open_text[key] = len(out)
-            out.append((index, event))
-    return out
 
 
 class _Mailbox:
@@ -490,158 +336,3 @@ class _Mailbox:
             queue.put_nowait(item)
 
 
-def _apply(event: tuple, index: int, n: int, choices: list[_Choice], prompt_info: dict[int, tuple]) -> None:
-    kind = event[0]
-    if kind == "error":
-        raise ApiError(500, event[1], kind="server_error")
-    if kind == "prompt":
-        prompt_info[index] = (event[1], event[2])
-        return
-    choice = choices[index * n + event[1]]
-    if kind == "text":
-        choice.text.append(event[2])
-        choice.records.extend(event[3])
-    elif kind == "done":
-        choice.finish_reason, choice.tokens = event[2], event[3]
-
-
-def _logprob(value: float) -> float:
-    return value if np.isfinite(value) else NEG_INF_LOGPROB
-
-
-# ---------------------------------------------------------------------------------------------------- shapes
-
-
-class _Shape:
-    """How one endpoint writes results: whole responses and streamed chunks."""
-
-    prefix = "cmpl"  # of the response id
-    chunk_object = ""  # the "object" of streamed chunks
-
-    def __init__(self, handler: _Handler, prepared: _Prepared) -> None:
-        self.handler, self.prepared = handler, prepared
-        self.id = f"{self.prefix}-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-        self.model_id = handler.config.model_id
-
-    def usage(self, choices: list[_Choice], prompt_info: dict[int, tuple]) -> dict[str, int]:
-        prompt = sum(info[0] for info in prompt_info.values())
-        completion = sum(choice.tokens for choice in choices)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def head(self, object_name: str) -> dict[str, Any]:
-        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model_id,
-                "system_fingerprint": f"seed-{self.prepared.seed}"}
-
-    def usage_chunk(self, choices: list[_Choice], prompt_info: dict[int, tuple]) -> dict[str, Any]:
-        return {**self.head(self.chunk_object), "choices": [], "usage": self.usage(choices, prompt_info)}
-
-    def whole(self, choices: list[_Choice], prompt_info: dict[int, tuple]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def chunks(self, event: tuple, index: int, prompt_info: dict[int, tuple]) -> list[dict[str, Any]]:
-        raise NotImplementedError
-
-
-class _CompletionShape(_Shape):
-    chunk_object = "text_completion"
-
-    def __init__(self, handler: _Handler, prepared: _Prepared) -> None:
-        super().__init__(handler, prepared)
-        self.offsets: dict[int, int] = {}  # per choice: characters of text sent so far (text_offset)
-
-    def _logprobs(self, records: list[TokenLogprob], start: int) -> dict[str, Any]:
-        offsets, position = [], start
-        for record in records:
-            offsets.append(position)
-            position += len(record.text)
-        return {
-            "tokens": [record.text for record in records],
-            "token_logprobs": [_logprob(record.logprob) for record in records],
-            "top_logprobs": [{alt.text: _logprob(alt.logprob) for alt in record.top} for record in records],
-            "text_offset": offsets,
-            # ours, beside OpenAI's: the model's own log-softmax before the sampler
-            "raw_token_logprobs": [record.raw_logprob for record in records],
-            "raw_top_logprobs": [{alt.text: _logprob(alt.raw_logprob) for alt in record.top} for record in records],
-        }
-
-    def whole(self, choices: list[_Choice], prompt_info: dict[int, tuple]) -> dict[str, Any]:
-        out = []
-        n = self.prepared.n
-        for number, choice in enumerate(choices):
-            prompt_index = number // n
-            prefix = self.prepared.prompt_texts[prompt_index] if self.prepared.echo else ""
-            records = (list(prompt_info.get(prompt_index, (0, []))[1]) if self.prepared.echo else []) + choice.records
-            logprobs = None
-            if self.prepared.logprobs is not None:
-                logprobs = self._logprobs(records, 0)
-                if self.prepared.echo:  # generated tokens start after the echoed prompt text
-                    generated = self._logprobs(choice.records, len(prefix))["text_offset"]
-                    logprobs["text_offset"][len(records) - len(choice.records):] = generated
-            out.append({"text": prefix + "".join(choice.text), "index": number, "logprobs": logprobs,
-                        "finish_reason": choice.finish_reason})
-        return {**self.head("text_completion"), "choices": out, "usage": self.usage(choices, prompt_info)}
-
-    def chunks(self, event: tuple, index: int, prompt_info: dict[int, tuple]) -> list[dict[str, Any]]:
-        n, kind = self.prepared.n, event[0]
-        if kind == "prompt":
-            if not self.prepared.echo:
-                return []
-            text = self.prepared.prompt_texts[index]
-            out = []
-            for choice in range(n):
-                number = index * n + choice
-                logprobs = self._logprobs(event[2], 0) if self.prepared.logprobs is not None else None
-                self.offsets[number] = len(text)
-                out.append(self._chunk(number, text, logprobs, None))
-            return out
-        number = index * n + event[1]
-        if kind == "text":
-            start = self.offsets.get(number, 0)
-            logprobs = self._logprobs(event[3], start) if self.prepared.logprobs is not None else None
-            self.offsets[number] = start + len(event[2])
-            return [self._chunk(number, event[2], logprobs, None)]
-        if kind == "done":
-            return [self._chunk(number, "", None, event[2])]
-        return []
-
-    def _chunk(self, number: int, text: str, logprobs: Any, finish: str | None) -> dict[str, Any]:
-        choice = {"text": text, "index": number, "logprobs": logprobs, "finish_reason": finish}
-        return {**self.head("text_completion"), "choices": [choice]}
-
-
-class _ChatShape(_Shape):
-    prefix = "chatcmpl"
-    chunk_object = "chat.completion.chunk"
-
-    def _content(self, records: list[TokenLogprob]) -> list[dict[str, Any]]:
-        return [{
-            "token": record.text, "logprob": _logprob(record.logprob), "bytes": list(record.text.encode()),
-            "raw_logprob": record.raw_logprob,  # ours: the model's own log-softmax before the sampler
-            "top_logprobs": [{"token": alt.text, "logprob": _logprob(alt.logprob), "bytes": list(alt.text.encode()),
-                              "raw_logprob": alt.raw_logprob} for alt in record.top],
-        } for record in records]
-
-    def whole(self, choices: list[_Choice], prompt_info: dict[int, tuple]) -> dict[str, Any]:
-        out = []
-        for number, choice in enumerate(choices):
-            logprobs = {"content": self._content(choice.records)} if self.prepared.logprobs is not None else None
-            out.append({"index": number, "message": {"role": "assistant", "content": "".join(choice.text)},
-                        "logprobs": logprobs, "finish_reason": choice.finish_reason})
-        return {**self.head("chat.completion"), "choices": out, "usage": self.usage(choices, prompt_info)}
-
-    def chunks(self, event: tuple, index: int, prompt_info: dict[int, tuple]) -> list[dict[str, Any]]:
-        kind = event[0]
-        if kind == "prompt":
-            return [self._chunk(choice, {"role": "assistant", "content": ""}, None, None)
-                    for choice in range(self.prepared.n)]
-        if kind == "text":
-            logprobs = {"content": self._content(event[3])} if self.prepared.logprobs is not None else None
-            return [self._chunk(event[1], {"content": event[2]}, logprobs, None)]
-        if kind == "done":
-            return [self._chunk(event[1], {}, None, event[2])]
-        return []
-
-    def _chunk(self, number: int, delta: dict[str, Any], logprobs: Any, finish: str | None) -> dict[str, Any]:
-        choice = {"index": number, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return {**self.head("chat.completion.chunk"), "choices": [choice]}

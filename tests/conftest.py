@@ -6,13 +6,18 @@ is a minimal test double with the optimum-style interface (``attention_mask``, `
 ``past_key_values.{i}.key/.value`` -> ``present.{i}.key/.value``) and an explicit bottom-right causal mask.
 
 Everything is session-scoped and tiny so a test file that uses them stays well under a minute on 2 cores.
+
+Also the helpers more than one test file needs: ``general_path`` (sampler chains forced off their small-vocabulary
+fast paths) and the ``disk_full`` fixture (writes that fail as on a full disk).
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +27,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 
+import runtime.atomic
+import runtime.sampling.plan as sampling_plan
 from models.rnn import RNNConfig, RNNLanguageModel
 from runtime.modelfile import ModelInfo, SpecialTokens, StateSpec, encode_metadata
 
@@ -334,3 +341,36 @@ def model_path(request: pytest.FixtureRequest, model_files: ModelFiles) -> Path:
     if kind.startswith("exported-"):
         return getattr(request.getfixturevalue("exported_files"), kind.removeprefix("exported-"))
     return getattr(model_files, kind)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers shared by several test files
+
+
+@contextmanager
+def general_path() -> Iterator[None]:
+    """Sampler chains built inside take the general path whatever their vocabulary (every vocabulary counts as
+    wide), so a test can compare it with the small-vocabulary fast paths."""
+    saved = sampling_plan.SMALL_VOCAB
+    sampling_plan.SMALL_VOCAB = 0
+    try:
+        yield
+    finally:
+        sampling_plan.SMALL_VOCAB = saved
+
+
+@pytest.fixture
+def disk_full(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """``disk_full("a.bin", ...)``: from then on, atomic writes (runtime.atomic) to files of those names fail with
+    ENOSPC, naming the temporary file beside the target as a real failed write does; other writes go through."""
+    real_write = runtime.atomic._write_atomically
+
+    def fill(*names: str) -> None:
+        def write(target: Path, write: object) -> None:
+            if target.name in names:
+                raise OSError(errno.ENOSPC, "No space left on device", str(target.parent / f".{target.name}.77.tmp"))
+            real_write(target, write)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(runtime.atomic, "_write_atomically", write)
+
+    return fill

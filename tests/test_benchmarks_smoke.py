@@ -102,6 +102,16 @@ def test_tiny_decode(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[
     _section(docs, "tiny_decode")
 
 
+def test_sampler_cost(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    docs = tmp_path / "bench.md"
+    out = _run("sampler_cost", cache, docs, capsys)
+    defaults = [line for line in out.splitlines() if line.startswith("exporter defaults (T 0.8")]
+    assert len(defaults) == 2 and "small" in defaults[0] and "general" in defaults[1]  # V=67, then V=50,257
+    assert out.count("mirostat 1 (tau 5, eta 0.1)") == 2
+    assert re.search(r"^full chain\s.*\d\.\d\dx", out, re.MULTILINE)  # the end-to-end ratio to greedy
+    _section(docs, "sampler_cost")
+
+
 def test_flat_cost(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     docs = tmp_path / "bench.md"
     out = _run("flat_cost", cache, docs, capsys)
@@ -187,13 +197,18 @@ def test_bad_arguments_are_one_line_errors(arguments: list[str], message: str) -
     assert "Traceback" not in result.stderr
 
 
-def test_project_errors_become_one_line(tmp_path: Path) -> None:
-    """A domain error from the project (here the quantizer refusing a file) is one line and exit code 2."""
+@pytest.mark.parametrize("failing_call", [
+    "from export.quantize import quantize_model; quantize_model('missing.onnx', 'out.onnx', 'int8')",
+    "from runtime.session import OnnxModel; OnnxModel.open('missing.onnx', device='cpu', threads=1)",
+])
+def test_project_errors_become_one_line(tmp_path: Path, failing_call: str) -> None:
+    """A domain error from the project (the quantizer or the runtime refusing a file) is one line and exit code 2."""
     script = tmp_path / "failing.py"
+    module, call = failing_call.split("; ")
     script.write_text(
         "from benchmarks.common import run_main\n"
-        "from export.quantize import quantize_model\n"
-        "run_main(lambda argv: quantize_model('missing.onnx', 'out.onnx', 'int8'))\n"
+        f"{module}\n"
+        f"run_main(lambda argv: {call})\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # the benchmarks package is importable from the repository root
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,

@@ -36,8 +36,9 @@ from train.distributed import (
     ranks_from_environment,
     start,
 )
-from train.loop import last_checkpoint_path, train
+from train.loop import train
 from train.metrics import read_metrics
+from train.resume import last_checkpoint_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPUS = "the cat sat on the mat. the dog sat on the log.\n" * 120

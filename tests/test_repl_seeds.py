@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -122,22 +123,14 @@ def test_onnxruntime_load_errors_keep_their_cause_on_one_line(tmp_path: Path) ->
 
 
 def test_a_failing_output_write_falls_back_and_says_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+                                                          capsys: pytest.CaptureFixture[str],
+                                                          disk_full: Callable[..., None]) -> None:
     """textgen-repl --output: generated text is never thrown away when its write fails (disk full, pretended)."""
-    import errno
     import os
 
-    import runtime.atomic
     from repl.cli import main
 
-    real_write = runtime.atomic._write_atomically
-
-    def disk_full(target: Path, write: object) -> None:
-        if target.name == "out.txt":
-            raise OSError(errno.ENOSPC, "No space left on device", str(target.parent / ".out.txt.77.tmp"))
-        real_write(target, write)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(runtime.atomic, "_write_atomically", disk_full)
+    disk_full("out.txt")
     monkeypatch.chdir(tmp_path)
     target = tmp_path / "out.txt"
     assert main(["--model", str(DEMO), "--device", "cpu", "--prompt", "ROMEO:", "--max-tokens", "12", "--seed", "4",

@@ -21,10 +21,10 @@ from dataclasses import fields
 
 import numpy as np
 import pytest
+from conftest import general_path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import runtime.sampling.plan as sampling_plan
 from runtime.sampling import PRESET_ORDERS, REGISTRY, SamplerChain, SamplerSettings, SettingError
 from runtime.sampling.candidates import Candidates, Scratch
 from runtime.sampling.steps import Filter, Step
@@ -74,17 +74,6 @@ STEPS = [*REGISTRY, *EXAMPLE_STEPS]  # what the properties run over: every regis
 def register_example_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, step in EXAMPLE_STEPS.items():
         monkeypatch.setitem(REGISTRY, name, step)  # the one registry line a new step needs, here for tests only
-
-
-@contextmanager
-def general_path() -> Iterator[None]:
-    """Chains built inside take the general path whatever their vocabulary."""
-    saved = sampling_plan.SMALL_VOCAB
-    sampling_plan.SMALL_VOCAB = 0
-    try:
-        yield
-    finally:
-        sampling_plan.SMALL_VOCAB = saved
 
 
 # ---------------------------------------------------------------------------------------------------------------

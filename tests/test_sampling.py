@@ -10,13 +10,13 @@ import math
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import general_path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.generation.logits_process import (
@@ -30,7 +30,6 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-import runtime.sampling.plan as sampling_plan
 from runtime.sampling import (
     PRESET_ORDERS,
     SamplerChain,
@@ -48,17 +47,6 @@ from runtime.sampling import (
 PROBS = np.array([0.5, 0.2, 0.15, 0.1, 0.05])
 LOGITS = np.log(PROBS)[None, :]
 OFF = {"top_k": 0}  # the dataclass default top_k=50 would be a no-op at V=5 anyway; explicit for clarity
-
-
-@contextmanager
-def general_path() -> Iterator[None]:
-    """Chains built inside take the general path whatever their vocabulary (every vocabulary counts as wide)."""
-    saved = sampling_plan.SMALL_VOCAB
-    sampling_plan.SMALL_VOCAB = 0
-    try:
-        yield
-    finally:
-        sampling_plan.SMALL_VOCAB = saved
 
 
 @pytest.fixture(params=["small", "general"])

@@ -33,9 +33,10 @@ from runtime.session import OnnxModel
 from runtime.settings import Settings
 from train.config import TrainConfig
 from train.evaluation import summed_cross_entropy
-from train.loop import Trainer, config_for_resume, last_checkpoint_path, load_resume_checkpoint
+from train.loop import Trainer
 from train.loop import train as run_training
 from train.progress import ProgressReporter
+from train.resume import config_for_resume, last_checkpoint_path, load_resume_checkpoint
 
 CORPUS = "the cat sat on the mat. the dog sat on the log.\n" * 120
 HELD_OUT = "the dog sat on the mat.\nthe cat sat on the log. the cat, the dog.\n" * 3

@@ -26,8 +26,9 @@ from models.registry import model_from_checkpoint
 from train.batches import BlockBatcher, DataCursor, DataSizeError, StreamBatcher, gpt_eval_windows, rnn_eval_streams
 from train.cli import build_parser, main, resolve_config
 from train.config import TrainConfig, TrainConfigError
-from train.loop import config_for_resume, last_checkpoint_path, load_resume_checkpoint, train
+from train.loop import train
 from train.metrics import REQUIRED_FIELDS, read_metrics
+from train.resume import config_for_resume, last_checkpoint_path, load_resume_checkpoint
 from train.schedule import Budget, LRSchedule
 from train.tokenizer import build_tokenizer
 

@@ -4,7 +4,6 @@ and corpus sanity warnings with --strip-boilerplate (on the real Gutenberg file 
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
@@ -12,12 +11,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-import runtime.atomic
 from models.checkpoint import load_checkpoint
 from runtime.corpus import strip_gutenberg
 from train.config import TrainConfig
@@ -70,17 +69,10 @@ def test_a_bad_out_is_refused_before_torch_is_imported(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "d"]  # no stray d.metrics.jsonl
 
 
-def test_a_failing_final_write_falls_back_and_says_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_final_write_falls_back_and_says_where(tmp_path: Path, disk_full: Callable[..., None]) -> None:
     """Disk full at OUT (pretended): the finished run goes to run.recovered-PID.bin beside it, and the log says so."""
     config = tiny_lstm(tmp_path)
-    real_write = runtime.atomic._write_atomically
-
-    def disk_full_at_out(target: Path, write: object) -> None:
-        if target.name in ("run.bin", "run.bin.last"):
-            raise OSError(errno.ENOSPC, "No space left on device", str(target.parent / ".run.bin.0baf.tmp"))
-        real_write(target, write)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(runtime.atomic, "_write_atomically", disk_full_at_out)
+    disk_full("run.bin", "run.bin.last")
     result, log = run_quietly(config)
     fallback = tmp_path / f"run.recovered-{os.getpid()}.bin"
     assert f"warning: could not write {tmp_path / 'run.bin'} (No space left on device); saved it to {fallback}" in log
@@ -235,21 +227,14 @@ def test_strip_boilerplate_is_a_cli_flag(tmp_path: Path) -> None:
     json.dumps(resolve_config(args)[0].to_dict())  # stored in checkpoints as plain values
 
 
-def test_a_failing_export_write_falls_back_and_says_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_a_failing_export_write_falls_back_and_says_where(tmp_path: Path, disk_full: Callable[..., None],
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     """The same promise for textgen-export: a verified file whose write fails goes beside it, and stderr says so."""
     from export.cli import main as export_main
 
     config = tiny_lstm(tmp_path, max_steps=1, eval_every=1)
     run_quietly(config)
-    real_write = runtime.atomic._write_atomically
-
-    def disk_full_at_target(target: Path, write: object) -> None:
-        if target.name == "run.onnx":
-            raise OSError(errno.ENOSPC, "No space left on device", str(target.parent / ".run.onnx.1234.tmp"))
-        real_write(target, write)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(runtime.atomic, "_write_atomically", disk_full_at_target)
+    disk_full("run.onnx")
     assert export_main(["--checkpoint", str(tmp_path / "run.bin"), "--output", str(tmp_path / "run.onnx")]) == 0
     fallback = tmp_path / f"run.recovered-{os.getpid()}.onnx"
     err = capsys.readouterr().err

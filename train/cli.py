@@ -130,7 +130,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Checkpoint | 
     known = {f.name for f in fields(TrainConfig)}
     explicit = {key: value for key, value in vars(args).items() if value is not None and key in known}
     if args.resume is not None:
-        from train.loop import config_for_resume, load_resume_checkpoint
+        from train.resume import config_for_resume, load_resume_checkpoint
 
         checkpoint = load_resume_checkpoint(args.resume)
         config, ignored = config_for_resume(checkpoint, explicit)

@@ -19,7 +19,9 @@ Exact resume: a checkpoint stores the step, weights, optimizer and schedule stat
 position (epoch, batch index), the RNN state carried between windows, the best validation loss and the resolved
 config. Training N steps, stopping (signal or ``stop_at_step``), then resuming to 2N gives the same weights on
 CPU with a fixed seed as training 2N steps at once. Evaluations never touch the training RNG (samples use their
-own generator), and an evaluation skipped by an interruption is run first on resume.
+own generator), and an evaluation skipped by an interruption is run first on resume. What a checkpoint holds of the
+run, and restoring it, is train.checkpointing; fitting the warmup and evaluation cadence to the budget is
+train.run_plan.
 
 Under torchrun the same loop trains with DistributedDataParallel; train.distributed describes how batches,
 evaluation, stopping decisions and checkpoint writing are shared out between the processes. Resuming with the
@@ -45,7 +47,6 @@ from torch.nn import functional as F
 from models.checkpoint import (
     Checkpoint,
     CheckpointError,
-    TrainingState,
     save_checkpoint_or_fallback,
 )
 from models.registry import build_model, load_weights, model_from_checkpoint
@@ -57,15 +58,15 @@ from train import distributed
 from train.batches import (
     BlockBatcher,
     DataCursor,
-    DataPosition,
     DataSizeError,
     StreamBatcher,
     gpt_eval_windows,
     rnn_eval_streams,
 )
+from train.checkpointing import rank_state, restore_run, run_checkpoint
 from train.config import TrainConfig, TrainConfigError, TrainingError
 from train.data import PreparedData, prepare_data
-from train.distributed import Cluster, interleave_states, parameter_checksum, rank_slice_of_state
+from train.distributed import Cluster, parameter_checksum
 from train.evaluation import gpt_validation_total, rnn_validation_total
 from train.metrics import (
     MetricsLog,
@@ -76,25 +77,18 @@ from train.metrics import (
     plot_losses,
 )
 from train.optim import MuonWithAdamW, gpt2_optimizer
-from train.presets import DEFAULT_EPOCHS
 from train.progress import ProgressReporter
 from train.report import RateWindow, eval_line, model_shape, units_text, val_units
-from train.resume import RESUME_OVERRIDES, config_for_resume, last_checkpoint_path, load_resume_checkpoint
-from train.rng import capture_rng_state, restore_rng_state, seed_everything
+from train.resume import last_checkpoint_path
+from train.rng import seed_everything
+from train.run_plan import RunPlan, run_budget
 from train.sample import sample_continuation
-from train.schedule import EVAL_POINTS, Budget, LRSchedule, evaluation_points, fit_plan
+from train.schedule import LRSchedule
 from train.stop_signals import StopSignals
 
-CALIBRATION_STEPS = 4  # steps timed (after the first, which pays for warm-up) before a time budget is planned
-FINAL_FILES_SECONDS = 3.0  # kept at the end of a time budget for the loss plot, last writes and process exit
-EVAL_MARGIN = 1.2  # the final evaluation is reserved this many times the last one's duration (load varies)
 LAST_STATE_INTERVAL = 60.0  # seconds between OUT.last writes at evaluations (each is a full checkpoint)
 MAX_CURVE_POINTS = 4000  # training-loss points kept for the plot (thinned beyond that)
 SAMPLE_TOKENS = {"char": 200}  # tokens sampled per --prime at each evaluation; 60 for other tokenizers
-
-# The training API (train.cli and the tests import it from here); the resume helpers live in train.resume.
-__all__ = ["RESUME_OVERRIDES", "TrainResult", "Trainer", "config_for_resume", "last_checkpoint_path",
-           "load_resume_checkpoint", "train"]
 
 
 @dataclass
@@ -164,9 +158,7 @@ class Trainer:
         self.train_model = self.cluster.wrap(self.model)  # forward passes in training; self.model everywhere else
         self.optimizer = self._make_optimizer()
         self.schedule = LRSchedule(config.schedule, config.lr, config.warmup_steps)
-        self.budget = Budget(config.max_steps, config.time_budget, config.epochs)
-        if config.max_steps is None and config.time_budget is None and config.epochs is None:
-            self.budget.epochs = DEFAULT_EPOCHS
+        self.budget = run_budget(config)
         self.amp_dtype, self.scaler = self._amp()
         self.block_len = self._block_len()
         self.cursor = DataCursor(self._batcher())
@@ -183,24 +175,15 @@ class Trainer:
         self.last_eval_step: int | None = None
         self.rnn_state: State | None = None
         self.last_metrics: dict[str, Any] | None = None
-        # fitting the run to its budget (train.schedule.fit_plan), restored on resume so it continues exactly
-        self.eval_every = config.eval_every
-        self.planned = False
+        # fitting the run to its budget (train.run_plan), restored on resume so it continues exactly
+        self.plan = RunPlan(config, self.budget, self.schedule, self.cluster, self.cursor.batcher, self.val_count,
+                            reporter.say)
         self.train_curve: list[tuple[int, float]] = []  # (step, training loss) for the plot
-        self.eval_seconds: float | None = None  # what the last evaluation (with its checkpoint writes) took
-        self.pace: tuple[float, float] | None = None  # (steps/s, training tokens/s) once measured
         self.metrics_failed = False
         self.last_saved: float | None = None  # when OUT.last was last written (the run's clock, self.seconds)
         self.last_saved_step: int | None = None
-        self.evals_this_run = 0
-        self.eval_points = EVAL_POINTS  # fewer when evaluations are dear (train.schedule.evaluation_points)
-        # A run fitted to its budget evaluates at next_eval_step (re-planned after each evaluation); otherwise at
-        # every multiple of eval_every.
-        self.next_eval_step: int | None = None
-        self.train_seconds_this_run = 0.0  # time in training steps alone (evaluations left out): the true pace
-        self.steps_this_run = 0
         if resume is not None:
-            self._restore(resume)
+            restore_run(self, resume)
         self.metrics_log = MetricsLog(metrics_path(config.out), append=resume is not None) if self.is_main else None
 
     @property
@@ -302,51 +285,6 @@ class Trainer:
         count = targets.numel()
         return self.cluster.local_rows(inputs), self.cluster.local_rows(targets), count, protocol
 
-    def _restore(self, checkpoint: Checkpoint) -> None:
-        state = checkpoint.training
-        if state is None:
-            raise CheckpointError("the checkpoint has no training state to resume from (use load_resume_checkpoint)")
-        try:
-            self.optimizer.load_state_dict(state.optimizer)
-            self.schedule.load_state_dict(state.scheduler)
-            self.cursor.position = DataPosition.from_dict(state.data_position)
-            if self.scaler is not None and state.scaler:
-                self.scaler.load_state_dict(state.scaler)
-            self.step = int(state.step)
-            self.seconds = float(state.seconds)
-            self.tokens_seen = int(state.tokens_seen)
-            self.best_val_loss = _optional_float(state.best_val_loss)
-            self.best_step = state.best_step
-            self.evals_without_improvement = int(state.evals_without_improvement)
-            self.last_eval_step = state.last_eval_step
-            self.rnn_state = self._restored_rnn_state(state.rnn_state)
-            self._restore_plan(state.extra.get("plan"))
-            restore_rng_state(self._restored_rng_state(state))  # last: building the model and data drew numbers
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"the checkpoint's training state cannot be restored: {first_line(exc)}") from exc
-
-    def _restored_rnn_state(self, saved: list[torch.Tensor] | None) -> State | None:
-        """This process's streams of the saved (global) RNN state. A state saved by a run with a different
-        number of processes does not fit the stream layout: start from zeros (the data order differs anyway)."""
-        if not saved:
-            return None
-        expected_rows = self.config.batch_size * self.cluster.world_size
-        if saved[0].shape[1] != expected_rows:
-            self.reporter.say(f"note: the checkpoint's RNN state is for {saved[0].shape[1]} streams, this run has "
-                              f"{expected_rows}; continuing from a zero state")
-            return None
-        local = rank_slice_of_state(list(saved), self.cluster.rank, self.cluster.world_size)
-        return tuple(t.to(self.device) for t in local)
-
-    def _restored_rng_state(self, state: TrainingState) -> dict[str, Any]:
-        by_rank = state.rng_by_rank
-        if isinstance(by_rank, list) and len(by_rank) == self.cluster.world_size:
-            return by_rank[self.cluster.rank]
-        if self.cluster.rank > 0:  # no state saved for this rank: a fresh, still rank-specific stream
-            seed_everything(self.config.seed + self.cluster.rank + 7919 * int(state.step))
-            return capture_rng_state()
-        return state.rng
-
     # ------------------------------------------------------------------------------------------------ run
 
     def run(self, signals: StopSignals, stop_at_step: int | None) -> TrainResult:
@@ -354,11 +292,10 @@ class Trainer:
         start = self.started
         base_seconds = self.seconds
         window = RateWindow()
-        self._plan_if_known()
+        self.plan.plan_if_known(self.step, self.seconds)
         if self._evaluation_due():  # an interruption skipped the evaluation at this step: do it now
             self._evaluate(window)
         stop_reason = self.budget.reached(self.step, self.seconds, self.cursor.epochs_done())
-        first_step_done: tuple[int, float, int] | None = None  # (step, clock, tokens) after this run's first step
         while stop_reason is None:
             lr = self.schedule.lr(self.step, self.budget.fraction(self.step, self.seconds, self.cursor.epochs_done()))
             step_start = time.monotonic()
@@ -366,18 +303,14 @@ class Trainer:
             # All ranks agree on the loss, the clock and any signal, so they all take the same decisions below.
             agreed = self.cluster.agree_step(loss, tokens, base_seconds + time.monotonic() - start, signals.received)
             window.add(agreed.loss, agreed.tokens, time.monotonic() - step_start)
-            self.train_seconds_this_run += time.monotonic() - step_start
-            self.steps_this_run += 1
+            self.plan.count_step(time.monotonic() - step_start)
             self.step += 1
             self.tokens_seen += agreed.tokens
             self.seconds = agreed.seconds
             if not math.isfinite(agreed.loss):
                 raise TrainingError(f"the loss became {agreed.loss} at step {self.step}; try a smaller --lr")
             self._record_train_loss(agreed.loss)
-            if first_step_done is None:
-                first_step_done = (self.step, self.seconds, self.tokens_seen)
-            elif not self.planned and self.step - first_step_done[0] >= CALIBRATION_STEPS - 1:
-                self._plan_from_pace(first_step_done)
+            self.plan.calibrate(self.step, self.seconds, self.tokens_seen)
             self._show_progress(agreed.loss, lr, window)
             if agreed.signal is not None:
                 return self._interrupted(f"interrupted by {signal.Signals(agreed.signal).name}", agreed.signal)
@@ -388,94 +321,12 @@ class Trainer:
                 if self.config.patience is not None and self.evals_without_improvement >= self.config.patience:
                     stop_reason = f"early stopping: no improvement in {self.config.patience} evaluations"
                     break
-            stop_reason = self.budget.reached(self.step, self.seconds, self.cursor.epochs_done(), self._reserve())
+            stop_reason = self.budget.reached(self.step, self.seconds, self.cursor.epochs_done(), self.plan.reserve())
         if self.step > 0 and self.last_eval_step != self.step:
             self._evaluate(window)
         if self.last_saved_step != self.step:
             self._save(self.last_out)
         return self._finish(stop_reason)
-
-    # ------------------------------------------------------------------------------------------------ budget fit
-
-    def _plan_if_known(self) -> None:
-        """Step and epoch budgets say how many steps the run has before it starts: fit the plan now."""
-        if self.planned or self.budget.time_budget is not None:
-            return
-        self._apply_plan(self.budget.expected_steps(self.step, self.seconds, 0.0, self._batches_per_epoch(), 0.0))
-
-    def _plan_from_pace(self, first: tuple[int, float, int]) -> None:
-        """A time budget: measure the pace of the steps after the first and estimate the steps that fit."""
-        first_step, first_seconds, first_tokens = first
-        elapsed = self.seconds - first_seconds
-        if elapsed <= 0:
-            return
-        self.pace = ((self.step - first_step) / elapsed, (self.tokens_seen - first_tokens) / elapsed)
-        self.eval_points = evaluation_points(self.budget.time_budget, self._evaluation_estimate())
-        reserve = self.eval_points * self._evaluation_estimate() + FINAL_FILES_SECONDS
-        self._apply_plan(self.budget.expected_steps(self.step, self.seconds, self.pace[0], self._batches_per_epoch(),
-                                                    reserve))
-
-    def _apply_plan(self, expected: int | None) -> None:
-        self.planned = True
-        if expected is None:
-            return
-        words = f"the {self.budget.describe()} budget"
-        plan = fit_plan(expected, self.schedule.warmup_steps, self.eval_every,
-                        "warmup_steps" in self.config.fit_to_budget, "eval_every" in self.config.fit_to_budget, words,
-                        self.eval_points)
-        self.schedule.warmup_steps, self.eval_every = plan.warmup_steps, plan.eval_every
-        if "eval_every" in self.config.fit_to_budget:
-            self.next_eval_step = max(1, math.ceil(self.step / self.eval_every)) * self.eval_every
-        for note in plan.notes:
-            self.reporter.say(note)
-
-    def _refit_eval_interval(self) -> None:
-        """After each evaluation of a time-budgeted run: with the evaluation's real cost and the steps' real pace
-        known, space the evaluations still due over the time left (never beyond the configured interval)."""
-        if (self.budget.time_budget is None or "eval_every" not in self.config.fit_to_budget
-                or self.steps_this_run == 0 or self.train_seconds_this_run <= 0 or self.eval_seconds is None):
-            return
-        pace = self.steps_this_run / self.train_seconds_this_run
-        self.eval_points = min(self.eval_points, evaluation_points(self.budget.time_budget, self.eval_seconds))
-        evals_left = self.eval_points - self.evals_this_run  # the final one included
-        if evals_left <= 1:  # only the evaluation at the end is still due
-            self.next_eval_step = 2**62
-            return
-        training_time = self.budget.time_budget - self.seconds - self._reserve() - (evals_left - 1) * self.eval_seconds
-        interval = int(max(0.0, training_time) * pace) // evals_left
-        interval = int(self.cluster.broadcast(max(1, min(self.config.eval_every, interval))))  # rank 0's everywhere
-        self.eval_every = interval
-        if self.next_eval_step is not None:
-            self.next_eval_step = self.step + interval
-
-    def _restore_plan(self, plan: dict[str, Any] | None) -> None:
-        if not isinstance(plan, dict):
-            return
-        self.planned = bool(plan.get("planned", False))
-        self.eval_every = int(plan.get("eval_every", self.eval_every))
-        next_step = plan.get("next_eval_step")
-        self.next_eval_step = int(next_step) if isinstance(next_step, int) else None
-        curve = plan.get("train_curve")
-        if isinstance(curve, torch.Tensor) and curve.ndim == 2:
-            self.train_curve = [(int(step), float(loss)) for step, loss in curve.tolist()]
-
-    def _batches_per_epoch(self) -> int:
-        return self.cursor.batcher.batches_per_epoch(0)
-
-    def _evaluation_estimate(self) -> float:
-        """Seconds one evaluation takes: measured once there was one, else from the training pace (a forward
-        pass is about a third of a training step's work)."""
-        if self.eval_seconds is not None:
-            return self.eval_seconds
-        if self.pace is None or self.pace[1] <= 0:
-            return 0.0
-        return self.val_count / (3.0 * self.pace[1])
-
-    def _reserve(self) -> float:
-        """Seconds a time budget keeps free after the last step: the final evaluation and the last files."""
-        if self.budget.time_budget is None:
-            return 0.0
-        return EVAL_MARGIN * self._evaluation_estimate() + FINAL_FILES_SECONDS
 
     def _record_train_loss(self, loss: float) -> None:
         self.train_curve.append((self.step, loss))
@@ -558,11 +409,7 @@ class Trainer:
         )
 
     def _evaluation_due(self) -> bool:
-        if self.step == 0 or self.last_eval_step == self.step:
-            return False
-        if self.next_eval_step is not None:
-            return self.step >= self.next_eval_step
-        return self.step % self.eval_every == 0
+        return self.plan.evaluation_due(self.step, self.last_eval_step)
 
     # ------------------------------------------------------------------------------------------------ evaluation
 
@@ -605,12 +452,9 @@ class Trainer:
         if self.last_saved is None or self.seconds - self.last_saved >= LAST_STATE_INTERVAL:
             self._save(self.last_out)
         # rank 0's measure on every rank, so all of them take the same stop decision from it
-        self.eval_seconds = float(self.cluster.broadcast(time.monotonic() - began))
-        self.seconds += self.eval_seconds  # the clock as the budget sees it, until the next step re-reads it
-        self.evals_this_run += 1
-        if self.next_eval_step is not None:
-            self.next_eval_step = self.step + self.eval_every
-        self._refit_eval_interval()
+        eval_seconds = float(self.cluster.broadcast(time.monotonic() - began))
+        self.seconds += eval_seconds  # the clock as the budget sees it, until the next step re-reads it
+        self.plan.evaluated(self.step, self.seconds, eval_seconds)
 
     def _log_metrics(self, record: dict[str, Any]) -> None:
         """Append to OUT.metrics.jsonl; a failed write is said once and training goes on (the checkpoints matter
@@ -651,68 +495,15 @@ class Trainer:
 
     def _save(self, path: Path) -> None:
         """Every rank takes part (its RNG and RNN state are gathered); rank 0 writes."""
-        per_rank = self.cluster.gather({
-            "rng": capture_rng_state(),
-            "rnn_state": [t.detach().cpu() for t in self.rnn_state] if self.rnn_state is not None else None,
-        })
+        per_rank = self.cluster.gather(rank_state(self))
         if path == self.last_out:
             # the run's clock, which every rank agrees on (train.distributed), so all of them decide alike
             self.last_saved, self.last_saved_step = self.seconds, self.step
         if self.is_main:
-            written, failure = save_checkpoint_or_fallback(self._payload(per_rank), path)
+            written, failure = save_checkpoint_or_fallback(run_checkpoint(self, per_rank), path)
             if failure is not None:
                 self.reporter.say(f"warning: could not write {path} ({failure.strerror or failure}); "
                                   f"saved it to {written} instead")
-
-    def _payload(self, per_rank: list[dict[str, Any]]) -> Checkpoint:
-        # self.model is the bare module (never the DDP wrapper): names carry no "module." prefix.
-        model_state = {name: tensor.detach().cpu() for name, tensor in self.model.state_dict().items()}
-        rnn_states = [part["rnn_state"] for part in per_rank]
-        rnn_state = interleave_states(rnn_states) if all(s is not None for s in rnn_states) else None
-        training = TrainingState(
-            step=self.step,
-            seconds=self.seconds,
-            tokens_seen=self.tokens_seen,
-            optimizer=self.optimizer.state_dict(),
-            scheduler=self.schedule.state_dict(),
-            scaler=self.scaler.state_dict() if self.scaler is not None else None,
-            rng=per_rank[0]["rng"],
-            rng_by_rank=[part["rng"] for part in per_rank] if self.cluster.distributed else None,
-            world_size=self.cluster.world_size,
-            data_position=self.cursor.position.to_dict(),
-            rnn_state=rnn_state,
-            config=self.config.to_dict(),
-            best_val_loss=self.best_val_loss,
-            best_step=self.best_step,
-            evals_without_improvement=self.evals_without_improvement,
-            last_eval_step=self.last_eval_step,
-            tokenizer_kind=self.data.kind,
-            extra={"plan": {
-                "planned": self.planned,
-                "eval_every": self.eval_every,
-                "next_eval_step": self.next_eval_step,
-                "train_curve": torch.tensor(self.train_curve, dtype=torch.float64).reshape(-1, 2),
-            }},
-        )
-        return Checkpoint(
-            arch=self.config.arch,
-            model_config=self.model_config,
-            tokenizer=self.data.tokenizer.to_str(),
-            special_tokens=dict(self.data.special),
-            weights=model_state,
-            generation=dict(self.generation),
-            training=training,
-            metrics=dict(self.last_metrics) if self.last_metrics else None,
-            tokenizer_options=self._tokenizer_options(),
-        )
-
-    def _tokenizer_options(self) -> dict[str, Any]:
-        """How the vocabulary was made (stored in the model file as textgen.tokenizer_options)."""
-        config = self.config
-        if config.init_from is not None or config.tokenizer not in ("char", "word", "bpe"):
-            return {"kind": self.data.kind, "source": "file" if config.init_from is None else "pretrained"}
-        return {"kind": config.tokenizer, "vocab_size": config.vocab_size, "min_frequency": config.min_frequency,
-                "lowercase": config.lowercase}
 
     def _interrupted(self, reason: str, signum: int | None) -> TrainResult:
         self._save(self.last_out)
@@ -763,7 +554,6 @@ class Trainer:
                            reason, signum, checksums)
 
 
-
 def _resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -778,6 +568,3 @@ def _tokenizer_from_json(text: str) -> Tokenizer:
     except Exception as exc:  # the tokenizers library raises plain Exception for malformed JSON
         raise CheckpointError(f"the stored tokenizer cannot be read: {first_line(exc)}") from exc
 
-
-def _optional_float(value: Any) -> float | None:
-    return None if value is None else float(value)

@@ -1,5 +1,5 @@
 """What resuming a run needs before the trainer starts: where OUT.last lives, a checkpoint that can be resumed, and
-the saved config with the settings a resumed run may change (train.loop re-exports all of them)."""
+the saved config with the settings a resumed run may change."""
 
 from __future__ import annotations
 

@@ -1,0 +1,165 @@
+"""The run plan: how many steps a run's budget allows, and when it evaluates.
+
+Step and epoch budgets say how many steps the run has before it starts; a time budget is measured from the pace
+of the steps after the first (CALIBRATION_STEPS of them). Either way train.schedule.fit_plan then fits the warmup
+and the evaluation interval to those steps. A time-budgeted run re-plans after each evaluation, when the
+evaluation's real cost and the steps' real pace are known, and keeps time free after its last step for the final
+evaluation and files (``reserve``). The state that makes a resumed run continue exactly goes into the checkpoint
+(``state_dict``, the ``plan`` entry of the training state's extras).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from train.config import TrainConfig
+from train.distributed import Batcher, Cluster
+from train.presets import DEFAULT_EPOCHS
+from train.schedule import EVAL_POINTS, Budget, LRSchedule, evaluation_points, fit_plan
+
+CALIBRATION_STEPS = 4  # steps timed (after the first, which pays for warm-up) before a time budget is planned
+FINAL_FILES_SECONDS = 3.0  # kept at the end of a time budget for the loss plot, last writes and process exit
+EVAL_MARGIN = 1.2  # the final evaluation is reserved this many times the last one's duration (load varies)
+
+
+def run_budget(config: TrainConfig) -> Budget:
+    """The configured budget; a run given none trains DEFAULT_EPOCHS epochs."""
+    budget = Budget(config.max_steps, config.time_budget, config.epochs)
+    if config.max_steps is None and config.time_budget is None and config.epochs is None:
+        budget.epochs = DEFAULT_EPOCHS
+    return budget
+
+
+class RunPlan:
+    """The evaluation cadence and warmup of one run, fitted to its budget (restored on resume)."""
+
+    def __init__(self, config: TrainConfig, budget: Budget, schedule: LRSchedule, cluster: Cluster,
+                 batcher: Batcher, val_count: int, say: Callable[[str], None]) -> None:
+        self.config = config
+        self.budget = budget
+        self.schedule = schedule  # its warmup_steps is fitted here
+        self.cluster = cluster
+        self.batcher = batcher
+        self.val_count = val_count  # predictions per evaluation: its cost before one was timed
+        self.say = say
+        self.eval_every = config.eval_every
+        self.planned = False
+        self.eval_seconds: float | None = None  # what the last evaluation (with its checkpoint writes) took
+        self.pace: tuple[float, float] | None = None  # (steps/s, training tokens/s) once measured
+        self.evals_this_run = 0
+        self.eval_points = EVAL_POINTS  # fewer when evaluations are dear (train.schedule.evaluation_points)
+        # A run fitted to its budget evaluates at next_eval_step (re-planned after each evaluation); otherwise at
+        # every multiple of eval_every.
+        self.next_eval_step: int | None = None
+        self.train_seconds_this_run = 0.0  # time in training steps alone (evaluations left out): the true pace
+        self.steps_this_run = 0
+        self.first_step_done: tuple[int, float, int] | None = None  # (step, clock, tokens) after this run's first
+
+    def evaluation_due(self, step: int, last_eval_step: int | None) -> bool:
+        if step == 0 or last_eval_step == step:
+            return False
+        if self.next_eval_step is not None:
+            return step >= self.next_eval_step
+        return step % self.eval_every == 0
+
+    def plan_if_known(self, step: int, seconds: float) -> None:
+        """Step and epoch budgets say how many steps the run has before it starts: fit the plan now."""
+        if self.planned or self.budget.time_budget is not None:
+            return
+        self._apply(step, self.budget.expected_steps(step, seconds, 0.0, self._batches_per_epoch(), 0.0))
+
+    def count_step(self, step_seconds: float) -> None:
+        """A training step took ``step_seconds`` (evaluations left out)."""
+        self.train_seconds_this_run += step_seconds
+        self.steps_this_run += 1
+
+    def calibrate(self, step: int, seconds: float, tokens_seen: int) -> None:
+        """After each step: remember the first of this run; a time budget is planned once CALIBRATION_STEPS more
+        have been timed."""
+        if self.first_step_done is None:
+            self.first_step_done = (step, seconds, tokens_seen)
+        elif not self.planned and step - self.first_step_done[0] >= CALIBRATION_STEPS - 1:
+            self._plan_from_pace(step, seconds, tokens_seen)
+
+    def _plan_from_pace(self, step: int, seconds: float, tokens_seen: int) -> None:
+        """A time budget: measure the pace of the steps after the first and estimate the steps that fit."""
+        first_step, first_seconds, first_tokens = self.first_step_done
+        elapsed = seconds - first_seconds
+        if elapsed <= 0:
+            return
+        self.pace = ((step - first_step) / elapsed, (tokens_seen - first_tokens) / elapsed)
+        self.eval_points = evaluation_points(self.budget.time_budget, self._evaluation_estimate())
+        reserve = self.eval_points * self._evaluation_estimate() + FINAL_FILES_SECONDS
+        self._apply(step, self.budget.expected_steps(step, seconds, self.pace[0], self._batches_per_epoch(), reserve))
+
+    def _apply(self, step: int, expected: int | None) -> None:
+        self.planned = True
+        if expected is None:
+            return
+        words = f"the {self.budget.describe()} budget"
+        plan = fit_plan(expected, self.schedule.warmup_steps, self.eval_every,
+                        "warmup_steps" in self.config.fit_to_budget, "eval_every" in self.config.fit_to_budget, words,
+                        self.eval_points)
+        self.schedule.warmup_steps, self.eval_every = plan.warmup_steps, plan.eval_every
+        if "eval_every" in self.config.fit_to_budget:
+            self.next_eval_step = max(1, math.ceil(step / self.eval_every)) * self.eval_every
+        for note in plan.notes:
+            self.say(note)
+
+    def evaluated(self, step: int, seconds: float, eval_seconds: float) -> None:
+        """An evaluation at ``step`` took ``eval_seconds`` (the same on every rank); ``seconds`` is the run's clock
+        after it. Schedules the next one."""
+        self.eval_seconds = eval_seconds
+        self.evals_this_run += 1
+        if self.next_eval_step is not None:
+            self.next_eval_step = step + self.eval_every
+        self._refit_eval_interval(step, seconds)
+
+    def _refit_eval_interval(self, step: int, seconds: float) -> None:
+        """After each evaluation of a time-budgeted run: with the evaluation's real cost and the steps' real pace
+        known, space the evaluations still due over the time left (never beyond the configured interval)."""
+        if (self.budget.time_budget is None or "eval_every" not in self.config.fit_to_budget
+                or self.steps_this_run == 0 or self.train_seconds_this_run <= 0 or self.eval_seconds is None):
+            return
+        pace = self.steps_this_run / self.train_seconds_this_run
+        self.eval_points = min(self.eval_points, evaluation_points(self.budget.time_budget, self.eval_seconds))
+        evals_left = self.eval_points - self.evals_this_run  # the final one included
+        if evals_left <= 1:  # only the evaluation at the end is still due
+            self.next_eval_step = 2**62
+            return
+        training_time = self.budget.time_budget - seconds - self.reserve() - (evals_left - 1) * self.eval_seconds
+        interval = int(max(0.0, training_time) * pace) // evals_left
+        interval = int(self.cluster.broadcast(max(1, min(self.config.eval_every, interval))))  # rank 0's everywhere
+        self.eval_every = interval
+        if self.next_eval_step is not None:
+            self.next_eval_step = step + interval
+
+    def reserve(self) -> float:
+        """Seconds a time budget keeps free after the last step: the final evaluation and the last files."""
+        if self.budget.time_budget is None:
+            return 0.0
+        return EVAL_MARGIN * self._evaluation_estimate() + FINAL_FILES_SECONDS
+
+    def _evaluation_estimate(self) -> float:
+        """Seconds one evaluation takes: measured once there was one, else from the training pace (a forward
+        pass is about a third of a training step's work)."""
+        if self.eval_seconds is not None:
+            return self.eval_seconds
+        if self.pace is None or self.pace[1] <= 0:
+            return 0.0
+        return self.val_count / (3.0 * self.pace[1])
+
+    def _batches_per_epoch(self) -> int:
+        return self.batcher.batches_per_epoch(0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue the same plan."""
+        return {"planned": self.planned, "eval_every": self.eval_every, "next_eval_step": self.next_eval_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.planned = bool(state.get("planned", False))
+        self.eval_every = int(state.get("eval_every", self.eval_every))
+        next_step = state.get("next_eval_step")
+        self.next_eval_step = int(next_step) if isinstance(next_step, int) else None
