@@ -85,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser(__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=None, help="tokens per turn (default 64; smoke 8)")
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers row")
+    parser.add_argument("--no-int8-encodings", action="store_true",
+                        help="skip the int8 rows with u8 and s8 weights (\"ours int8\" is the default s7)")
     parser.add_argument("--no-llama-cpp", action="store_true",
                         help="skip the llama.cpp rows (they need `python -m benchmarks.llama_cpp setup` first)")
     parser.add_argument("--no-graph-levers", action="store_true",
@@ -95,7 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     fp32 = model_file(spec, args.cache_dir)
     variants = [("ours fp32", fp32), ("ours int8", quantized_file(fp32, "int8", args.cache_dir)),
                 ("ours int4", quantized_file(fp32, "int4", args.cache_dir))]
-    notes = [graph_note(fp32)]
+    if not args.no_int8_encodings:  # the int8 weight encodings (export/quantize.py INT8_WEIGHTS) side by side
+        variants += [(f"ours int8, {weights} weights", quantized_file(fp32, "int8", args.cache_dir, weights))
+                     for weights in ("u8", "s8")]
+    notes = [graph_note(fp32), int8_note()]
     if not args.no_graph_levers:
         variants += graph_lever_variants(spec, fp32, args.cache_dir, notes)
 
@@ -223,6 +228,15 @@ def graph_lever_variants(spec: Any, fp32: Path, cache_dir: Path, notes: list[str
     except ExportError as exc:
         notes.append(f"decomposed-attention row skipped: {exc}")
     return variants
+
+
+def int8_note() -> str:
+    from runtime.cpu import has_vnni
+
+    vnni = {True: "has", False: "lacks", None: "may or may not have"}[has_vnni()]
+    return ("\"ours int8\" stores its weights as s7 (signed, 7-bit range: the default, exact on every x86 CPU); u8 "
+            "(unsigned, full range) and s8 (signed, full range) rows beside it. This CPU "
+            f"{vnni} VNNI, without which onnxruntime's u8 x s8 kernel can saturate with s8 weights.")
 
 
 def graph_note(fp32: Path) -> str:

@@ -165,19 +165,20 @@ def model_file(spec: ModelSpec, cache_dir: Path) -> Path:
     return path
 
 
-def quantized_file(fp32_path: Path, mode: str, cache_dir: Path) -> Path:
-    """``fp32_path`` quantized to ``mode`` with export.quantize, cached in ``cache_dir`` (never beside the source:
-    that may be the bundled demo model inside the package)."""
+def quantized_file(fp32_path: Path, mode: str, cache_dir: Path, int8_weights: str = "s7") -> Path:
+    """``fp32_path`` quantized to ``mode`` with export.quantize (int8: with the ``int8_weights`` encoding), cached in
+    ``cache_dir`` (never beside the source: that may be the bundled demo model inside the package)."""
     stat = fp32_path.stat()
     identity = f"{fp32_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     key = hashlib.sha256((identity + _source_digest([REPO_ROOT / "export" / "quantize.py"])).encode())
-    path = cache_dir / f"{fp32_path.stem}.{mode}-{key.hexdigest()[:12]}.onnx"
+    label = f"{mode}{int8_weights}" if mode == "int8" and int8_weights != "s7" else mode
+    path = cache_dir / f"{fp32_path.stem}.{label}-{key.hexdigest()[:12]}.onnx"
     if path.exists():
         return path
     from export.quantize import quantize_model
 
-    print(f"quantizing {fp32_path.name} to {mode} ...", file=sys.stderr, flush=True)
-    return quantize_model(fp32_path, path, mode)  # type: ignore[arg-type]
+    print(f"quantizing {fp32_path.name} to {label} ...", file=sys.stderr, flush=True)
+    return quantize_model(fp32_path, path, mode, int8_weights)  # type: ignore[arg-type]
 
 
 def demo_model(args: argparse.Namespace) -> tuple[Path, str]:
