@@ -240,6 +240,21 @@ def test_quality_smoke_writes_only_its_section(tmp_path: Path) -> None:
     assert "--optimizer adamw --lr 1e-3" in section  # the yardstick's command line is shown
 
 
+def test_quality_summary_is_the_median_and_range_of_each_presets_runs() -> None:
+    quality = _load("quality")
+
+    def run(preset: str, loss: float, steps: int) -> object:
+        return quality.PresetRun(preset=preset, command=[], model="m", wall_seconds=90.0, train_seconds=80.0,
+                                 steps=steps, tokens_per_second=1.0, final_val_loss=loss, best_val_loss=loss,
+                                 load_before=0.0, load_after=0.0, sample="")
+
+    runs = [run("shakespeare-char", 1.50, 900), run("shakespeare-gpt2", 1.54, 700),
+            run("shakespeare-char", 1.44, 1000), run("shakespeare-char", 1.47, 950)]
+    rows = quality.summary_rows(runs)
+    assert rows[0] == ["`shakespeare-char`", "3", "1.4700 (1.4400–1.5000)", "950", "<= 1.45", "no"]
+    assert rows[1] == ["`shakespeare-gpt2`", "1", "1.5400 (1.5400–1.5400)", "700", "<= 1.55", "yes"]
+
+
 def test_serve(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     docs = tmp_path / "bench.md"
     out = _run("serve", cache, docs, capsys, "--repeats", "1")
