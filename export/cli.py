@@ -169,8 +169,8 @@ def _quantize(fp32_path: Path, mode: str, eval_text: str | None, int8_weights: s
     print(f"wrote {target} ({_human_size(target.stat().st_size)}, {mode}"
           + (f", {weights} weights)" if mode == "int8" else ")"))
     if mode == "int8" and weights == "s8" and has_vnni() is False:
-        print("warning: s8 weights saturate on CPUs without VNNI, like this one: this file's logits are wrong here "
-              "(re-export with --int8-weights s7 or u8)", file=sys.stderr)
+        print("warning: s8 weights can saturate on CPUs without VNNI, like this one, so this file's logits may be off "
+              "here (--int8-weights s7 or u8 are exact everywhere)", file=sys.stderr)
     if eval_text is None:
         return 0
     try:

@@ -203,6 +203,8 @@ class ReplApp:
                                 f"{self.model.provider}"))
         if self.model.device_note:
             self.console.print(Text(self.model.device_note, style="dim"))
+        if self.model.file_note:
+            self.console.print(Text(f"note: {self.model.file_note}", style="yellow"))
         for warning in self.settings.warnings:
             self.console.print(Text(f"note: {warning}", style="dim"))
         self.console.print(Text("Type :help for commands, Ctrl-D to exit.", style="dim"))

@@ -334,6 +334,8 @@ def _run(args: argparse.Namespace) -> int:
 
     with model_location(args.model) as path:
         model = OnnxModel.open(path, device=args.device, threads=args.threads)
+        if model.file_note and not interactive:  # the interactive REPL shows it in its banner
+            _notice(model.file_note)
         settings = build_settings(model.info.generation, args)
         for warning in settings.warnings:
             _notice(warning)

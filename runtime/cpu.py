@@ -47,7 +47,7 @@ def int8_weights_of(source: dict[str, Any]) -> str | None:
 def int8_note(source: dict[str, Any], vnni: bool | None) -> str | None:
     """One line for a file whose int8 weights this CPU computes wrongly, else None."""
     if int8_weights_of(source) == "s8" and vnni is False:
-        return ("this int8 file stores full-range signed 8-bit weights, which onnxruntime computes with saturating "
-                "16-bit sums on CPUs without VNNI, like this one: its logits may be wrong; re-export it with "
+        return ("this int8 file stores full-range signed 8-bit weights, which onnxruntime adds up in saturating "
+                "16-bit sums on CPUs without VNNI, like this one: its logits may be off; re-export it with "
                 "--int8-weights s7 or u8")
     return None

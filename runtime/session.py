@@ -281,6 +281,8 @@ class OnnxModel:
         self.tokenizer = tokenizer
         self.provider = session.get_providers()[0]
         self.device_note = device_note
+        # about the file on this machine, worth saying even in scripts (e.g. int8 weights this CPU saturates)
+        self.file_note = int8_note(info.source, has_vnni())
         # Where the state lives between steps: on a GPU it stays there (IO binding, no host round trip per token);
         # on the CPU plain numpy feeds are the default (see resident_state in open()).
         self.state_device = "cuda" if self.provider == CUDA else "cpu"
@@ -312,7 +314,7 @@ class OnnxModel:
             raise ModelLoadError(str(exc)) from exc
         _check_graph(session, info, file)
         tokenizer = _load_tokenizer(info, file)
-        notes = [_conflict_note(), int8_note(info.source, has_vnni())]
+        notes = [_conflict_note()]
         if CUDA in providers and CUDA not in session.get_providers():
             reason = _cuda_reason(cuda_problem)
             if device == "cuda":

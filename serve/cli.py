@@ -135,8 +135,9 @@ def _serve(args: argparse.Namespace, sock: socket.socket, cli_settings: list[tup
 
     with model_location(args.model) as path:
         model = OnnxModel.open(path, device=args.device, threads=args.threads)
-        if model.device_note:  # e.g. CUDA not usable, or an int8 file this CPU computes wrongly
-            print(f"note: {model.device_note}", file=sys.stderr)
+        for note in (model.device_note, model.file_note):  # CUDA not usable; an int8 file this CPU may get wrong
+            if note:
+                print(f"note: {note}", file=sys.stderr)
         for warning in build_settings(model.info.generation, cli_settings).warnings:
             print(f"note: {warning}", file=sys.stderr)
         metadata = dict(model.session.get_modelmeta().custom_metadata_map)

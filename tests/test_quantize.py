@@ -483,12 +483,12 @@ def test_an_s8_file_is_flagged_on_a_cpu_without_vnni_only(int8_encodings: dict[s
     import runtime.session
 
     monkeypatch.setattr(runtime.session, "has_vnni", lambda: False)
-    note = OnnxModel.open(int8_encodings["s8"], device="cpu", threads=1).device_note or ""
+    note = OnnxModel.open(int8_encodings["s8"], device="cpu", threads=1).file_note or ""
     assert "without VNNI" in note and "--int8-weights s7 or u8" in note
     for weights in ("s7", "u8"):
-        assert "VNNI" not in (OnnxModel.open(int8_encodings[weights], device="cpu", threads=1).device_note or "")
+        assert "VNNI" not in (OnnxModel.open(int8_encodings[weights], device="cpu", threads=1).file_note or "")
     monkeypatch.setattr(runtime.session, "has_vnni", lambda: True)
-    assert "VNNI" not in (OnnxModel.open(int8_encodings["s8"], device="cpu", threads=1).device_note or "")
+    assert "VNNI" not in (OnnxModel.open(int8_encodings["s8"], device="cpu", threads=1).file_note or "")
 
 
 def test_unknown_int8_encoding_is_one_line(files: dict[str, Path], tmp_path: Path) -> None:
@@ -512,3 +512,17 @@ def test_cpu_flags_and_vnni_come_from_cpuinfo(tmp_path: Path) -> None:
     assert int8_note(s8, vnni=False) and int8_note(s8, vnni=True) is None and int8_note(s8, vnni=None) is None
     assert int8_note({"quantized": {"mode": "int8"}}, vnni=False) is None  # older files: all s7
     assert int8_note({"quantized": "garbage"}, vnni=False) is None  # untrusted metadata
+
+
+def test_textgen_repl_in_a_script_warns_of_an_s8_file_here(int8_encodings: dict[str, Path],
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import runtime.session
+    from repl.cli import main
+
+    monkeypatch.setattr(runtime.session, "has_vnni", lambda: False)
+    for weights, warned in (("s8", True), ("s7", False)):
+        assert main(["--model", str(int8_encodings[weights]), "--prompt", "the", "--max-tokens", "3"]) == 0
+        captured = capsys.readouterr()
+        assert ("note: this int8 file stores full-range signed 8-bit weights" in captured.err) is warned, weights
+        assert "VNNI" not in captured.out  # the text stays clean for a pipe
