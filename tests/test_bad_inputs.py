@@ -92,7 +92,6 @@ CASES: list[Case] = [
     _t(*GPT, *OUT, "--n-embd", "100", "--n-head", "3", message="--n-embd (100) must be divisible by --n-head (3)"),
     _t(*GPT, *OUT, "--n-layer", "0", message="--n-layer must be an integer >= 1"),
     _t(*GPT, *OUT, "--context-length", "0", message="--context-length must be an integer >= 1"),
-    _t(*LSTM, *OUT, "--optimizer", "muon", message="--optimizer muon is for --arch gpt2"),
     _t(*LSTM, *OUT, "--init-from", "{w}/adir", message="--init-from needs --arch gpt2"),
     # ------------------------------------------------------------------ textgen-train: output paths (first second)
     _t(*LSTM, "--out", "{w}/adir", message="cannot write --out {w}/adir: it is a directory", sub=True),
@@ -155,6 +154,10 @@ CASES: list[Case] = [
     Case("export", ("--checkpoint", "{w}/run.ckpt", "--quantize", "int3"), "invalid choice: 'int3'"),
     Case("export", ("--checkpoint", "{w}/run.ckpt", "--eval-text", "{w}/corpus.txt"), "--eval-text goes with",
          sub=True),
+    Case("export", ("--checkpoint", "{w}/run.ckpt", "--quantize", "int4", "--int8-weights", "u8"),
+         "--int8-weights goes with --quantize int8", sub=True),
+    Case("export", ("--checkpoint", "{w}/run.ckpt", "--quantize", "int8", "--int8-weights", "s9"),
+         "invalid choice: 's9'"),
     Case("export", ("--checkpoint", "{w}/run.ckpt", "--no-such-flag"), "unrecognized arguments: --no-such-flag"),
     Case("export", ("--checkpoint", "{w}/adir"), "{w}/adir"),
     Case("export", ("--checkpoint", "{w}/foreign.bin"), "not a textgen checkpoint"),

@@ -7,7 +7,8 @@ import torch
 from torch.nn import functional as F
 
 from models.gpt2 import GPT2, GPT2Config
-from train.optim import Muon, MuonWithAdamW, _newton_schulz, gpt2_optimizer, orthogonalize
+from models.rnn import RNNConfig, RNNLanguageModel
+from train.optim import Muon, MuonWithAdamW, _newton_schulz, gpt2_optimizer, orthogonalize, rnn_optimizer
 
 
 def _matrix_with_spread_singular_values(rows: int, cols: int) -> torch.Tensor:
@@ -106,3 +107,26 @@ def test_muon_fits_a_tiny_model() -> None:
     assert losses[-1] < losses[0] - 1.5, losses
     after = optimizer.muon.param_groups[0]["params"]
     assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))  # Muon really moved its matrices
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_rnn_muon_takes_the_cell_matrices_and_fits_a_tiny_model(cell: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 20, (8, 17), generator=generator)
+    torch.manual_seed(0)
+    model = RNNLanguageModel(RNNConfig(vocab_size=20, cell=cell, embedding_size=16, hidden_size=32, num_layers=2))
+    optimizer = rnn_optimizer(model, "muon", lr=1e-2, weight_decay=0.0, betas=(0.9, 0.99))
+    assert isinstance(optimizer, MuonWithAdamW)
+    names = {id(p): name for name, p in model.named_parameters()}
+    on_muon = sorted(names[id(p)] for group in optimizer.muon.param_groups for p in group["params"])
+    assert on_muon == ["rnn.weight_hh_l0", "rnn.weight_hh_l1", "rnn.weight_ih_l0", "rnn.weight_ih_l1"]
+    assert isinstance(rnn_optimizer(model, "adamw", 1e-2, 0.0, (0.9, 0.99)), torch.optim.AdamW)
+    losses = []
+    for _ in range(60):
+        logits, _ = model(data[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, 20), data[:, 1:].reshape(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.5, losses

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(optim, "--grad-accum", type=int, help="micro-batches per optimizer step")
     _add(optim, "--schedule", choices=list(SCHEDULES), help="cosine decay or reduce-on-plateau")
     _add(optim, "--optimizer", choices=list(OPTIMIZERS),
-         help="adamw, or muon (GPT-2: Muon for the block matrices, AdamW for the rest; fewer steps to a given loss)")
+         help="adamw, or muon: Muon for GPT-2's block matrices or an RNN's cell matrices, AdamW for the rest; "
+         "fewer steps to a given loss, each step dearer (an LSTM gains from it in minutes, not in 90 s)")
     budget = parser.add_argument_group("budget and evaluation")
     _add(budget, "--time-budget", type=float, metavar="SECONDS",
          help="the whole run's wall time, from start to the last file written (corpus loading, tokenizer, "

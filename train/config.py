@@ -135,8 +135,6 @@ class TrainConfig:
             raise TrainConfigError(f"--epochs must be > 0, got {self.epochs}")
         if self.arch == "gpt2" and self.init_from is None and self.n_embd % self.n_head:
             raise TrainConfigError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
-        if self.optimizer == "muon" and self.arch != "gpt2":
-            raise TrainConfigError("--optimizer muon is for --arch gpt2 (its block matrices); RNNs train with adamw")
         if self.init_from is not None and self.arch != "gpt2":
             raise TrainConfigError("--init-from needs --arch gpt2 (it fine-tunes a Hugging Face GPT-2)")
         return self

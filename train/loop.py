@@ -76,7 +76,7 @@ from train.metrics import (
     perplexity,
     plot_losses,
 )
-from train.optim import MuonWithAdamW, gpt2_optimizer
+from train.optim import MuonWithAdamW, gpt2_optimizer, rnn_optimizer
 from train.progress import ProgressReporter
 from train.report import RateWindow, eval_line, model_shape, units_text, val_units
 from train.resume import last_checkpoint_path
@@ -241,8 +241,7 @@ class Trainer:
     def _make_optimizer(self) -> torch.optim.Optimizer | MuonWithAdamW:
         config = self.config
         if config.is_rnn:
-            return torch.optim.AdamW(self.model.parameters(), lr=config.lr, betas=(0.9, 0.99),
-                                     weight_decay=config.weight_decay)
+            return rnn_optimizer(self.model, config.optimizer, config.lr, config.weight_decay, (0.9, 0.99))
         return gpt2_optimizer(self.model, config.optimizer, config.lr, config.weight_decay, (0.9, 0.95))
 
     def _amp(self) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:

@@ -1,4 +1,5 @@
-"""Optimizers: AdamW, or Muon for a GPT-2's hidden matrices with AdamW for everything else (``--optimizer muon``).
+"""Optimizers: AdamW, or Muon for a GPT-2's hidden matrices / an RNN's recurrent-cell matrices with AdamW for
+everything else (``--optimizer muon``).
 
 Muon (momentum, then the update matrix orthogonalised by a Newton-Schulz iteration) trains small transformers in
 fewer steps than AdamW: measured on the ``shakespeare-gpt2`` preset at 1,738 steps, see train/presets.py. It only
@@ -147,6 +148,21 @@ class MuonWithAdamW:
             raise ValueError("this checkpoint's optimizer state is not Muon + AdamW")
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
+
+
+def rnn_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float,
+                  betas: tuple[float, float]) -> torch.optim.Optimizer | MuonWithAdamW:
+    """AdamW, or (``kind == "muon"``) Muon for the recurrent cell's input and hidden matrices (``rnn.weight_ih_l*``,
+    ``rnn.weight_hh_l*``, each orthogonalised whole: the per-gate blocks cost 1.3x more per step for no gain at
+    equal time, docs/benchmarks.md) with AdamW for the embedding, the head and the biases."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for name, p in named if p.dim() == 2 and name.startswith("rnn.weight_")] if kind == "muon" else []
+    chosen = {id(p) for p in hidden}
+    adamw = torch.optim.AdamW([p for _, p in named if id(p) not in chosen], lr=lr, betas=betas,
+                              weight_decay=weight_decay)
+    if not hidden:
+        return adamw
+    return MuonWithAdamW(Muon(hidden, lr=lr, weight_decay=weight_decay), adamw)
 
 
 def gpt2_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float,
