@@ -33,6 +33,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # wait on each other (steps up to ~25x slower): pass --threads 1 then.
     # lr 1e-2 rather than the 1.5e-2 tuned on the AVX-512 machine (~2,400 steps in 90 s): on the AVX2 EPYC (~1,250
     # steps) 1.4806 / 1.4978 vs 1.4945 / 1.5130 in interleaved 90 s runs, 1.4929 vs 1.5195 at a fixed 1,250 steps.
+    # AdamW, not Muon: Muon on the cell matrices wins step for step (1.463 vs 1.541 at 900 steps) but its steps cost
+    # 1.25-1.5x, which leaves 90 s runs level (1.502 vs 1.501-1.516) and 240 s runs ~0.02 ahead (--optimizer muon).
     "shakespeare-char": {
         "arch": "lstm", "data": "../shared/data/tinyshakespeare.txt", "format": "text", "tokenizer": "char",
         "embedding_size": 64, "hidden_size": 384, "layers": 1, "dropout": 0.0,
