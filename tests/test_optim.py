@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -87,6 +89,19 @@ def test_the_split_puts_block_matrices_on_muon_and_the_rest_on_adamw() -> None:
     assert optimizer.muon.param_groups[0]["lr"] == optimizer.adamw.param_groups[1]["lr"] == 0.5
 
 
+def _fit(model: torch.nn.Module, optimizer: Any, data: torch.Tensor, steps: int = 60) -> list[float]:
+    """Train ``model`` (logits first in its output) on one fixed batch of 20-token ids; the loss of each step."""
+    losses = []
+    for _ in range(steps):
+        logits = model(data[:, :-1])[0]
+        loss = F.cross_entropy(logits.reshape(-1, 20), data[:, 1:].reshape(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
 def test_muon_fits_a_tiny_model() -> None:
     """Muon + AdamW drive the loss of a tiny GPT-2 down on a fixed batch; its quality at scale is measured in
     benchmarks/quality.py, not here."""
@@ -96,14 +111,7 @@ def test_muon_fits_a_tiny_model() -> None:
     model = GPT2(GPT2Config(vocab_size=20, context_length=16, n_layer=2, n_head=2, n_embd=32))
     optimizer = gpt2_optimizer(model, "muon", lr=3e-3, weight_decay=0.0, betas=(0.9, 0.95))
     before = [p.detach().clone() for p in optimizer.muon.param_groups[0]["params"]]
-    losses = []
-    for _ in range(60):
-        logits = model(data[:, :-1])[0]
-        loss = F.cross_entropy(logits.reshape(-1, 20), data[:, 1:].reshape(-1))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = _fit(model, optimizer, data)
     assert losses[-1] < losses[0] - 1.5, losses
     after = optimizer.muon.param_groups[0]["params"]
     assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))  # Muon really moved its matrices
@@ -121,12 +129,5 @@ def test_rnn_muon_takes_the_cell_matrices_and_fits_a_tiny_model(cell: str) -> No
     on_muon = sorted(names[id(p)] for group in optimizer.muon.param_groups for p in group["params"])
     assert on_muon == ["rnn.weight_hh_l0", "rnn.weight_hh_l1", "rnn.weight_ih_l0", "rnn.weight_ih_l1"]
     assert isinstance(rnn_optimizer(model, "adamw", 1e-2, 0.0, (0.9, 0.99)), torch.optim.AdamW)
-    losses = []
-    for _ in range(60):
-        logits, _ = model(data[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, 20), data[:, 1:].reshape(-1))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = _fit(model, optimizer, data)
     assert losses[-1] < losses[0] - 1.5, losses

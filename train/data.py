@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, fields
 
 import torch
 from tokenizers import Tokenizer
@@ -38,11 +39,9 @@ def prepare_data(
     ``tokenizer``/``special`` come from a resumed checkpoint or a pretrained model; otherwise a tokenizer of kind
     ``config.tokenizer`` is built from the TRAINING part only, so nothing about the validation text leaks into
     it (a char-level model sees validation-only characters as unknown)."""
-    filters = CorpusFilters(
-        min_words=config.min_words, max_words=config.max_words, drop_patterns=list(config.drop_patterns),
-        strip_source_lines=config.strip_source_lines, keep_script=config.keep_script,
-        strip_boilerplate=config.strip_boilerplate,
-    )
+    # TrainConfig carries every CorpusFilters option under the same name (flat, as the command line has them)
+    options = {option.name: copy.copy(getattr(config, option.name)) for option in fields(CorpusFilters)}
+    filters = CorpusFilters(**options)
     corpus = load_corpus(config.data, config.format, config.column, filters)
     train_docs, val_docs = split_train_val(corpus, config.val_fraction)
     if tokenizer is None:
