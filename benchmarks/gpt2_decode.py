@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_int8_encodings:  # the int8 weight encodings (export/quantize.py INT8_WEIGHTS) side by side
         variants += [(f"ours int8, {weights} weights", quantized_file(fp32, "int8", args.cache_dir, weights))
                      for weights in ("u8", "s8")]
-    notes = [graph_note(fp32), int8_note()]
+    notes = [graph_note(fp32), int8_encodings_note()]
     if not args.no_graph_levers:
         variants += graph_lever_variants(spec, fp32, args.cache_dir, notes)
 
@@ -230,7 +230,7 @@ def graph_lever_variants(spec: Any, fp32: Path, cache_dir: Path, notes: list[str
     return variants
 
 
-def int8_note() -> str:
+def int8_encodings_note() -> str:
     from runtime.cpu import has_vnni
 
     vnni = {True: "has", False: "lacks", None: "may or may not have"}[has_vnni()]

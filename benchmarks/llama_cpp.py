@@ -156,10 +156,10 @@ def tiny_probe_model(build: LlamaCpp, cache_dir: Path) -> Path:
 def hf_directory(spec: Any, cache_dir: Path) -> Path:
     """The benchmark's random GPT-2 (``spec``) as a Hugging Face directory the converter can read: the same
     weights as our model file, a tokenizer with the same ids."""
-    from benchmarks.model_files import _spec_key, benchmark_eos, tokenizer_for
+    from benchmarks.model_files import benchmark_eos, spec_key, tokenizer_for
     from benchmarks.runners import hf_model, torch_model
 
-    path = cache_dir / f"hf-{_spec_key(spec)}"
+    path = cache_dir / f"hf-{spec_key(spec)}"
     if (path / "config.json").exists():
         return path
     from tokenizers import Tokenizer

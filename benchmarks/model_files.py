@@ -129,14 +129,14 @@ def _source_digest(extra: Iterable[Path] = ()) -> str:
     return digest.hexdigest()[:16]
 
 
-def _spec_key(spec: ModelSpec) -> str:
+def spec_key(spec: ModelSpec) -> str:
     payload = json.dumps({"arch": spec.arch, "config": spec.config, "seed": spec.seed}, sort_keys=True)
     return hashlib.sha256((payload + _source_digest()).encode()).hexdigest()[:16]
 
 
 def checkpoint_file(spec: ModelSpec, cache_dir: Path) -> Path:
     """A textgen checkpoint of ``spec`` with random weights (seeded), built once."""
-    path = cache_dir / f"{spec.arch}-{_spec_key(spec)}.bin"
+    path = cache_dir / f"{spec.arch}-{spec_key(spec)}.bin"
     if path.exists():
         return path
     import torch
@@ -155,7 +155,7 @@ def checkpoint_file(spec: ModelSpec, cache_dir: Path) -> Path:
 
 def model_file(spec: ModelSpec, cache_dir: Path) -> Path:
     """The exported fp32 textgen model file of ``spec`` (built through export.onnx_export once, then cached)."""
-    path = cache_dir / f"{spec.arch}-{_spec_key(spec)}.onnx"
+    path = cache_dir / f"{spec.arch}-{spec_key(spec)}.onnx"
     if path.exists():
         return path
     from export.onnx_export import export_checkpoint

@@ -161,14 +161,14 @@ def _early_problem(args: argparse.Namespace) -> str | None:
 def _quantize(fp32_path: Path, mode: str, eval_text: str | None, int8_weights: str | None = None) -> int:
     """Write NAME.MODE.onnx beside the fp32 file; with eval_text, report (and judge) its perplexity cost."""
     from export.quantize import DEFAULT_INT8_WEIGHTS, QuantizeError, perplexity_cost, quantize_model
-    from runtime.cpu import has_vnni
+    from runtime.cpu import has_vnni, int8_weights_saturate
 
     target = fp32_path.with_name(f"{fp32_path.stem}.{mode}.onnx")
     weights = int8_weights or DEFAULT_INT8_WEIGHTS
     quantize_model(fp32_path, target, mode, weights)  # type: ignore[arg-type]
     print(f"wrote {target} ({_human_size(target.stat().st_size)}, {mode}"
           + (f", {weights} weights)" if mode == "int8" else ")"))
-    if mode == "int8" and weights == "s8" and has_vnni() is False:
+    if mode == "int8" and int8_weights_saturate(weights, has_vnni()):
         print("warning: s8 weights can saturate on CPUs without VNNI, like this one, so this file's logits may be off "
               "here (--int8-weights s7 or u8 are exact everywhere)", file=sys.stderr)
     if eval_text is None:

@@ -44,9 +44,14 @@ def int8_weights_of(source: dict[str, Any]) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def int8_weights_saturate(weights: str | None, vnni: bool | None) -> bool:
+    """Whether onnxruntime may saturate on int8 weights stored as ``weights`` on a CPU with / without VNNI."""
+    return weights == "s8" and vnni is False
+
+
 def int8_note(source: dict[str, Any], vnni: bool | None) -> str | None:
-    """One line for a file whose int8 weights this CPU computes wrongly, else None."""
-    if int8_weights_of(source) == "s8" and vnni is False:
+    """One line for a file whose int8 weights this CPU may compute wrongly, else None."""
+    if int8_weights_saturate(int8_weights_of(source), vnni):
         return ("this int8 file stores full-range signed 8-bit weights, which onnxruntime adds up in saturating "
                 "16-bit sums on CPUs without VNNI, like this one: its logits may be off; re-export it with "
                 "--int8-weights s7 or u8")

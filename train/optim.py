@@ -157,12 +157,9 @@ def rnn_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float,
     equal time, docs/benchmarks.md) with AdamW for the embedding, the head and the biases."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     hidden = [p for name, p in named if p.dim() == 2 and name.startswith("rnn.weight_")] if kind == "muon" else []
-    chosen = {id(p) for p in hidden}
-    adamw = torch.optim.AdamW([p for _, p in named if id(p) not in chosen], lr=lr, betas=betas,
-                              weight_decay=weight_decay)
-    if not hidden:
-        return adamw
-    return MuonWithAdamW(Muon(hidden, lr=lr, weight_decay=weight_decay), adamw)
+    rest = _the_rest(named, hidden)
+    return _with_muon(hidden, torch.optim.AdamW(rest, lr=lr, betas=betas, weight_decay=weight_decay), lr,
+                      weight_decay)
 
 
 def gpt2_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float,
@@ -170,12 +167,22 @@ def gpt2_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float,
     """AdamW decaying only matrices, or (``kind == "muon"``) Muon for the 2-D weights inside the blocks."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     hidden = [p for name, p in named if p.dim() == 2 and ".h." in f".{name}"] if kind == "muon" else []
-    chosen = {id(p) for p in hidden}
-    rest = [p for _, p in named if id(p) not in chosen]
+    rest = _the_rest(named, hidden)
     adamw = torch.optim.AdamW([
         {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ], lr=lr, betas=betas)
+    return _with_muon(hidden, adamw, lr, weight_decay)
+
+
+def _the_rest(named: list[tuple[str, nn.Parameter]], hidden: list[nn.Parameter]) -> list[nn.Parameter]:
+    chosen = {id(p) for p in hidden}
+    return [p for _, p in named if id(p) not in chosen]
+
+
+def _with_muon(hidden: list[nn.Parameter], adamw: torch.optim.AdamW, lr: float,
+               weight_decay: float) -> torch.optim.Optimizer | MuonWithAdamW:
+    """AdamW alone when Muon has no matrices to take, else both driven as one optimizer."""
     if not hidden:
         return adamw
     return MuonWithAdamW(Muon(hidden, lr=lr, weight_decay=weight_decay), adamw)
