@@ -107,11 +107,16 @@ def _configure_and_build(build: LlamaCpp, extra_flags: str) -> None:
     _run(["cmake", "--build", str(build.root / "build"), "--target", *BINARIES, "-j", str(os.cpu_count() or 2)], log)
 
 
-def _dies_of_sigill(build: LlamaCpp, model: Path) -> bool:
-    """Run the quantized kernels once on a tiny model: True if they fault with an illegal instruction."""
-    result = subprocess.run([str(build.binary("llama-bench")), "-m", str(model), "-t", "1", "-p", "4", "-n", "4",
-                             "-r", "1", "-o", "json"], capture_output=True, text=True, check=False)
-    return result.returncode == -signal.SIGILL
+class IllegalInstruction(BenchmarkError):
+    """llama-bench died with SIGILL: the build uses instructions this CPU reports but cannot run."""
+
+
+def _probe(build: LlamaCpp, model: Path) -> list[dict] | None:
+    """llama-bench once on a tiny model (its quantized kernels included): its runs, or None if it died of SIGILL."""
+    try:
+        return _bench(build, model, threads=1, prompt=4, tokens=4, repeats=1)
+    except IllegalInstruction:
+        return None
 
 
 def setup(cache_dir: Path) -> LlamaCpp:
@@ -126,21 +131,18 @@ def setup(cache_dir: Path) -> LlamaCpp:
     if not build.ready:
         _configure_and_build(build, "")
     probe = tiny_probe_model(build, cache_dir)
-    if _dies_of_sigill(build, probe):
+    runs = _probe(build, probe)
+    if runs is None:
         print("llama.cpp died with SIGILL (AMX reported but not usable here): rebuilding with AMX off ...",
               file=sys.stderr, flush=True)
         shutil.rmtree(build.root / "build")
         _configure_and_build(build, NO_AMX_FLAGS)
-        if _dies_of_sigill(build, probe):
+        runs = _probe(build, probe)
+        if runs is None:
             raise BenchmarkError(f"llama.cpp still dies with SIGILL after a rebuild without AMX; see {build.root}")
-    _record_build_info(build, probe)
-    return build
-
-
-def _record_build_info(build: LlamaCpp, model: Path) -> None:
-    runs = _bench(build, model, threads=1, prompt=4, tokens=4, repeats=1)
     build_info = f"{runs[0].get('build_number', '?')} ({runs[0].get('build_commit', '?')})"
     (build.root / "build-info.json").write_text(json.dumps({"build": build_info}))
+    return build
 
 
 def tiny_probe_model(build: LlamaCpp, cache_dir: Path) -> Path:
@@ -249,6 +251,8 @@ def _bench(build: LlamaCpp, model: Path, threads: int, prompt: int, tokens: int,
     if combined:
         command += ["-pg", f"{prompt},{tokens}"]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode == -signal.SIGILL:
+        raise IllegalInstruction(f"llama-bench died with SIGILL on {model.name}")
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
         raise BenchmarkError(f"llama-bench failed on {model.name}: {last}")

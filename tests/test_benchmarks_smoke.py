@@ -92,6 +92,20 @@ def test_llama_bench_json_becomes_prompt_generation_and_turn_seconds(tmp_path: P
     assert result.turn_s_per_token.samples == pytest.approx([2 / 64, 1 / 64])  # 72 tokens in 2 s, then in 1 s
 
 
+def test_a_llama_bench_that_dies_of_sigill_is_told_apart(tmp_path: Path) -> None:
+    llama_cpp = _load("llama_cpp")
+    build = llama_cpp.LlamaCpp(tmp_path)
+    build.bin_dir.mkdir(parents=True)
+    fake = build.binary("llama-bench")  # what a build with AMX code does on a VM that reports AMX it cannot run
+    fake.write_text(f"#!{sys.executable}\nimport os, signal\nos.kill(os.getpid(), signal.SIGILL)\n")
+    fake.chmod(0o755)
+    assert llama_cpp._probe(build, tmp_path / "model.gguf") is None  # setup then rebuilds without AMX
+    fake.write_text(f"#!{sys.executable}\nimport sys\nsys.exit(1)\n")
+    with pytest.raises(llama_cpp.BenchmarkError, match="llama-bench failed on model.gguf") as failure:
+        llama_cpp._probe(build, tmp_path / "model.gguf")  # any other failure is not mistaken for SIGILL
+    assert not isinstance(failure.value, llama_cpp.IllegalInstruction)
+
+
 def test_tiny_decode(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     docs = tmp_path / "bench.md"
     out = _run("tiny_decode", cache, docs, capsys)
