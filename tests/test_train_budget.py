@@ -122,6 +122,18 @@ def test_a_time_budget_fits_warmup_evaluations_and_wall_time(tmp_path: Path) -> 
     assert "of wall time, evaluations included" in log
 
 
+def test_a_short_preset_interval_keeps_evaluating_through_the_whole_budget(tmp_path: Path) -> None:
+    """A preset's interval much shorter than the run (jokes-word's 50 steps in a 2,500-step run) is kept while
+    evaluations are cheap: the minimum count is not a ration spent in the first steps, leaving the rest of the run
+    (and the plot) without a validation point until the end."""
+    config = tiny_lstm(tmp_path, max_steps=None, time_budget=6.0, eval_every=10, fit_to_budget=["eval_every"])
+    result, _ = run_quietly(config)
+    steps = [record["step"] for record in read_metrics(tmp_path / "run.bin.metrics.jsonl")]
+    assert result.steps > 40 and len(steps) > EVAL_POINTS, steps  # type: ignore[attr-defined]
+    gaps = [after - before for before, after in zip([0, *steps], steps, strict=False)]
+    assert max(gaps) <= result.steps / 4, (steps, result.steps)  # type: ignore[attr-defined]
+
+
 def test_explicit_flags_are_never_refitted(tmp_path: Path) -> None:
     config = tiny_lstm(tmp_path, max_steps=12, warmup_steps=50, eval_every=6, fit_to_budget=[])
     _, log = run_quietly(config)

@@ -17,7 +17,7 @@ from typing import Any
 from train.config import TrainConfig
 from train.distributed import Batcher, Cluster
 from train.presets import DEFAULT_EPOCHS
-from train.schedule import EVAL_POINTS, Budget, LRSchedule, evaluation_points, fit_plan
+from train.schedule import EVAL_POINTS, Budget, LRSchedule, affordable_evaluations, evaluation_points, fit_plan
 
 CALIBRATION_STEPS = 4  # steps timed (after the first, which pays for warm-up) before a time budget is planned
 FINAL_FILES_SECONDS = 3.0  # kept at the end of a time budget for the loss plot, last writes and process exit
@@ -119,19 +119,24 @@ class RunPlan:
 
     def _refit_eval_interval(self, step: int, seconds: float) -> None:
         """After each evaluation of a time-budgeted run: with the evaluation's real cost and the steps' real pace
-        known, space the evaluations still due over the time left (never beyond the configured interval)."""
+        known, space the evaluations still to come. The configured interval holds unless the run would then get
+        fewer than EVAL_POINTS evaluations (closer together) or spend more than EVAL_SHARE of its budget on them
+        (further apart); the count is a floor, not a ration to use up early."""
         if (self.budget.time_budget is None or "eval_every" not in self.config.fit_to_budget
                 or self.steps_this_run == 0 or self.train_seconds_this_run <= 0 or self.eval_seconds is None):
             return
         pace = self.steps_this_run / self.train_seconds_this_run
         self.eval_points = min(self.eval_points, evaluation_points(self.budget.time_budget, self.eval_seconds))
-        evals_left = self.eval_points - self.evals_this_run  # the final one included
-        if evals_left <= 1:  # only the evaluation at the end is still due
+        affordable_left = affordable_evaluations(self.budget.time_budget, self.eval_seconds) - self.evals_this_run
+        if affordable_left <= 1:  # only the evaluation at the end is still affordable
             self.next_eval_step = 2**62
             return
-        training_time = self.budget.time_budget - seconds - self.reserve() - (evals_left - 1) * self.eval_seconds
-        interval = int(max(0.0, training_time) * pace) // evals_left
-        interval = int(self.cluster.broadcast(max(1, min(self.config.eval_every, interval))))  # rank 0's everywhere
+        wanted_left = max(1, self.eval_points - self.evals_this_run)  # the final one included
+        time_left = self.budget.time_budget - seconds - self.reserve()
+        widest = int(max(0.0, time_left - (wanted_left - 1) * self.eval_seconds) * pace) // wanted_left
+        narrowest = math.ceil(max(0.0, time_left) * pace / affordable_left)
+        interval = max(narrowest, min(self.config.eval_every, widest), 1)
+        interval = int(self.cluster.broadcast(interval))  # rank 0's everywhere
         self.eval_every = interval
         if self.next_eval_step is not None:
             self.next_eval_step = step + interval

@@ -145,11 +145,18 @@ class FittedPlan:
 
 
 def evaluation_points(time_budget: float | None, eval_seconds: float) -> int:
-    """How many evaluations a run gets: EVAL_POINTS, or fewer (at least 2) when that many would take more than
-    EVAL_SHARE of a time budget (the per-step training curve in the plot shows the trend between them)."""
+    """How many evaluations a run gets at least: EVAL_POINTS, or fewer (at least 2) when that many would take more
+    than EVAL_SHARE of a time budget (the per-step training curve in the plot shows the trend between them)."""
     if time_budget is None or eval_seconds <= 0:
         return EVAL_POINTS
-    return max(2, min(EVAL_POINTS, int(EVAL_SHARE * time_budget / eval_seconds)))
+    return min(EVAL_POINTS, affordable_evaluations(time_budget, eval_seconds))
+
+
+def affordable_evaluations(time_budget: float, eval_seconds: float) -> int:
+    """The most evaluations (at least 2) that fit in EVAL_SHARE of a time budget."""
+    if eval_seconds <= 0:
+        return 2**31
+    return max(2, int(EVAL_SHARE * time_budget / eval_seconds))
 
 
 def fit_plan(expected_steps: int, warmup_steps: int, eval_every: int, fit_warmup: bool, fit_eval: bool,
