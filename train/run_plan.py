@@ -135,7 +135,9 @@ class RunPlan:
         time_left = self.budget.time_budget - seconds - self.reserve()
         widest = int(max(0.0, time_left - (wanted_left - 1) * self.eval_seconds) * pace) // wanted_left
         narrowest = math.ceil(max(0.0, time_left) * pace / affordable_left)
-        interval = max(narrowest, min(self.config.eval_every, widest), 1)
+        # only the final evaluation still needed for the minimum: no reason to come closer than configured
+        wanted = self.config.eval_every if wanted_left <= 1 else min(self.config.eval_every, widest)
+        interval = max(narrowest, wanted, 1)
         interval = int(self.cluster.broadcast(interval))  # rank 0's everywhere
         self.eval_every = interval
         if self.next_eval_step is not None:
