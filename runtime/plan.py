@@ -82,12 +82,15 @@ def new_plan(model: OnnxModel, settings: Settings, vocabulary: Callable[[], list
     if unk is not None and settings.get("suppress_unk"):  # banned like padding (runtime/settings.py)
         banned = [*banned, unk]
     texts = vocabulary() if vocabulary is not None and needs_vocabulary(sampler) else None
+    chain = SamplerChain(sampler, vocab, banned, vocabulary=texts)
+    min_new = int(settings.get("min_new_tokens"))
     return DecodePlan(
         sampler=sampler,
-        chain=SamplerChain(sampler, vocab, banned, vocabulary=texts),
-        chain_without_eos=SamplerChain(sampler, vocab, [*banned, eos], vocabulary=texts),
+        chain=chain,
+        # never used without min_new_tokens (chain_at): not built then, each chain costs a settings check
+        chain_without_eos=SamplerChain(sampler, vocab, [*banned, eos], vocabulary=texts) if min_new > 0 else chain,
         max_new=int(settings.get("max_new_tokens")),
-        min_new=int(settings.get("min_new_tokens")),
+        min_new=min_new,
         beams=int(settings.get("num_beams")),
         stops=list(settings.get("stop")),
         seed=seed,

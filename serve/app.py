@@ -113,27 +113,27 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.engine = engine
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     _install_error_handlers(app)
-    auth = _auth_dependency(config.api_key)
+    auth = _auth_dependencies(config.api_key)
     handler = _Handler(config, engine)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": config.model_id, **engine.stats()}
 
-    @app.get("/v1/models", dependencies=[Depends(auth)])
+    @app.get("/v1/models", dependencies=auth)
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [handler.model_card()]}
 
-    @app.get("/v1/models/{model_id}", dependencies=[Depends(auth)])
+    @app.get("/v1/models/{model_id}", dependencies=auth)
     async def model(model_id: str) -> dict[str, Any]:
         handler.preparer.check_model(model_id)
         return handler.model_card()
 
-    @app.post("/v1/completions", dependencies=[Depends(auth)])
+    @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         return await handler.completions(body, request)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
+    @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         return await handler.chat(body, request)
 
@@ -166,16 +166,20 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error_response(ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error"))
 
 
-def _auth_dependency(api_key: str | None) -> Callable[[Request], None]:
-    def check(request: Request) -> None:
-        if api_key is None:
-            return
+def _auth_dependencies(api_key: str | None) -> list[Any]:
+    """The API-key check as a route dependency; none without a key. It is async: FastAPI runs a plain function
+    dependency through a worker thread, a hop per request for a comparison of a few bytes."""
+    if api_key is None:
+        return []
+    expected = api_key.encode()
+
+    async def check(request: Request) -> None:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), expected):
             raise ApiError(401, "missing or incorrect API key (send 'Authorization: Bearer KEY')",
                            code="invalid_api_key")
 
-    return check
+    return [Depends(check)]
 
 
 # ---------------------------------------------------------------------------------------------------- requests
@@ -195,8 +199,13 @@ class _Handler:
         """The running event loop's mailbox (one per loop; the server has one loop)."""
         loop = asyncio.get_running_loop()
         if self._mailbox is None or self._mailbox.loop is not loop:
-            self._mailbox = _Mailbox(loop)
+            self._mailbox = _Mailbox(loop, self._hand_out_gap)
         return self._mailbox
+
+    def _hand_out_gap(self) -> float:
+        """The least time between two hand-outs of engine events: the stream interval while several streams are
+        open (read from the scheduler thread too: a plain int read)."""
+        return self.config.stream_interval if self._open_streams > 1 else 0.0
 
     def _deliverer(self, queue: asyncio.Queue, index: int) -> Callable[[list], None]:
         return self.mailbox().deliverer(queue, index)
@@ -249,16 +258,11 @@ class _Handler:
         client went away."""
         pending = len(prepared.jobs) * prepared.n
         checked = time.monotonic()
-        sent = None  # when the last batch went out
         while pending:
             try:
                 items = [await asyncio.wait_for(prepared.queue.get(), DISCONNECT_POLL_S)]
             except asyncio.TimeoutError:
                 items = []
-            if items and sent is not None and self._open_streams > 1:
-                delay = sent + self.config.stream_interval - time.monotonic()
-                if delay > 0:  # let this stream's next tokens gather, so one chunk carries them all
-                    await asyncio.sleep(delay)
             # uvicorn does not fail a send to a closed socket, so a gone client is noticed by asking
             if not items or time.monotonic() - checked > DISCONNECT_POLL_S:
                 checked = time.monotonic()
@@ -272,7 +276,6 @@ class _Handler:
                 pending -= sum(1 for event in events if event[0] == "done")
                 if any(event[0] == "error" for event in events):
                     pending = 0
-            sent = time.monotonic()
             yield items
 
     async def _collect(self, prepared: Prepared, request: Request) -> tuple[list[Choice], dict[int, tuple]]:
@@ -309,30 +312,48 @@ class _Handler:
 
 class _Mailbox:
     """Carries engine events to the event loop with at most one loop wake-up per scheduler step, however many
-    requests the step served (a call_soon_threadsafe per request and step costs a self-pipe write each)."""
+    requests the step served (a call_soon_threadsafe per request and step costs a self-pipe write each); while
+    several streams are open, at most one hand-out per ``gap()`` seconds. Every hand-out wakes each waiting
+    request's coroutine, and the scheduler thread shares the GIL with the loop: waking them all at each decode
+    step (hundreds of times a second) slowed the decoding itself, while one hand-out per stream interval gives
+    each stream the same one chunk per interval it was allowed anyway."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, gap: Callable[[], float]) -> None:
         self.loop = loop
+        self.gap = gap
         self._lock = threading.Lock()
         self._items: list[tuple[asyncio.Queue, tuple[int, list]]] = []
+        self._wake_pending = False
+        self._last_hand_out = 0.0  # event loop only
 
     def deliverer(self, queue: asyncio.Queue, index: int) -> Callable[[list], None]:
+        first = [True]
+
         def deliver(events: list) -> None:
+            urgent, first[0] = first[0], False  # a request's first events (its time to first token) never wait
             with self._lock:
                 self._items.append((queue, (index, events)))
-                if len(self._items) > 1:
-                    return  # a wake-up is already on its way
+                if self._wake_pending and not urgent:
+                    return  # a hand-out is already on its way
+                self._wake_pending = True
             try:
-                self.loop.call_soon_threadsafe(self._hand_out)
+                self.loop.call_soon_threadsafe(self._hand_out if urgent else self._schedule)
             except RuntimeError:  # the event loop is closed (shutdown): nobody is listening any more
                 pass
 
         return deliver
 
+    def _schedule(self) -> None:
+        delay = self._last_hand_out + self.gap() - time.monotonic()
+        if delay > 0:
+            self.loop.call_later(delay, self._hand_out)
+        else:
+            self._hand_out()
+
     def _hand_out(self) -> None:
         with self._lock:
             items, self._items = self._items, []
+            self._wake_pending = False
+        self._last_hand_out = time.monotonic()
         for queue, item in items:
             queue.put_nowait(item)
-
-

@@ -3,6 +3,7 @@ cache columns, cancelled jobs leave at once, and each row decodes as the library
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -148,3 +149,36 @@ def test_rows_sampled_as_one_batch_each_write_what_they_write_alone(gpt: OnnxMod
     for (prompt, _, _, _), (_, collector, values) in zip(cases, outs, strict=True):
         expected = Session(gpt, build_settings(gpt.info.generation, values)).generate(prompt).text
         assert collector.text == expected
+
+
+def test_mailbox_hands_out_a_requests_first_events_at_once_and_the_rest_once_per_gap() -> None:
+    """While several streams are open the scheduler's events reach the event loop at most once per gap (a wake-up
+    per decode step slowed the decoding), except a request's first events, which carry its time to first token."""
+    from serve.app import _Mailbox
+
+    async def scenario() -> tuple[list, list, list]:
+        loop = asyncio.get_running_loop()
+        mailbox = _Mailbox(loop, gap=lambda: 0.3)
+        queue: asyncio.Queue = asyncio.Queue()
+        deliver = mailbox.deliverer(queue, 0)
+        other = mailbox.deliverer(queue, 1)
+
+        async def drain_after(seconds: float) -> list:
+            await asyncio.sleep(seconds)
+            return [queue.get_nowait() for _ in range(queue.qsize())]
+
+        await loop.run_in_executor(None, deliver, [("text", 0, "a", [])])  # from another thread, as the engine
+        first = await drain_after(0.05)
+        await loop.run_in_executor(None, deliver, [("text", 0, "b", [])])
+        await loop.run_in_executor(None, other, [("text", 0, "x", [])])  # another request's first: at once
+        soon = await drain_after(0.05)
+        await loop.run_in_executor(None, deliver, [("text", 0, "c", [])])
+        waiting = await drain_after(0.05)
+        later = await drain_after(0.5)
+        return first, soon, waiting, later
+
+    first, soon, waiting, later = asyncio.run(scenario())
+    assert first == [(0, [("text", 0, "a", [])])]
+    assert soon == [(0, [("text", 0, "b", [])]), (1, [("text", 0, "x", [])])]  # "b" went with the urgent one
+    assert waiting == []  # within the gap of the last hand-out
+    assert later == [(0, [("text", 0, "c", [])])]
