@@ -260,8 +260,9 @@ class _Handler:
         checked = time.monotonic()
         while pending:
             try:
-                items = [await asyncio.wait_for(prepared.queue.get(), DISCONNECT_POLL_S)]
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(DISCONNECT_POLL_S):  # no task per wait, unlike asyncio.wait_for
+                    items = await prepared.queue.get()
+            except TimeoutError:
                 items = []
             # uvicorn does not fail a send to a closed socket, so a gone client is noticed by asking
             if not items or time.monotonic() - checked > DISCONNECT_POLL_S:
@@ -271,7 +272,7 @@ class _Handler:
             if not items:
                 continue
             while not prepared.queue.empty():
-                items.append(prepared.queue.get_nowait())
+                items.extend(prepared.queue.get_nowait())
             for _, events in items:
                 pending -= sum(1 for event in events if event[0] == "done")
                 if any(event[0] == "error" for event in events):
@@ -351,9 +352,13 @@ class _Mailbox:
             self._hand_out()
 
     def _hand_out(self) -> None:
+        """Each request's queue gets one list: the items of all the steps since the last hand-out."""
         with self._lock:
             items, self._items = self._items, []
             self._wake_pending = False
         self._last_hand_out = time.monotonic()
+        by_queue: dict[int, tuple[asyncio.Queue, list]] = {}
         for queue, item in items:
-            queue.put_nowait(item)
+            by_queue.setdefault(id(queue), (queue, []))[1].append(item)
+        for queue, queued in by_queue.values():
+            queue.put_nowait(queued)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import astuple, dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,7 @@ import numpy as np
 from runtime.errors import first_line
 from runtime.logprobs import TokenLogprob, point_mass, prompt_logprobs, token_logprob
 from runtime.plan import DecodePlan, RowRandom
-from runtime.sampling import SamplerChain
+from runtime.sampling import SamplerChain, SamplerSettings
 from runtime.session import ModelRunError, OnnxModel
 from runtime.textstream import TextStream
 
@@ -235,7 +235,7 @@ class Engine:
     def _new_row(self, job: Job, choice: int, plan: DecodePlan) -> _Row:
         pending: list[str] = []
         stream = TextStream(self.model.tokenizer.decode, plan.stops, pending.append, job.prompt_ids)
-        keys = (_chain_key(plan.chain_without_eos), _chain_key(plan.chain))  # built once: astuple is not cheap
+        keys = (_chain_key(plan.chain_without_eos), _chain_key(plan.chain))  # built once per row, not per step
         return _Row(job, choice, plan, list(job.prompt_ids), stream, pending=pending, keys=keys)
 
     def _append(self, rows: list[_Row], state: dict[str, Any], logits: np.ndarray, length: int) -> None:
@@ -399,8 +399,11 @@ class Engine:
 def _chain_key(chain: SamplerChain) -> tuple:
     """What makes two chains process and draw alike: every sampler setting but the seed (each row brings its own
     generator) and the banned ids."""
-    settings = astuple(replace(chain.settings, seed=None))
+    settings = tuple(getattr(chain.settings, name) for name in _KEY_FIELDS)  # plain values: no deep copy
     return (settings, chain.banned_ids.tobytes())
+
+
+_KEY_FIELDS = tuple(item.name for item in fields(SamplerSettings) if item.name != "seed")
 
 
 def _host(value: Any) -> np.ndarray:

@@ -153,7 +153,8 @@ def test_rows_sampled_as_one_batch_each_write_what_they_write_alone(gpt: OnnxMod
 
 def test_mailbox_hands_out_a_requests_first_events_at_once_and_the_rest_once_per_gap() -> None:
     """While several streams are open the scheduler's events reach the event loop at most once per gap (a wake-up
-    per decode step slowed the decoding), except a request's first events, which carry its time to first token."""
+    per decode step slowed the decoding), except a request's first events, which carry its time to first token;
+    a hand-out puts one list of items per request."""
     from serve.app import _Mailbox
 
     async def scenario() -> tuple[list, list, list]:
@@ -165,7 +166,7 @@ def test_mailbox_hands_out_a_requests_first_events_at_once_and_the_rest_once_per
 
         async def drain_after(seconds: float) -> list:
             await asyncio.sleep(seconds)
-            return [queue.get_nowait() for _ in range(queue.qsize())]
+            return [item for _ in range(queue.qsize()) for item in queue.get_nowait()]
 
         await loop.run_in_executor(None, deliver, [("text", 0, "a", [])])  # from another thread, as the engine
         first = await drain_after(0.05)
@@ -182,3 +183,20 @@ def test_mailbox_hands_out_a_requests_first_events_at_once_and_the_rest_once_per
     assert soon == [(0, [("text", 0, "b", [])]), (1, [("text", 0, "x", [])])]  # "b" went with the urgent one
     assert waiting == []  # within the gap of the last hand-out
     assert later == [(0, [("text", 0, "c", [])])]
+
+
+def test_mailbox_puts_one_list_per_request_and_hand_out() -> None:
+    from serve.app import _Mailbox
+
+    async def scenario() -> list:
+        loop = asyncio.get_running_loop()
+        mailbox = _Mailbox(loop, gap=lambda: 0.2)
+        queue: asyncio.Queue = asyncio.Queue()
+        deliver = mailbox.deliverer(queue, 0)
+        for piece in "abc":  # the first at once, then two steps' events within the gap
+            await loop.run_in_executor(None, deliver, [("text", 0, piece, [])])
+        await asyncio.sleep(0.4)
+        return [queue.get_nowait() for _ in range(queue.qsize())]
+
+    assert asyncio.run(scenario()) == [[(0, [("text", 0, "a", [])])],
+                                       [(0, [("text", 0, "b", [])]), (0, [("text", 0, "c", [])])]]
