@@ -4,7 +4,8 @@
     python -m benchmarks.tiny_decode            # 200 tokens x 5 turns per row, rewrites its docs section
     python -m benchmarks.tiny_decode --smoke    # smaller shapes, seconds, prints only
 
-Runners: ours (the model file through runtime.generate.Session, i.e. the REPL's own loop and sampler), Hugging Face
+Runners: ours (the model file through runtime.generate.Session, i.e. the REPL's own loop and sampler; also its
+``--quantize int8`` copy), Hugging Face
 ``generate`` (GPT only: transformers has no LSTM LM), and a PyTorch eager loop with the same weights and the same
 chain written in torch. Sampler: repetition penalty 1.1 over 64 tokens, top-k 40, top-p 0.95, min-p 0.05,
 temperature 0.8 (runners.FULL_CHAIN). Every runner produces exactly ``--tokens`` tokens (end-of-text suppressed).
@@ -15,6 +16,7 @@ waits that made torch 10x slower in a trial here); ``--threads 2`` compares the 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
@@ -85,8 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def measure_model(spec: ModelSpec, tokens: int, args: Any) -> dict[str, Stats]:
     """Seconds per token for each runner on ``spec``, the runners taking turns (common.interleaved)."""
-    model = open_model(model_file(spec, args.cache_dir), args.threads)
+    path = model_file(spec, args.cache_dir)
+    model = open_model(path, args.threads)
     full, greedy = ours_session(model, FULL_CHAIN, tokens), ours_session(model, GREEDY, tokens)
+    int8 = ours_session(open_model(_int8_copy(path), args.threads), FULL_CHAIN, tokens)
     ids = fed_context(full, ours_generate(full, PROMPT))  # what our session feeds, for the other runners
     torch_module = torch_model(spec, args.cache_dir, args.threads)
     eos = benchmark_eos(spec.vocab_size)
@@ -94,6 +98,7 @@ def measure_model(spec: ModelSpec, tokens: int, args: Any) -> dict[str, Stats]:
     sample = TorchSampler(FULL_CHAIN)
     runners: dict[str, Callable[[], float]] = {
         "ours (runtime.generate.Session), full chain": lambda: _per_token(ours_generate(full, PROMPT)),
+        "ours, int8 copy (--quantize int8), full chain": lambda: _per_token(ours_generate(int8, PROMPT)),
         "ours, greedy (sampler off, for scale)": lambda: _per_token(ours_generate(greedy, PROMPT)),
         "PyTorch eager loop, same chain in torch":
             lambda: timed(lambda: decode(torch_module, ids, tokens, sample, eos)) / tokens,
@@ -106,6 +111,16 @@ def measure_model(spec: ModelSpec, tokens: int, args: Any) -> dict[str, Stats]:
         runners["Hugging Face transformers generate, same chain"] = (
             lambda: timed(lambda: hf_generate(hf, ids, tokens, FULL_CHAIN, eos)) / tokens)
     return interleaved(runners, args.repeats)
+
+
+def _int8_copy(path: Path) -> Path:
+    """The file's ``--quantize int8`` copy (default weight encoding), made once beside it in the cache."""
+    from export.quantize import quantize_model
+
+    target = path.with_name(f"{path.stem}.int8.onnx")
+    if not target.exists() or target.stat().st_mtime < path.stat().st_mtime:
+        quantize_model(path, target, "int8")
+    return target
 
 
 def _per_token(result: Any) -> float:

@@ -4,14 +4,18 @@
 same graph inputs/outputs and all of the source's ``metadata_props`` (``textgen.source`` gains a ``quantized``
 entry saying how). Nothing here quantizes by hand; onnxruntime.quantization does the arithmetic:
 
-* int8: ``quant_pre_process`` then ``quantize_dynamic(op_types_to_quantize=["MatMul"], reduce_range=True)`` — int8
-  weights with one per-tensor scale, activations quantized on the fly (MatMulInteger / DynamicQuantizeMatMul
-  kernels). ``reduce_range`` keeps the weights in 7 bits: onnxruntime's u8 x s8 kernel on AVX2 CPUs without VNNI
-  adds pairs of products in int16 (VPMADDUBSW), which saturates with full 8-bit weights. Measured on an AVX2 EPYC
-  on a tiny LSTM: logits off by 28 % of their peak with 8-bit weights, 1.3 % with 7-bit ones. A model file runs
-  wherever it is copied, so every int8 file is made the way that is safe on every x86 CPU.
-  ``MatMul`` only, because with the default op types the tied LM-head weight, which the embedding lookup also
-  reads through a Gather, was quantized as a Gather input and all of it dequantized on every step.
+* int8: ``quant_pre_process`` then ``quantize_dynamic(op_types_to_quantize=["MatMul", "LSTM"], reduce_range=True)``
+  — int8 weights with one per-tensor scale, activations quantized on the fly (MatMulInteger /
+  DynamicQuantizeMatMul / DynamicQuantizeLSTM kernels). ``reduce_range`` keeps the weights in 7 bits:
+  onnxruntime's u8 x s8 kernel on AVX2 CPUs without VNNI adds pairs of products in int16 (VPMADDUBSW), which
+  saturates with full 8-bit weights. Measured on an AVX2 EPYC on a tiny LSTM: logits off by 28 % of their peak with
+  8-bit weights, 1.3 % with 7-bit ones. A model file runs wherever it is copied, so every int8 file is made the way
+  that is safe on every x86 CPU unless ``--int8-weights`` says otherwise.
+  ``MatMul`` and ``LSTM`` only (``INT8_OP_TYPES``; ``u8`` files ``MatMul`` only), because with the default op types
+  the tied LM-head weight, which the embedding lookup also reads through a Gather, was quantized as a Gather input
+  and all of it dequantized on every step. The LSTM op becomes ``DynamicQuantizeLSTM`` (int8 W and R, the same
+  weight encoding): before it was included an LSTM file's int8 copy quantized only its small LM head and kept
+  nearly all of its size.
 * int4: ``MatMulNBitsQuantizer`` (blocks of 128 along K, accuracy_level 4 = int8 compute in the kernel).
 
 The tied embedding: the exporter stores GPT-2's embedding once, as the LM head's ``[n_embd, vocab]`` MatMul
@@ -74,6 +78,12 @@ INT4_NARROW_BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: its fastest CPU kernel (docs/benchmarks.md, levers)
 MAX_PROTO_BYTES = 2**31 - 1
 QUANTIZED_MATMUL_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits")
+# The op types int8 quantizes: every weight MatMul, and the LSTM op, whose input and recurrent weights are nearly
+# all of an LSTM file (com.microsoft DynamicQuantizeLSTM). onnxruntime has no quantized GRU; a GRU file's int8
+# copy quantizes its LM head only. u8 files keep the LSTM op in float32: DynamicQuantizeLSTM with unsigned 8-bit
+# weights saturated on the AVX2 EPYC (logits off by 25 % of their peak on the test LSTM, as s8 is; s7 2 %), and u8
+# exists to be exact everywhere.
+INT8_OP_TYPES: dict[str, tuple[str, ...]] = {"s7": ("MatMul", "LSTM"), "s8": ("MatMul", "LSTM"), "u8": ("MatMul",)}
 
 
 class QuantizeError(Exception):
@@ -135,7 +145,7 @@ def _quantize_int8(source: Path, work: Path, weights: Int8Weights) -> onnx.Model
         # Symbolic shape inference gives up on the exporter's GPT-2 graph ("Incomplete symbolic shape
         # inference"); dynamic quantization does not need it, ORT's optimizer pass and ONNX shapes suffice.
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True, all_tensors_to_one_file=True)
-        quantize_dynamic(str(prepared), str(quantized), op_types_to_quantize=["MatMul"],
+        quantize_dynamic(str(prepared), str(quantized), op_types_to_quantize=list(INT8_OP_TYPES[weights]),
                          weight_type=QuantType[weight_type], reduce_range=reduce_range)
     except Exception as exc:  # noqa: BLE001 - the quantizer raises bare Exceptions and asserts
         raise QuantizeError(f"int8 quantization failed: {first_line(exc)}") from exc

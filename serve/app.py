@@ -274,9 +274,11 @@ class _Handler:
             while not prepared.queue.empty():
                 items.extend(prepared.queue.get_nowait())
             for _, events in items:
-                pending -= sum(1 for event in events if event[0] == "done")
-                if any(event[0] == "error" for event in events):
-                    pending = 0
+                for event in events:
+                    if event[0] == "done":
+                        pending -= 1
+                    elif event[0] == "error":
+                        pending = 0
             yield items
 
     async def _collect(self, prepared: Prepared, request: Request) -> tuple[list[Choice], dict[int, tuple]]:

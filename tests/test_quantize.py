@@ -140,6 +140,23 @@ def test_int8_quantizes_the_lm_head_matmul(files: dict[str, Path]) -> None:
                 if init.data_type == onnx.TensorProto.FLOAT and sorted(init.dims) == sorted([N_EMBD, vocab])]
 
 
+def test_int8_lstm_file_quantizes_the_recurrent_weights(files: dict[str, Path]) -> None:
+    """The LSTM op holds nearly all of an LSTM file's weights: int8 must quantize it, not only the LM head."""
+    model = onnx.load(str(files["lstm.int8"]))
+    ops = [node.op_type for node in model.graph.node]
+    assert "LSTM" not in ops
+    assert ops.count("DynamicQuantizeLSTM") == 1
+    lstm = next(node for node in model.graph.node if node.op_type == "DynamicQuantizeLSTM")
+    initializers = {init.name: init for init in model.graph.initializer}
+    weights = [initializers[name] for name in lstm.input[1:3]]  # W, R
+    assert [init.data_type for init in weights] == [onnx.TensorProto.INT8] * 2
+    float_bytes = sum(np.prod(init.dims) * 4 for init in onnx.load(str(files["lstm"])).graph.initializer
+                      if init.data_type == onnx.TensorProto.FLOAT)
+    quantized_float_bytes = sum(np.prod(init.dims) * 4 for init in model.graph.initializer
+                                if init.data_type == onnx.TensorProto.FLOAT)
+    assert quantized_float_bytes < 0.3 * float_bytes
+
+
 def test_unquantized_head_is_detected(files: dict[str, Path]) -> None:
     vocab = int(_metadata(files["gpt2"])["textgen.vocab_size"])
     assert not quantized_lm_head(onnx.load(str(files["gpt2"])), vocab)
