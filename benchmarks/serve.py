@@ -197,6 +197,38 @@ def engine_table(label: str, path: Path, args: Any, counts: Sequence[int], token
     return table
 
 
+def step_rate(model: Any, rows: int, steps: int = 200) -> float:
+    """Rows decoded per second by the model step alone: ``steps`` one-token runs of a ``rows``-row batch (RNN
+    state carried; a GPT-2's cache grows as in decoding), no sampling, no Python per row."""
+    ids = np.full((rows, 1), 1, dtype=np.int64)
+    state = model.initial_state(rows)
+    mask = np.ones((rows, 0), dtype=np.int64)
+    started = time.perf_counter()
+    for step in range(steps):
+        if model.info.context_length:
+            mask = np.ones((rows, step + 1), dtype=np.int64)
+            _, state = model.run(ids, state, step, mask)
+        else:
+            _, state = model.run(ids, state, 0)
+    return rows * steps / (time.perf_counter() - started)
+
+
+def step_table(label: str, path: Path, args: Any, counts: Sequence[int]) -> Table:
+    from benchmarks.common import interleaved
+    from benchmarks.runners import open_model
+
+    model = open_model(path, args.threads)
+    steps = 20 if args.smoke else 200
+    runners = {str(count): (lambda count=count: step_rate(model, count, steps)) for count in counts}
+    measured = interleaved(runners, args.repeats)
+    table = Table(f"{label}: the model step alone (one onnxruntime run per token for the whole batch, {steps} steps, "
+                  f"{args.threads} thread(s))", ["batch rows", "rows decoded/s", "vs 1 row"])
+    base = measured[str(counts[0])].median
+    for count in counts:
+        table.add(str(count), fmt(measured[str(count)].median), fmt_ratio(measured[str(count)].median, base))
+    return table
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser(__doc__.splitlines()[0], threads=1)
     parser.add_argument("--tokens", type=int, default=None, help="tokens per request (default 128; smoke 8)")
@@ -210,20 +242,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     gpt_path = model_file(gpt_spec, args.cache_dir)
     demo_table, demo_gain = model_table(demo_label, demo_path, args, counts, tokens)
     scheduler_table = engine_table(demo_label, demo_path, args, counts, tokens)
+    model_step_table = step_table(demo_label, demo_path, args, counts)
     gpt_table, _ = model_table(f"{gpt_spec.name}, random weights", gpt_path, args, counts, tokens)
     gain_16 = _gain(demo_table, "16")
     notes = [
         "Continuous batching: all streams of a round share one decode batch (serve/engine.py).",
         f"Goal: 16 clients >= 6x one client's tok/s on the demo model; measured {gain_16}.",
         "The client loop runs on the same cores as the server, so client-side parsing is part of the cost.",
-        "The scheduler-only table bounds the HTTP rows: the model step itself costs more as the batch grows (a "
-        "char LSTM step on one thread is compute-bound); rows with equal sampler settings are sampled as one batch.",
+        "The scheduler-only table bounds the HTTP rows, and the model-step table bounds the scheduler: a char LSTM "
+        "step on one thread is compute-bound, so a 16-row step costs several times a 1-row one; rows with equal "
+        "sampler settings are sampled as one batch.",
         "With several streams open each sends at most one chunk per --stream-interval (default 20 ms); one client "
         "alone gets every token at once, so the 1-client row pays one HTTP chunk per token.",
         "Figures taken while other work shares the machine (see the load average above) are preliminary.",
     ]
     report(args, "serve.py", "serve", "textgen-serve: concurrent streaming clients",
-           [demo_table, gpt_table, scheduler_table], notes)
+           [demo_table, gpt_table, scheduler_table, model_step_table], notes)
     return 0 if demo_gain > 0 else 1
 
 
