@@ -260,13 +260,26 @@ def test_quality_summary_is_the_median_and_range_of_each_presets_runs() -> None:
     def run(preset: str, loss: float, steps: int) -> object:
         return quality.PresetRun(preset=preset, command=[], model="m", wall_seconds=90.0, train_seconds=80.0,
                                  steps=steps, tokens_per_second=1.0, final_val_loss=loss, best_val_loss=loss,
+                                 final_val_bpc=loss / 0.6931471805599453 if preset != "anime-gpt2" else 1.25,
                                  load_before=0.0, load_after=0.0, sample="")
 
     runs = [run("shakespeare-char", 1.50, 900), run("shakespeare-gpt2", 1.54, 700),
-            run("shakespeare-char", 1.44, 1000), run("shakespeare-char", 1.47, 950)]
+            run("shakespeare-char", 1.44, 1000), run("shakespeare-char", 1.47, 950), run("anime-gpt2", 4.7, 900)]
     rows = quality.summary_rows(runs)
-    assert rows[0] == ["`shakespeare-char`", "3", "1.4700 (1.4400–1.5000)", "950", "<= 1.45", "no"]
-    assert rows[1] == ["`shakespeare-gpt2`", "1", "1.5400 (1.5400–1.5400)", "700", "<= 1.55", "yes"]
+    assert rows[0] == ["`shakespeare-char`", "3", "1.4700 (1.4400–1.5000)", "2.121", "950", "<= 1.45", "no"]
+    assert rows[1] == ["`shakespeare-gpt2`", "1", "1.5400 (1.5400–1.5400)", "2.222", "700", "<= 1.55", "yes"]
+    assert rows[2] == ["`anime-gpt2`", "1", "4.7000 (4.7000–4.7000)", "1.250", "900", "<= 4.60", "no"]
+
+
+def test_quality_anime_row_trains_on_its_own_corpus_for_its_own_budget(tmp_path: Path) -> None:
+    quality = _load("quality")
+    assert quality._budget("anime-gpt2", None, 90.0, smoke=False) == 600.0
+    assert quality._budget("anime-gpt2", 120.0, 120.0, smoke=False) == 120.0  # --time-budget wins
+    assert quality._budget("shakespeare-gpt2", None, 90.0, smoke=False) == 90.0
+    command = quality.train_command("anime-gpt2", 600.0, SHAKESPEARE, tmp_path / "a.bin", smoke=False)
+    assert "--data" not in command and command[command.index("--preset") + 1] == "anime-gpt2"
+    assert "--data" in quality.train_command("shakespeare-char", 90.0, SHAKESPEARE, tmp_path / "c.bin", False)
+    assert "anime-gpt2" not in quality.DEFAULT_PRESETS  # 600 s x 3 runs: on request only
 
 
 def test_serve(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
