@@ -127,12 +127,18 @@ def test_schedules() -> None:
     assert cosine.lr(0, 0.0) == pytest.approx(0.1)
     assert cosine.lr(50, 0.0) == pytest.approx(1.0)
     assert cosine.lr(50, 1.0) == pytest.approx(0.1)
+    linear = LRSchedule("linear", 1.0, warmup_steps=10)
+    assert linear.lr(0, 0.0) == pytest.approx(0.1)
+    assert [linear.lr(50, progress) for progress in (0.0, 0.25, 1.0)] == pytest.approx([1.0, 0.75, 0.0])
     plateau = LRSchedule("plateau", 1.0, warmup_steps=0)
     for loss in (2.0, 1.5, 1.6, 1.55):
         plateau.observe(loss)
     assert plateau.lr(100, 0.5) == pytest.approx(0.5)  # two evaluations without improvement halve the rate
     budget = Budget(max_steps=100, time_budget=10.0)
     assert budget.fraction(50, 8.0, 0.0) == pytest.approx(0.8)
+    # the schedule's progress: a time budget's decay ends at the last step, before the reserved final evaluation
+    assert Budget(time_budget=10.0).fraction(3, 6.0, 0.0, reserve=2.0) == pytest.approx(0.75)
+    assert Budget(time_budget=10.0).fraction(3, 8.0, 0.0, reserve=2.0) == pytest.approx(1.0)
     assert budget.reached(50, 10.0, 0.0) and budget.reached(20, 1.0, 0.0) is None
 
 

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(optim, "--batch-size", type=int, help="sequences per optimizer step (per process under torchrun)")
     _add(optim, "--seq-len", type=int, help="RNN truncated-BPTT window in tokens")
     _add(optim, "--grad-accum", type=int, help="micro-batches per optimizer step")
-    _add(optim, "--schedule", choices=list(SCHEDULES), help="cosine decay or reduce-on-plateau")
+    _add(optim, "--schedule", choices=list(SCHEDULES),
+         help="cosine decay to 10%% (default), linear decay to zero, or reduce-on-plateau")
     _add(optim, "--optimizer", choices=list(OPTIMIZERS),
          help="adamw, or muon: Muon for GPT-2's block matrices or an RNN's cell matrices, AdamW for the rest; "
          "fewer steps to a given loss, each step dearer (an LSTM gains from it in minutes, not in 90 s)")

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 ARCHES = ("lstm", "gru", "gpt2")
-SCHEDULES = ("cosine", "plateau")
+SCHEDULES = ("cosine", "linear", "plateau")
 OPTIMIZERS = ("adamw", "muon")
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -296,7 +296,8 @@ class Trainer:
             self._evaluate(window)
         stop_reason = self.budget.reached(self.step, self.seconds, self.cursor.epochs_done())
         while stop_reason is None:
-            lr = self.schedule.lr(self.step, self.budget.fraction(self.step, self.seconds, self.cursor.epochs_done()))
+            progress = self.budget.fraction(self.step, self.seconds, self.cursor.epochs_done(), self.plan.reserve())
+            lr = self.schedule.lr(self.step, progress)
             step_start = time.monotonic()
             loss, tokens = self._train_step(lr)
             # All ranks agree on the loss, the clock and any signal, so they all take the same decisions below.
