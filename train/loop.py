@@ -40,6 +40,7 @@ import contextlib
 import math
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -451,7 +452,7 @@ class Trainer:
         return (self.cluster.total(subset) + self.cluster.total(rest)) / self.val_count
 
     @contextlib.contextmanager
-    def _scoring(self):
+    def _scoring(self) -> Iterator[None]:
         """The model in eval mode (and autocast where training uses it) for the length of a validation pass."""
         was_training = self.model.training
         self.model.eval()
