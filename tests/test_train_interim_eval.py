@@ -16,8 +16,10 @@ import torch
 from matplotlib.figure import Figure
 from rich.console import Console
 
+from export.onnx_export import export_checkpoint
 from models.checkpoint import load_checkpoint
 from models.registry import build_model
+from runtime.session import OnnxModel
 from train.batches import StreamBatcher, gpt_eval_windows, rnn_eval_streams
 from train.cli import main
 from train.config import TrainConfig
@@ -167,6 +169,9 @@ def test_early_stopping_ends_on_a_full_pass_and_an_earlier_best_is_labelled_a_su
     assert saved.metrics["val_scope"] == "subset" and saved.metrics["val_tokens"] == best["val_tokens"]
     assert (f"at step {best['step']} on the interim subset ({best['val_tokens']:,} of {count:,} predictions); "
             f"full pass at step {final['step']}: {final['val_loss']:.4f}") in log
+    exported = export_checkpoint(cfg.out, tmp_path / "best.onnx")  # the model file says what its loss covers
+    source = OnnxModel.open(exported.path, device="cpu", threads=1).info.source
+    assert (source["val_loss"], source["val_tokens"]) == (best["val_loss"], best["val_tokens"])
 
 
 def test_a_split_no_larger_than_the_subset_is_scored_in_full_as_before(tmp_path: Path) -> None:
