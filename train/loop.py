@@ -96,9 +96,9 @@ from train.stop_signals import StopSignals
 LAST_STATE_INTERVAL = 60.0  # seconds between OUT.last writes at evaluations (each is a full checkpoint)
 MAX_CURVE_POINTS = 4000  # training-loss points kept for the plot (thinned beyond that)
 SAMPLE_TOKENS = {"char": 200}  # tokens sampled per --prime at each evaluation; 60 for other tokenizers
-# ... at an interim evaluation that scores a subset: sampling one token at a time costs about as much as scoring
-# the whole subset in parallel (a char GPT-2's 200 samples ~1.4 s, its 16k-prediction subset ~1 s), so the
-# samples there are shorter and the final evaluation prints the full length
+# ... at an interim evaluation that scores a subset: sampling one token at a time costs about half as much as
+# scoring the whole subset in parallel (char GPT-2 preset; more on a busy machine, where the many small steps wait
+# on each other's threads), so the samples there are shorter and the final evaluation prints the full length
 INTERIM_SAMPLE_TOKENS = {"char": 80}  # 25 for other tokenizers
 
 
