@@ -36,6 +36,7 @@ from pathlib import Path
 
 from benchmarks.common import cpu_model
 from runtime.atomic import atomic_write_bytes
+from train.config import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
@@ -70,7 +71,9 @@ NANOGPT_A100_VAL_LOSS = 1.4697
 LN2 = 0.6931471805599453
 PROTOCOL_NOTES = (
     "Validation: the last 10 % of the characters (111,540 of tiny Shakespeare's 1,115,394, nanoGPT's split), all "
-    "of them, scored once at the end of the run; loss in nats per character.",
+    "of them, scored once at the end of the run; loss in nats per character. Evaluations during the run score a "
+    f"fixed subset (`--eval-interim-tokens`, {TrainConfig.eval_interim_tokens:,} predictions by default) and count "
+    "against the budget.",
     "GPT-2 protocol: non-overlapping windows of the context length, each from an empty context, so the j-th "
     "prediction of a window sees j characters (0..63 for context 64). nanoGPT's estimate_loss averages random "
     "block_size windows scored the same way (each prediction sees 0..63 characters), eval_iters x batch_size of "
@@ -144,6 +147,8 @@ def run_preset(preset: str, budget: float, data: Path, out_dir: Path, smoke: boo
     records = read_metrics(metrics_path(out))
     if not records:
         raise BenchmarkError(f"training {preset} wrote no evaluation to {metrics_path(out)}")
+    if records[-1].get("val_scope", "full") != "full":  # interim evaluations score a subset; the final one must not
+        raise BenchmarkError(f"the last evaluation in {metrics_path(out)} scored a subset of the validation split")
     state = load_checkpoint(last_checkpoint_path(out)).training
     if state is None or state.step is None or state.best_val_loss is None:
         raise BenchmarkError(f"{last_checkpoint_path(out)} holds no training state")

@@ -267,10 +267,14 @@ def _provenance(name: str, metrics: dict[str, Any], train: dict[str, Any]) -> di
     """Where the weights came from: the checkpoint's last evaluation, else its training state."""
     step = _number(metrics.get("step", train.get("step")))
     val_loss = _number(metrics.get("val_loss", train.get("best_val_loss")))
+    # the predictions val_loss is the mean of: fewer than the validation split's when the checkpoint was the best
+    # at an interim evaluation, which scores a subset (train.loop)
+    val_tokens = _number(metrics.get("val_tokens")) if "val_loss" in metrics else None
     return {
         "checkpoint": name,
         "step": int(step) if step is not None else None,
         "val_loss": val_loss,
+        "val_tokens": int(val_tokens) if val_tokens is not None else None,
         "textgen_version": _textgen_version(),
     }
 

@@ -135,7 +135,8 @@ def test_two_lstm_ranks_match_one_process_with_the_global_batch(tmp_path: Path) 
     data.write_text(CORPUS, encoding="utf-8")
     out = tmp_path / "ddp.bin"
     shape = ["--arch", "lstm", "--embedding-size", "16", "--hidden-size", "32", "--layers", "1", "--seq-len", "16",
-             "--lr", "1e-2", "--warmup-steps", "2", "--max-steps", "12", "--eval-every", "6"]
+             "--lr", "1e-2", "--warmup-steps", "2", "--max-steps", "12", "--eval-every", "6",
+             "--eval-interim-tokens", "64"]  # the interim evaluation scores a subset, each rank its share of it
     completed = launch(tiny_args(data, out, *shape, "--batch-size", "4", "--prime", "the "))
     assert completed.returncode == 0, completed.stderr[-3000:]
     stdout = completed.stdout
@@ -146,6 +147,7 @@ def test_two_lstm_ranks_match_one_process_with_the_global_batch(tmp_path: Path) 
 
     records = read_metrics(Path(f"{out}.metrics.jsonl"))
     assert [r["step"] for r in records] == [6, 12]  # written once, by rank 0
+    assert [(r["val_scope"], r["val_tokens"]) for r in records] == [("subset", 64), ("full", 574)]
     last = load_checkpoint(last_checkpoint_path(out))
     assert last.training.world_size == 2 and len(last.training.rng_by_rank) == 2
     assert last.training.rnn_state[0].shape == (1, 8, 32)  # both ranks' 4 streams, in global order
@@ -159,13 +161,15 @@ def test_two_lstm_ranks_match_one_process_with_the_global_batch(tmp_path: Path) 
     # (measured 2e-3 at most); a wrong split (e.g. one process with 4 streams) differs by ~5e-2 and val by ~4e-2.
     single = TrainConfig(arch="lstm", data=str(data), out=str(tmp_path / "single.bin"), tokenizer="char",
                          embedding_size=16, hidden_size=32, layers=1, seq_len=16, lr=1e-2, warmup_steps=2,
-                         max_steps=12, eval_every=6, threads=1, seed=7, batch_size=8)
+                         max_steps=12, eval_every=6, threads=1, seed=7, batch_size=8, eval_interim_tokens=64)
     result = train(single, console=Console(file=io.StringIO()), live=False)
     reference = load_checkpoint(last_checkpoint_path(single.out))
     for name, tensor in reference.weights.items():
         torch.testing.assert_close(last.weights[name], tensor, rtol=0, atol=1e-2, msg=name)
     single_records = read_metrics(Path(f"{single.out}.metrics.jsonl"))
     assert [r["val_loss"] for r in records] == pytest.approx([r["val_loss"] for r in single_records], abs=5e-3)
+    assert [r["val_subset_loss"] for r in records] == pytest.approx([r["val_subset_loss"] for r in single_records],
+                                                                    abs=5e-3)
     assert result.best_val_loss == pytest.approx(last.training.best_val_loss, abs=5e-3)
 
     exported = export_checkpoint(out, tmp_path / "ddp.onnx")

@@ -48,8 +48,11 @@ class TrainingRun(Protocol):
     tokens_seen: int
     best_val_loss: float | None
     best_step: int | None
+    best_subset_loss: float | None
+    best_val_tokens: int | None
     evals_without_improvement: int
     last_eval_step: int | None
+    last_eval_full: bool
     rnn_state: State | None
     last_metrics: dict[str, Any] | None
     train_curve: list[tuple[int, float]]
@@ -90,10 +93,15 @@ def run_checkpoint(run: TrainingRun, per_rank: list[dict[str, Any]]) -> Checkpoi
         evals_without_improvement=run.evals_without_improvement,
         last_eval_step=run.last_eval_step,
         tokenizer_kind=run.data.kind,
-        extra={"plan": {
-            **run.plan.state_dict(),
-            "train_curve": torch.tensor(run.train_curve, dtype=torch.float64).reshape(-1, 2),
-        }},
+        extra={
+            "plan": {
+                **run.plan.state_dict(),
+                "train_curve": torch.tensor(run.train_curve, dtype=torch.float64).reshape(-1, 2),
+            },
+            # what best_val_loss covers and the subset loss later evaluations compare with (train.loop)
+            "evaluation": {"best_subset_loss": run.best_subset_loss, "best_val_tokens": run.best_val_tokens,
+                           "last_eval_full": run.last_eval_full},
+        },
     )
     return Checkpoint(
         arch=run.config.arch,
@@ -139,6 +147,7 @@ def restore_run(run: TrainingRun, checkpoint: Checkpoint) -> None:
         run.last_eval_step = state.last_eval_step
         run.rnn_state = _restored_rnn_state(run, state.rnn_state)
         _restore_plan(run, state.extra.get("plan"))
+        _restore_evaluation(run, state.extra.get("evaluation"))
         restore_rng_state(_restored_rng_state(run, state))  # last: building the model and data drew numbers
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"the checkpoint's training state cannot be restored: {first_line(exc)}") from exc
@@ -175,6 +184,17 @@ def _restore_plan(run: TrainingRun, plan: dict[str, Any] | None) -> None:
     curve = plan.get("train_curve")
     if isinstance(curve, torch.Tensor) and curve.ndim == 2:
         run.train_curve = [(int(step), float(loss)) for step, loss in curve.tolist()]
+
+
+def _restore_evaluation(run: TrainingRun, saved: dict[str, Any] | None) -> None:
+    """The best evaluation's subset loss and coverage. A checkpoint from before interim evaluations scored every
+    prediction at each evaluation: its best loss is a full pass, the nearest thing to a subset loss it has."""
+    saved = saved if isinstance(saved, dict) else {}
+    best_subset = saved.get("best_subset_loss", run.best_val_loss)
+    run.best_subset_loss = _optional_float(best_subset)
+    tokens = saved.get("best_val_tokens")
+    run.best_val_tokens = int(tokens) if isinstance(tokens, int) else None
+    run.last_eval_full = bool(saved.get("last_eval_full", run.last_eval_step is not None))
 
 
 def _optional_float(value: Any) -> float | None:

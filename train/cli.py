@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="evaluate on the validation split every STEPS steps and at the end (default 250, shortened so a run "
          "gets about 5 evaluations; an explicit value is kept)")
     _add(budget, "--eval-tokens", type=int, help="validate on only the first N validation tokens (quicker)")
+    _add(budget, "--eval-interim-tokens", type=int, metavar="N",
+         help="evaluations before the final one score a fixed subset of about N of those predictions, the final "
+              f"one all of them (default {TrainConfig.eval_interim_tokens}; 0: every evaluation scores them all)")
     _add(budget, "--patience", type=int, help="stop after N evaluations without improvement")
     run = parser.add_argument_group("run")
     _add(run, "--seed", type=int, help="random seed (weights, batches, dropout): same seed, same run")

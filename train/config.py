@@ -73,6 +73,9 @@ class TrainConfig:
     epochs: float | None = None
     eval_every: int = 250
     eval_tokens: int | None = None
+    # predictions an interim evaluation scores (train.evaluation.ValidationSet; about 15 % of tiny Shakespeare's
+    # validation split); 0: every evaluation scores the whole split
+    eval_interim_tokens: int = 16_384
     patience: int | None = None
     # run
     seed: int = 1337
@@ -118,6 +121,7 @@ class TrainConfig:
                 _at_least(flag, optional, 1)
         if self.eval_tokens is not None and self.eval_tokens < 2:
             raise TrainConfigError("--eval-tokens must be at least 2")
+        _at_least("--eval-interim-tokens", self.eval_interim_tokens, 0)
         _at_least("--warmup-steps", self.warmup_steps, 0)
         if not self.lr > 0:
             raise TrainConfigError(f"--lr must be > 0, got {self.lr}")

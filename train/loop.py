@@ -8,7 +8,13 @@ Files a run writes (OUT is ``--out``):
 Both checkpoints are complete (models/checkpoint.py layout, with a ``train`` section) and either can be resumed.
 
 Validation reports the mean cross-entropy in nats per token over the validation split (``--eval-tokens`` caps
-it to its first N tokens), its perplexity, and bits per character for char-level tokenizers. It is scored with
+it to its first N tokens), its perplexity, and bits per character for char-level tokenizers. Interim evaluations
+score a fixed subset of those predictions (``--eval-interim-tokens``, train.evaluation.ValidationSet), the same
+every time and scored exactly as the full pass scores them; the final evaluation of a run (end of its budget, early
+stopping) scores them all, and its subset part is what it is compared with for the best checkpoint, like with like.
+Each metrics record says what its ``val_loss`` covers (``val_scope``, ``val_tokens``); the best checkpoint's
+recorded loss is a full pass when the final evaluation was the best, else the subset loss it was chosen by, and
+said to be one. A split no larger than the subset is scored in full at every evaluation. It is scored with
 runtime.scoring's protocols and padded-vocabulary rule (softmax over the tokenizer's ids only), so an exported
 model scored by runtime.scoring.score_ids on the same tokens with ``Trainer.val_protocol`` gets the same number:
 RNNs ``stateful`` with up to 32 streams (train.batches.rnn_eval_streams: the state carried through contiguous
@@ -34,6 +40,7 @@ import contextlib
 import math
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -67,7 +74,7 @@ from train.checkpointing import rank_state, restore_run, run_checkpoint
 from train.config import TrainConfig, TrainConfigError, TrainingError
 from train.data import PreparedData, prepare_data
 from train.distributed import Cluster, parameter_checksum
-from train.evaluation import gpt_validation_total, rnn_validation_total
+from train.evaluation import ValidationSet
 from train.metrics import (
     MetricsLog,
     format_seconds,
@@ -89,6 +96,10 @@ from train.stop_signals import StopSignals
 LAST_STATE_INTERVAL = 60.0  # seconds between OUT.last writes at evaluations (each is a full checkpoint)
 MAX_CURVE_POINTS = 4000  # training-loss points kept for the plot (thinned beyond that)
 SAMPLE_TOKENS = {"char": 200}  # tokens sampled per --prime at each evaluation; 60 for other tokenizers
+# ... at an interim evaluation that scores a subset: sampling one token at a time costs about half as much as
+# scoring the whole subset in parallel (char GPT-2 preset; more on a busy machine, where the many small steps wait
+# on each other's threads), so the samples there are shorter and the final evaluation prints the full length
+INTERIM_SAMPLE_TOKENS = {"char": 80}  # 25 for other tokenizers
 
 
 @dataclass
@@ -102,6 +113,8 @@ class TrainResult:
     stop_reason: str
     signal: int | None = None  # the signal that interrupted the run, if any
     checksums: tuple[str, ...] = ()  # distributed runs: every rank's final parameter checksum, in rank order
+    best_val_tokens: int | None = None  # predictions behind best_val_loss (fewer than val_tokens: an interim subset)
+    val_tokens: int | None = None  # predictions in a full validation pass
 
 
 def train(
@@ -162,7 +175,8 @@ class Trainer:
         self.amp_dtype, self.scaler = self._amp()
         self.block_len = self._block_len()
         self.cursor = DataCursor(self._batcher())
-        self.val_inputs, self.val_targets, self.val_count, self.val_protocol = self._validation_data()
+        self.validation, self.val_protocol = self._validation_data()
+        self.val_count = self.validation.count  # predictions in a full pass (over all processes)
         self.val_vocab = self.data.tokenizer.get_vocab_size(with_added_tokens=True)  # real ids: the softmax's range
         self.generation = generation_defaults(self.data.kind)
         # progress through the run (all restored on resume)
@@ -171,13 +185,16 @@ class Trainer:
         self.tokens_seen = 0
         self.best_val_loss: float | None = None
         self.best_step: int | None = None
+        self.best_subset_loss: float | None = None  # the best evaluation's subset loss: what the next ones beat
+        self.best_val_tokens: int | None = None  # predictions behind best_val_loss
         self.evals_without_improvement = 0
         self.last_eval_step: int | None = None
+        self.last_eval_full = False  # whether the evaluation at last_eval_step scored every prediction
         self.rnn_state: State | None = None
         self.last_metrics: dict[str, Any] | None = None
         # fitting the run to its budget (train.run_plan), restored on resume so it continues exactly
         self.plan = RunPlan(config, self.budget, self.schedule, self.cluster, self.cursor.batcher, self.val_count,
-                            reporter.say)
+                            reporter.say, self.validation.subset_count)
         self.train_curve: list[tuple[int, float]] = []  # (step, training loss) for the plot
         self.metrics_failed = False
         self.last_saved: float | None = None  # when OUT.last was last written (the run's clock, self.seconds)
@@ -271,9 +288,9 @@ class Trainer:
                                 f"processes a block of {self.block_len} tokens; use fewer processes or more text")
         return self.cluster.shard(batcher)
 
-    def _validation_data(self) -> tuple[torch.Tensor, torch.Tensor, int, ScoringProtocol]:
-        """This process's validation rows, the number of predictions over ALL processes' rows, and the scoring
-        protocol those rows implement (runtime.scoring) over the first ``count + 1`` validation tokens."""
+    def _validation_data(self) -> tuple[ValidationSet, ScoringProtocol]:
+        """This process's validation rows with their interim subset, and the scoring protocol a full pass
+        implements (runtime.scoring) over the first ``count + 1`` validation tokens."""
         ids = self.data.val_ids.to(self.device)
         if self.config.is_rnn:
             inputs, targets = rnn_eval_streams(ids, self.config.eval_tokens)
@@ -281,8 +298,9 @@ class Trainer:
         else:
             inputs, targets = gpt_eval_windows(ids, self.block_len, self.config.eval_tokens)
             protocol = ScoringProtocol.windows(inputs.shape[1])
-        count = targets.numel()
-        return self.cluster.local_rows(inputs), self.cluster.local_rows(targets), count, protocol
+        validation = ValidationSet(inputs, targets, self.config.is_rnn, self.config.eval_interim_tokens or None,
+                                   self.cluster.local_rows)
+        return validation, protocol
 
     # ------------------------------------------------------------------------------------------------ run
 
@@ -293,7 +311,7 @@ class Trainer:
         window = RateWindow()
         self.plan.plan_if_known(self.step, self.seconds)
         if self._evaluation_due():  # an interruption skipped the evaluation at this step: do it now
-            self._evaluate(window)
+            self._evaluate(window, final=self._last_step())
         stop_reason = self.budget.reached(self.step, self.seconds, self.cursor.epochs_done())
         while stop_reason is None:
             progress = self.budget.fraction(self.step, self.seconds, self.cursor.epochs_done(), self.plan.reserve())
@@ -317,13 +335,13 @@ class Trainer:
             if stop_at_step is not None and self.step >= stop_at_step:
                 return self._interrupted(f"stopped at step {self.step}", None)
             if self._evaluation_due():
-                self._evaluate(window)
-                if self.config.patience is not None and self.evals_without_improvement >= self.config.patience:
+                self._evaluate(window, final=self._last_step())
+                if self._stops_early():
                     stop_reason = f"early stopping: no improvement in {self.config.patience} evaluations"
                     break
             stop_reason = self.budget.reached(self.step, self.seconds, self.cursor.epochs_done(), self.plan.reserve())
-        if self.step > 0 and self.last_eval_step != self.step:
-            self._evaluate(window)
+        if self.step > 0 and not (self.last_eval_step == self.step and self.last_eval_full):
+            self._evaluate(window, final=True)  # the run's last word on validation is a full pass
         if self.last_saved_step != self.step:
             self._save(self.last_out)
         return self._finish(stop_reason)
@@ -355,6 +373,9 @@ class Trainer:
             f"budget: {self.budget.describe()}{wall}; lr {config.lr:g} ({config.schedule}, "
             f"warmup {self.schedule.warmup_steps})")
         say(f"validation: {self.val_count:,} tokens, protocol {self.val_protocol.describe()}")
+        if self.validation.has_subset:
+            say(f"interim evaluations score a fixed {self.validation.subset_count:,} of them (--eval-interim-tokens); "
+                "the final one scores all")
         if self.step:
             say(f"resuming at step {self.step} ({format_seconds(self.seconds)} trained so far)")
 
@@ -411,50 +432,79 @@ class Trainer:
     def _evaluation_due(self) -> bool:
         return self.plan.evaluation_due(self.step, self.last_eval_step)
 
+    def _last_step(self) -> bool:
+        """Whether the run stops after this step's evaluation (its budget is used up, counting the evaluation at
+        its interim cost): that evaluation is then the final one, a full pass."""
+        seconds = self.seconds + self.plan.interim_estimate()
+        return self.budget.reached(self.step, seconds, self.cursor.epochs_done(), self.plan.reserve()) is not None
+
+    def _stops_early(self) -> bool:
+        return self.config.patience is not None and self.evals_without_improvement >= self.config.patience
+
     # ------------------------------------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
     def validation_loss(self) -> float:
-        """Mean cross-entropy (nats/token) over the validation data: ``self.val_protocol`` over the first
-        ``self.val_count + 1`` validation tokens, softmax over the tokenizer's ids (module docstring)."""
+        """Mean cross-entropy (nats/token) of a full pass over the validation data: ``self.val_protocol`` over the
+        first ``self.val_count + 1`` validation tokens, softmax over the tokenizer's ids (module docstring)."""
+        with self._scoring():
+            subset, state = self.validation.score_subset(self.model, self.val_vocab)
+            rest = self.validation.score_rest(self.model, self.val_vocab, state) if self.validation.has_subset else 0.0
+        return (self.cluster.total(subset) + self.cluster.total(rest)) / self.val_count
+
+    @contextlib.contextmanager
+    def _scoring(self) -> Iterator[None]:
+        """The model in eval mode (and autocast where training uses it) for the length of a validation pass."""
         was_training = self.model.training
         self.model.eval()
-        total = 0.0
-        with self._autocast():
-            if self.config.is_rnn:
-                total = rnn_validation_total(self.model, self.val_inputs, self.val_targets, self.val_vocab)
-            else:
-                total = gpt_validation_total(self.model, self.val_inputs, self.val_targets, self.val_vocab)
-        self.model.train(was_training)
-        return self.cluster.total(total) / self.val_count
+        try:
+            with torch.no_grad(), self._autocast():
+                yield
+        finally:
+            self.model.train(was_training)
 
-    def _evaluate(self, window: RateWindow) -> None:
+    def _evaluate(self, window: RateWindow, final: bool) -> None:
+        """Score the interim subset, decide improvement on it (like with like: every evaluation scores it), and
+        complete the pass over the whole split when this is the run's final evaluation (``final``, or early stopping
+        decided by this very result)."""
         began = time.monotonic()
-        val_loss = self.validation_loss()
-        improved = self.best_val_loss is None or val_loss < self.best_val_loss
-        self.schedule.observe(val_loss)
+        validation = self.validation
+        with self._scoring():
+            subset_total, state = validation.score_subset(self.model, self.val_vocab)
+            subset_total = self.cluster.total(subset_total)
+            subset_loss = subset_total / validation.subset_count
+            # a repeat at the same step (an interim evaluation, then the final one) updates the best's number
+            improved = (self.best_subset_loss is None or subset_loss < self.best_subset_loss
+                        or (final and self.best_step == self.step))
+            self.evals_without_improvement = 0 if improved else self.evals_without_improvement + 1
+            full = final or self._stops_early() or not validation.has_subset
+            if full and validation.has_subset:
+                rest_total = self.cluster.total(validation.score_rest(self.model, self.val_vocab, state))
+                val_loss, predictions = (subset_total + rest_total) / validation.count, validation.count
+            else:
+                val_loss, predictions = subset_loss, validation.subset_count
+        pass_seconds = time.monotonic() - began
+        self.schedule.observe(subset_loss)  # a plateau is judged on numbers that compare
         if improved:
-            self.best_val_loss, self.best_step = val_loss, self.step
-            self.evals_without_improvement = 0
-        else:
-            self.evals_without_improvement += 1
-        self.last_eval_step = self.step
-        record = self._metrics_record(val_loss, window)
+            self.best_val_loss, self.best_step, self.best_val_tokens = val_loss, self.step, predictions
+            self.best_subset_loss = subset_loss
+        self.last_eval_step, self.last_eval_full = self.step, predictions == validation.count
+        record = self._metrics_record(val_loss, predictions, subset_loss, window)
         record["best"] = improved
         self.last_metrics = record
         self._log_metrics(record)
         window.reset()
         self.reporter.say(eval_line(record, improved))
         if self.is_main:
-            self._print_samples()
+            self._print_samples(interim=predictions < validation.count)
         if improved:
             self._save(self.out)
         if self.last_saved is None or self.seconds - self.last_saved >= LAST_STATE_INTERVAL:
             self._save(self.last_out)
-        # rank 0's measure on every rank, so all of them take the same stop decision from it
-        eval_seconds = float(self.cluster.broadcast(time.monotonic() - began))
+        # rank 0's measures on every rank, so all of them take the same stop decision from them
+        eval_seconds, pass_seconds = self.cluster.broadcast((time.monotonic() - began, pass_seconds))
         self.seconds += eval_seconds  # the clock as the budget sees it, until the next step re-reads it
-        self.plan.evaluated(self.step, self.seconds, eval_seconds)
+        self.plan.evaluated(self.step, self.seconds, eval_seconds, pass_seconds, predictions)
 
     def _log_metrics(self, record: dict[str, Any]) -> None:
         """Append to OUT.metrics.jsonl; a failed write is said once and training goes on (the checkpoints matter
@@ -468,7 +518,8 @@ class Trainer:
             self.reporter.say(f"warning: cannot write {self.metrics_log.path} ({exc.strerror or exc}); "
                               "training goes on without the metrics log")
 
-    def _metrics_record(self, val_loss: float, window: RateWindow) -> dict[str, Any]:
+    def _metrics_record(self, val_loss: float, predictions: int, subset_loss: float,
+                        window: RateWindow) -> dict[str, Any]:
         record: dict[str, Any] = {
             "step": self.step,
             "seconds": round(self.seconds, 3),
@@ -478,14 +529,18 @@ class Trainer:
             "val_ppl": perplexity(val_loss),
             "lr": self.optimizer.param_groups[0]["lr"],
             "tokens_per_s": round(window.tokens_per_s, 1),
-            "val_tokens": self.val_count,
+            "val_tokens": predictions,  # the predictions val_loss is the mean of
+            "val_scope": "full" if predictions == self.val_count else "subset",
             "loss_unit": "nats/token",  # train_loss and val_loss; the val_* per word/char keys say their own unit
         }
+        if self.validation.has_subset:  # the number every evaluation of this run has, for comparing them
+            record.update(val_subset_loss=subset_loss, val_subset_tokens=self.validation.subset_count,
+                          val_full_tokens=self.val_count)
         record.update(val_units(val_loss, self.data))
         return record
 
-    def _print_samples(self) -> None:
-        length = SAMPLE_TOKENS.get(self.data.kind, 60)
+    def _print_samples(self, interim: bool) -> None:
+        length = INTERIM_SAMPLE_TOKENS.get(self.data.kind, 25) if interim else SAMPLE_TOKENS.get(self.data.kind, 60)
         for index, prime in enumerate(self.config.prime):
             text = sample_continuation(self.model, self.data.tokenizer, prime, self.data.special["eos"], length,
                                        seed=self.config.seed + self.step + index, device=self.device)
@@ -534,12 +589,23 @@ class Trainer:
         if self.best_val_loss is not None:
             units = val_units(self.best_val_loss, self.data)
             summary += (f"; best val loss {self.best_val_loss:.4f} nats/token (ppl {perplexity(self.best_val_loss):.2f}"
-                        f"{units_text(units)}) at step {self.best_step}; checkpoint {self.out} "
+                        f"{units_text(units)}) at step {self.best_step}{self._best_scope()}; checkpoint {self.out} "
                         f"(latest: {self.last_out})")
         else:
             summary += f"; latest state in {self.last_out}"
         self.reporter.say(summary)
         return self._result(stop_reason, None, checksums)
+
+    def _best_scope(self) -> str:
+        """What the best loss covers, when it is not a full pass: the interim subset it was chosen by, and the
+        final full pass beside it."""
+        if self.best_val_tokens is None or self.best_val_tokens >= self.val_count:
+            return ""
+        scope = f" on the interim subset ({self.best_val_tokens:,} of {self.val_count:,} predictions)"
+        final = self.last_metrics
+        if final is not None and final.get("val_scope") == "full":
+            scope += f"; full pass at step {final['step']}: {final['val_loss']:.4f}"
+        return scope
 
     def _plot(self) -> None:
         """OUT.loss.png; a failure to draw or write it is a warning, never the end of a finished run."""
@@ -551,7 +617,7 @@ class Trainer:
 
     def _result(self, reason: str, signum: int | None, checksums: tuple[str, ...] = ()) -> TrainResult:
         return TrainResult(self.step, self.seconds, self.best_val_loss, self.best_step, self.out, self.last_out,
-                           reason, signum, checksums)
+                           reason, signum, checksums, self.best_val_tokens, self.val_count)
 
 
 def _resolve_device(requested: str) -> torch.device:

@@ -86,9 +86,7 @@ def plot_losses(metrics: Path, png: Path, title: str,
         points = [(r["step"], r["train_loss"]) for r in records if isinstance(r.get("train_loss"), (int, float))]
         if points:
             axes.plot(*zip(*points, strict=True), marker="o", markersize=3, color="tab:blue", label="train")
-    points = [(r["step"], r["val_loss"]) for r in records if isinstance(r.get("val_loss"), (int, float))]
-    if points:
-        axes.plot(*zip(*points, strict=True), marker="o", markersize=4, color="tab:orange", label="validation")
+    _plot_validation(axes, [r for r in records if isinstance(r.get("val_loss"), (int, float))])
     axes.set_xlabel("step")
     axes.set_ylabel(f"loss ({unit})")
     axes.set_title(title)
@@ -99,6 +97,25 @@ def plot_losses(metrics: Path, png: Path, title: str,
     figure.savefig(buffer, format="png")
     atomic_write_bytes(png, lambda handle: handle.write(buffer.getvalue()))
     return True
+
+
+def _plot_validation(axes: Any, records: list[dict[str, Any]]) -> None:
+    """Validation loss per evaluation. A run whose interim evaluations score a subset (records with
+    ``val_subset_loss``) gets two series: the subset loss of every evaluation (the final one's too: its subset part,
+    so the line compares like with like) and the full passes as separate, larger points."""
+    subset = [(r["step"], r["val_subset_loss"]) for r in records if isinstance(r.get("val_subset_loss"), (int, float))]
+    if not subset:
+        points = [(r["step"], r["val_loss"]) for r in records]
+        if points:
+            axes.plot(*zip(*points, strict=True), marker="o", markersize=4, color="tab:orange", label="validation")
+        return
+    tokens = next(r["val_subset_tokens"] for r in records if "val_subset_tokens" in r)
+    axes.plot(*zip(*subset, strict=True), marker="o", markersize=4, color="tab:orange",
+              label=f"validation, interim subset ({tokens:,} predictions)")
+    full = [(r["step"], r["val_loss"]) for r in records if r.get("val_scope") == "full"]
+    if full:
+        axes.plot(*zip(*full, strict=True), linestyle="none", marker="*", markersize=11, color="tab:red",
+                  label=f"validation, full pass ({records[-1]['val_full_tokens']:,} predictions)")
 
 
 def _moving_average(values: Sequence[float]) -> list[float]:

@@ -40,9 +40,19 @@ class RateWindow:
 def eval_line(record: dict[str, Any], improved: bool) -> str:
     train = f"{record['train_loss']:.4f}" if record["train_loss"] is not None else "-"
     line = (f"step {record['step']} | {format_seconds(record['seconds'])} | train {train} | "
-            f"val {record['val_loss']:.4f} nats/token (ppl {record['val_ppl']:.2f}{units_text(record)})")
+            f"val {record['val_loss']:.4f} nats/token (ppl {record['val_ppl']:.2f}{units_text(record)})"
+            f"{scope_text(record)}")
     line += f" | lr {record['lr']:.2e} | {format_rate(record['tokens_per_s'])}"
     return line + (" | best, saved" if improved else "")
+
+
+def scope_text(record: dict[str, Any]) -> str:
+    """What an evaluation's val_loss covers, in a run whose interim evaluations score a subset (nothing otherwise)."""
+    if "val_subset_loss" not in record:
+        return ""
+    if record.get("val_scope") == "subset":
+        return f" [subset: {record['val_tokens']:,} of {record['val_full_tokens']:,} predictions]"
+    return f" [full pass, {record['val_tokens']:,} predictions; subset {record['val_subset_loss']:.4f}]"
 
 
 def val_units(val_loss: float, data: PreparedData) -> dict[str, Any]:

@@ -12,8 +12,8 @@ from train.config import TrainConfig
 
 # Settings a resumed run may change; everything else comes from the checkpoint so the run continues exactly.
 RESUME_OVERRIDES = frozenset(
-    {"out", "data", "max_steps", "time_budget", "epochs", "eval_every", "eval_tokens", "patience", "device",
-     "threads", "prime"}
+    {"out", "data", "max_steps", "time_budget", "epochs", "eval_every", "eval_tokens", "eval_interim_tokens",
+     "patience", "device", "threads", "prime"}
 )
 
 

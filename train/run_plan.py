@@ -4,8 +4,12 @@ Step and epoch budgets say how many steps the run has before it starts; a time b
 of the steps after the first (CALIBRATION_STEPS of them). Either way train.schedule.fit_plan then fits the warmup
 and the evaluation interval to those steps. A time-budgeted run re-plans after each evaluation, when the
 evaluation's real cost and the steps' real pace are known, and keeps time free after its last step for the final
-evaluation and files (``reserve``). The state that makes a resumed run continue exactly goes into the checkpoint
-(``state_dict``, the ``plan`` entry of the training state's extras).
+evaluation and files (``reserve``). Interim evaluations score a subset of the validation split and the final one
+all of it (train.evaluation.ValidationSet), so the two cost differently: an evaluation is costed as its scoring
+pace (seconds per prediction, measured) times its predictions, plus what else it does (samples, checkpoint
+writes); the interval between evaluations is fitted to the interim cost, the reserve to the full one. The state
+that makes a resumed run continue exactly goes into the checkpoint (``state_dict``, the ``plan`` entry of the
+training state's extras).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from train.schedule import EVAL_POINTS, Budget, LRSchedule, affordable_evaluatio
 
 CALIBRATION_STEPS = 4  # steps timed (after the first, which pays for warm-up) before a time budget is planned
 FINAL_FILES_SECONDS = 3.0  # kept at the end of a time budget for the loss plot, last writes and process exit
-EVAL_MARGIN = 1.2  # the final evaluation is reserved this many times the last one's duration (load varies)
+EVAL_MARGIN = 1.2  # the final evaluation is reserved this many times its estimated duration (load varies)
 
 
 def run_budget(config: TrainConfig) -> Budget:
@@ -36,17 +40,21 @@ class RunPlan:
     """The evaluation cadence and warmup of one run, fitted to its budget (restored on resume)."""
 
     def __init__(self, config: TrainConfig, budget: Budget, schedule: LRSchedule, cluster: Cluster,
-                 batcher: Batcher, val_count: int, say: Callable[[str], None]) -> None:
+                 batcher: Batcher, val_count: int, say: Callable[[str], None],
+                 interim_count: int | None = None) -> None:
         self.config = config
         self.budget = budget
         self.schedule = schedule  # its warmup_steps is fitted here
         self.cluster = cluster
         self.batcher = batcher
-        self.val_count = val_count  # predictions per evaluation: its cost before one was timed
+        self.val_count = val_count  # predictions in a full (final) evaluation
+        self.interim_count = val_count if interim_count is None else interim_count  # ... in an interim one
         self.say = say
         self.eval_every = config.eval_every
         self.planned = False
         self.eval_seconds: float | None = None  # what the last evaluation (with its checkpoint writes) took
+        self.seconds_per_prediction: float | None = None  # the last evaluation's scoring pace
+        self.eval_overhead = 0.0  # the rest of the last evaluation: samples, metrics, checkpoint writes
         self.pace: tuple[float, float] | None = None  # (steps/s, training tokens/s) once measured
         self.evals_this_run = 0
         self.eval_points = EVAL_POINTS  # fewer when evaluations are dear (train.schedule.evaluation_points)
@@ -90,8 +98,8 @@ class RunPlan:
         if elapsed <= 0:
             return
         self.pace = ((step - first_step) / elapsed, (tokens_seen - first_tokens) / elapsed)
-        self.eval_points = evaluation_points(self.budget.time_budget, self._evaluation_estimate())
-        reserve = self.eval_points * self._evaluation_estimate() + FINAL_FILES_SECONDS
+        self.eval_points = evaluation_points(self.budget.time_budget, self.interim_estimate())
+        reserve = (self.eval_points - 1) * self.interim_estimate() + self.full_estimate() + FINAL_FILES_SECONDS
         self._apply(step, self.budget.expected_steps(step, seconds, self.pace[0], self._batches_per_epoch(), reserve))
 
     def _apply(self, step: int, expected: int | None) -> None:
@@ -108,10 +116,16 @@ class RunPlan:
         for note in plan.notes:
             self.say(note)
 
-    def evaluated(self, step: int, seconds: float, eval_seconds: float) -> None:
-        """An evaluation at ``step`` took ``eval_seconds`` (the same on every rank); ``seconds`` is the run's clock
-        after it. Schedules the next one."""
+    def evaluated(self, step: int, seconds: float, eval_seconds: float, pass_seconds: float | None = None,
+                  predictions: int | None = None) -> None:
+        """An evaluation at ``step`` took ``eval_seconds`` (the same on every rank), ``pass_seconds`` of them
+        scoring ``predictions`` (default: all of it, the full pass); ``seconds`` is the run's clock after it.
+        Schedules the next one."""
+        pass_seconds = eval_seconds if pass_seconds is None else pass_seconds
+        predictions = self.val_count if predictions is None else predictions
         self.eval_seconds = eval_seconds
+        self.seconds_per_prediction = pass_seconds / max(1, predictions)
+        self.eval_overhead = max(0.0, eval_seconds - pass_seconds)
         self.evals_this_run += 1
         if self.next_eval_step is not None:
             self.next_eval_step = step + self.eval_every
@@ -126,14 +140,15 @@ class RunPlan:
                 or self.steps_this_run == 0 or self.train_seconds_this_run <= 0 or self.eval_seconds is None):
             return
         pace = self.steps_this_run / self.train_seconds_this_run
-        self.eval_points = min(self.eval_points, evaluation_points(self.budget.time_budget, self.eval_seconds))
-        affordable_left = affordable_evaluations(self.budget.time_budget, self.eval_seconds) - self.evals_this_run
+        interim = self.interim_estimate()
+        self.eval_points = min(self.eval_points, evaluation_points(self.budget.time_budget, interim))
+        affordable_left = affordable_evaluations(self.budget.time_budget, interim) - self.evals_this_run
         if affordable_left <= 1:  # only the evaluation at the end is still affordable
             self.next_eval_step = 2**62
             return
         wanted_left = max(1, self.eval_points - self.evals_this_run)  # the final one included
         time_left = self.budget.time_budget - seconds - self.reserve()
-        widest = int(max(0.0, time_left - (wanted_left - 1) * self.eval_seconds) * pace) // wanted_left
+        widest = int(max(0.0, time_left - (wanted_left - 1) * interim) * pace) // wanted_left
         narrowest = math.ceil(max(0.0, time_left) * pace / affordable_left)
         # only the final evaluation still needed for the minimum: no reason to come closer than configured
         wanted = self.config.eval_every if wanted_left <= 1 else min(self.config.eval_every, widest)
@@ -144,19 +159,28 @@ class RunPlan:
             self.next_eval_step = step + interval
 
     def reserve(self) -> float:
-        """Seconds a time budget keeps free after the last step: the final evaluation and the last files."""
+        """Seconds a time budget keeps free after the last step: the final (full) evaluation and the last files."""
         if self.budget.time_budget is None:
             return 0.0
-        return EVAL_MARGIN * self._evaluation_estimate() + FINAL_FILES_SECONDS
+        return EVAL_MARGIN * self.full_estimate() + FINAL_FILES_SECONDS
 
-    def _evaluation_estimate(self) -> float:
-        """Seconds one evaluation takes: measured once there was one, else from the training pace (a forward
-        pass is about a third of a training step's work)."""
-        if self.eval_seconds is not None:
-            return self.eval_seconds
+    def interim_estimate(self) -> float:
+        """Seconds an interim evaluation takes (the subset of the validation split)."""
+        return self._evaluation_estimate(self.interim_count)
+
+    def full_estimate(self) -> float:
+        """Seconds the final evaluation takes (every prediction)."""
+        return self._evaluation_estimate(self.val_count)
+
+    def _evaluation_estimate(self, predictions: int) -> float:
+        """Seconds an evaluation of ``predictions`` takes: at the last evaluation's scoring pace plus its other
+        work once there was one, else from the training pace (a forward pass is about a third of a training step's
+        work)."""
+        if self.seconds_per_prediction is not None:
+            return self.seconds_per_prediction * predictions + self.eval_overhead
         if self.pace is None or self.pace[1] <= 0:
             return 0.0
-        return self.val_count / (3.0 * self.pace[1])
+        return predictions / (3.0 * self.pace[1])
 
     def _batches_per_epoch(self) -> int:
         return self.batcher.batches_per_epoch(0)
