@@ -245,3 +245,21 @@ def test_the_flag_reaches_the_config_and_a_bad_value_is_one_line(tmp_path: Path,
     assert resolve_config(build_parser().parse_args([*base, "--eval-interim-tokens", "0"]))[0].eval_interim_tokens == 0
     assert main([*base, "--eval-interim-tokens", "-5"]) == 2
     assert capsys.readouterr().err.strip() == "error: --eval-interim-tokens must be an integer >= 0, got -5"
+
+
+def test_one_slow_evaluation_does_not_stop_the_cadence(tmp_path: Path) -> None:
+    """A busy moment that slows one evaluation must not end the evaluations for the rest of the run: the cadence
+    goes by the median cost of the run's evaluations, while the final pass's reserve keeps the last (cautious)."""
+    cfg = config(tmp_path, max_steps=None, time_budget=60.0, eval_every=10, fit_to_budget=["eval_every"])
+    batcher = StreamBatcher(torch.arange(5000), 4, 16)
+    plan = RunPlan(cfg, Budget(time_budget=60.0), LRSchedule("cosine", 1e-2, 2), Cluster.single(torch.device("cpu")),
+                   batcher, 2_000, lambda _: None)
+    plan.next_eval_step = 10
+    for step in range(1, 41):
+        plan.count_step(0.1)  # 10 steps/s
+        if step % 10 == 0:
+            slow = step == 40
+            plan.evaluated(step=step, seconds=step * 0.15, eval_seconds=8.0 if slow else 0.2,
+                           pass_seconds=8.0 if slow else 0.2)
+    assert plan.next_eval_step == 40 + 10  # the configured interval still holds
+    assert plan.reserve() >= 8.0  # the final pass is budgeted at the slow cost

@@ -15,6 +15,7 @@ training state's extras).
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +56,10 @@ class RunPlan:
         self.eval_seconds: float | None = None  # what the last evaluation (with its checkpoint writes) took
         self.seconds_per_prediction: float | None = None  # the last evaluation's scoring pace
         self.eval_overhead = 0.0  # the rest of the last evaluation: samples, metrics, checkpoint writes
+        # every evaluation's (scoring pace, other work) this run: the cadence goes by their medians, so one
+        # evaluation slowed by a busy moment does not stop the evaluations for the rest of the run (the reserve
+        # for the final one still goes by the last, the cautious choice for fitting the budget)
+        self.costs_seen: list[tuple[float, float]] = []
         self.pace: tuple[float, float] | None = None  # (steps/s, training tokens/s) once measured
         self.evals_this_run = 0
         self.eval_points = EVAL_POINTS  # fewer when evaluations are dear (train.schedule.evaluation_points)
@@ -126,6 +131,7 @@ class RunPlan:
         self.eval_seconds = eval_seconds
         self.seconds_per_prediction = pass_seconds / max(1, predictions)
         self.eval_overhead = max(0.0, eval_seconds - pass_seconds)
+        self.costs_seen.append((self.seconds_per_prediction, self.eval_overhead))
         self.evals_this_run += 1
         if self.next_eval_step is not None:
             self.next_eval_step = step + self.eval_every
@@ -140,7 +146,7 @@ class RunPlan:
                 or self.steps_this_run == 0 or self.train_seconds_this_run <= 0 or self.eval_seconds is None):
             return
         pace = self.steps_this_run / self.train_seconds_this_run
-        interim = self.interim_estimate()
+        interim = self.typical_interim_cost()
         self.eval_points = min(self.eval_points, evaluation_points(self.budget.time_budget, interim))
         affordable_left = affordable_evaluations(self.budget.time_budget, interim) - self.evals_this_run
         if affordable_left <= 1:  # only the evaluation at the end is still affordable
@@ -167,6 +173,14 @@ class RunPlan:
     def interim_estimate(self) -> float:
         """Seconds an interim evaluation takes (the subset of the validation split)."""
         return self._evaluation_estimate(self.interim_count)
+
+    def typical_interim_cost(self) -> float:
+        """Seconds an interim evaluation takes at the median scoring pace and other work of this run's
+        evaluations so far."""
+        if not self.costs_seen:
+            return self.interim_estimate()
+        per_prediction = statistics.median(cost[0] for cost in self.costs_seen)
+        return per_prediction * self.interim_count + statistics.median(cost[1] for cost in self.costs_seen)
 
     def full_estimate(self) -> float:
         """Seconds the final evaluation takes (every prediction)."""
