@@ -47,7 +47,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # weight decay, batch 16. At a fixed 1,738 steps: 1.593 nats/char vs 1.752 with AdamW at lr 3e-3 (the best
     # AdamW setting found); Muon's steps cost 1.37x. In 90 s on the AVX2 EPYC machine: 1.770 vs 2.034 with
     # nanoGPT's own settings (AdamW lr 1e-3, warmup 100, decay 0.1, batch 12). A full evaluation costs ~50 training
-    # steps, so a 90 s run evaluates only at the end. On a loaded machine two threads collapse (40-60 steps in 90 s
+    # steps, so evaluations before the last score a 16,384-prediction subset (--eval-interim-tokens) and only the
+    # final one scores the whole split. On a loaded machine two threads collapse (40-60 steps in 90 s
     # at load 3.5 vs ~1,250 with one): pass --threads 1 there.
     "shakespeare-gpt2": {
         "arch": "gpt2", "data": "../shared/data/tinyshakespeare.txt", "format": "text", "tokenizer": "char",
