@@ -449,8 +449,13 @@ class Trainer:
         first ``self.val_count + 1`` validation tokens, softmax over the tokenizer's ids (module docstring)."""
         with self._scoring():
             subset, state = self.validation.score_subset(self.model, self.val_vocab)
-            rest = self.validation.score_rest(self.model, self.val_vocab, state) if self.validation.has_subset else 0.0
-        return (self.cluster.total(subset) + self.cluster.total(rest)) / self.val_count
+            return self._full_pass_loss(self.cluster.total(subset), state)
+
+    def _full_pass_loss(self, subset_total: float, state: State | None) -> float:
+        """The mean over every prediction, given the subset's total over all processes and the state its streams
+        ended in (RNNs): the rest of the split is scored from there."""
+        rest = self.validation.score_rest(self.model, self.val_vocab, state) if self.validation.has_subset else 0.0
+        return (subset_total + self.cluster.total(rest)) / self.val_count
 
     @contextlib.contextmanager
     def _scoring(self) -> Iterator[None]:
@@ -477,10 +482,8 @@ class Trainer:
             improved = (self.best_subset_loss is None or subset_loss < self.best_subset_loss
                         or (final and self.best_step == self.step))
             self.evals_without_improvement = 0 if improved else self.evals_without_improvement + 1
-            full = final or self._stops_early() or not validation.has_subset
-            if full and validation.has_subset:
-                rest_total = self.cluster.total(validation.score_rest(self.model, self.val_vocab, state))
-                val_loss, predictions = (subset_total + rest_total) / validation.count, validation.count
+            if validation.has_subset and (final or self._stops_early()):
+                val_loss, predictions = self._full_pass_loss(subset_total, state), validation.count
             else:
                 val_loss, predictions = subset_loss, validation.subset_count
         pass_seconds = time.monotonic() - began

@@ -53,15 +53,12 @@ class RunPlan:
         self.say = say
         self.eval_every = config.eval_every
         self.planned = False
-        self.eval_seconds: float | None = None  # what the last evaluation (with its checkpoint writes) took
-        self.seconds_per_prediction: float | None = None  # the last evaluation's scoring pace
-        self.eval_overhead = 0.0  # the rest of the last evaluation: samples, metrics, checkpoint writes
-        # every evaluation's (scoring pace, other work) this run: the cadence goes by their medians, so one
-        # evaluation slowed by a busy moment does not stop the evaluations for the rest of the run (the reserve
-        # for the final one still goes by the last, the cautious choice for fitting the budget)
+        # every evaluation's (seconds per scored prediction, seconds of other work: samples, metrics, checkpoint
+        # writes) this run. The cadence goes by their medians, so one evaluation slowed by a busy moment does not
+        # stop the evaluations for the rest of the run; the reserve for the final one goes by the last, the
+        # cautious choice for fitting the budget.
         self.costs_seen: list[tuple[float, float]] = []
         self.pace: tuple[float, float] | None = None  # (steps/s, training tokens/s) once measured
-        self.evals_this_run = 0
         self.eval_points = EVAL_POINTS  # fewer when evaluations are dear (train.schedule.evaluation_points)
         # A run fitted to its budget evaluates at next_eval_step (re-planned after each evaluation); otherwise at
         # every multiple of eval_every.
@@ -128,11 +125,7 @@ class RunPlan:
         Schedules the next one."""
         pass_seconds = eval_seconds if pass_seconds is None else pass_seconds
         predictions = self.val_count if predictions is None else predictions
-        self.eval_seconds = eval_seconds
-        self.seconds_per_prediction = pass_seconds / max(1, predictions)
-        self.eval_overhead = max(0.0, eval_seconds - pass_seconds)
-        self.costs_seen.append((self.seconds_per_prediction, self.eval_overhead))
-        self.evals_this_run += 1
+        self.costs_seen.append((pass_seconds / max(1, predictions), max(0.0, eval_seconds - pass_seconds)))
         if self.next_eval_step is not None:
             self.next_eval_step = step + self.eval_every
         self._refit_eval_interval(step, seconds)
@@ -143,16 +136,16 @@ class RunPlan:
         fewer than EVAL_POINTS evaluations (closer together) or spend more than EVAL_SHARE of its budget on them
         (further apart); the count is a floor, not a ration to use up early."""
         if (self.budget.time_budget is None or "eval_every" not in self.config.fit_to_budget
-                or self.steps_this_run == 0 or self.train_seconds_this_run <= 0 or self.eval_seconds is None):
+                or self.steps_this_run == 0 or self.train_seconds_this_run <= 0 or not self.costs_seen):
             return
         pace = self.steps_this_run / self.train_seconds_this_run
         interim = self.typical_interim_cost()
         self.eval_points = min(self.eval_points, evaluation_points(self.budget.time_budget, interim))
-        affordable_left = affordable_evaluations(self.budget.time_budget, interim) - self.evals_this_run
+        affordable_left = affordable_evaluations(self.budget.time_budget, interim) - len(self.costs_seen)
         if affordable_left <= 1:  # only the evaluation at the end is still affordable
             self.next_eval_step = 2**62
             return
-        wanted_left = max(1, self.eval_points - self.evals_this_run)  # the final one included
+        wanted_left = max(1, self.eval_points - len(self.costs_seen))  # the final one included
         time_left = self.budget.time_budget - seconds - self.reserve()
         widest = int(max(0.0, time_left - (wanted_left - 1) * interim) * pace) // wanted_left
         narrowest = math.ceil(max(0.0, time_left) * pace / affordable_left)
@@ -171,27 +164,28 @@ class RunPlan:
         return EVAL_MARGIN * self.full_estimate() + FINAL_FILES_SECONDS
 
     def interim_estimate(self) -> float:
-        """Seconds an interim evaluation takes (the subset of the validation split)."""
+        """Seconds an interim evaluation takes (the subset of the validation split), at the last one's cost."""
         return self._evaluation_estimate(self.interim_count)
 
     def typical_interim_cost(self) -> float:
-        """Seconds an interim evaluation takes at the median scoring pace and other work of this run's
-        evaluations so far."""
-        if not self.costs_seen:
-            return self.interim_estimate()
-        per_prediction = statistics.median(cost[0] for cost in self.costs_seen)
-        return per_prediction * self.interim_count + statistics.median(cost[1] for cost in self.costs_seen)
+        """Seconds an interim evaluation takes at the median cost of this run's evaluations so far."""
+        return self._evaluation_estimate(self.interim_count, typical=True)
 
     def full_estimate(self) -> float:
         """Seconds the final evaluation takes (every prediction)."""
         return self._evaluation_estimate(self.val_count)
 
-    def _evaluation_estimate(self, predictions: int) -> float:
-        """Seconds an evaluation of ``predictions`` takes: at the last evaluation's scoring pace plus its other
-        work once there was one, else from the training pace (a forward pass is about a third of a training step's
-        work)."""
-        if self.seconds_per_prediction is not None:
-            return self.seconds_per_prediction * predictions + self.eval_overhead
+    def _evaluation_estimate(self, predictions: int, typical: bool = False) -> float:
+        """Seconds an evaluation of ``predictions`` takes: at the last (or, ``typical``, the median) evaluation's
+        scoring pace plus its other work once there was one, else from the training pace (a forward pass is about
+        a third of a training step's work)."""
+        if self.costs_seen:
+            if typical:
+                per_prediction = statistics.median(cost[0] for cost in self.costs_seen)
+                other = statistics.median(cost[1] for cost in self.costs_seen)
+            else:
+                per_prediction, other = self.costs_seen[-1]
+            return per_prediction * predictions + other
         if self.pace is None or self.pace[1] <= 0:
             return 0.0
         return predictions / (3.0 * self.pace[1])
