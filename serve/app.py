@@ -330,10 +330,11 @@ class _Mailbox:
         self._last_hand_out = 0.0  # event loop only
 
     def deliverer(self, queue: asyncio.Queue, index: int) -> Callable[[list], None]:
-        first = [True]
+        first = True
 
         def deliver(events: list) -> None:
-            urgent, first[0] = first[0], False  # a request's first events (its time to first token) never wait
+            nonlocal first
+            urgent, first = first, False  # a request's first events (its time to first token) never wait
             with self._lock:
                 self._items.append((queue, (index, events)))
                 if self._wake_pending and not urgent:
